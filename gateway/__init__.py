@@ -1,0 +1,1 @@
+"""atp-gateway: available-to-promise between storefronts and the ERP."""

@@ -1,0 +1,106 @@
+"""The application factory: wires settings, adapters and domain services into an aiohttp app.
+
+Resources open in ``cleanup_ctx`` order (Redis -> PostgreSQL -> services -> Kafka consumer) and
+close in reverse, so the consumer's last commit still finds Redis open. Nothing connects at import.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator
+from typing import Final
+
+import structlog
+from aiohttp import web
+
+from gateway.adapters import postgres
+from gateway.adapters.batcher import CommandBatcher
+from gateway.adapters.kafka import run_consumer
+from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.atp.availability import AvailabilityReader
+from gateway.atp.config_store import LocationConfig
+from gateway.atp.events import EventApplier
+from gateway.http import atp_routes, health, ops_routes
+from gateway.http.auth import Authenticator
+from gateway.http.middleware import gateway_middleware
+from gateway.http.state import (
+    APPLIER,
+    AUTH,
+    AVAILABILITY,
+    BATCHER,
+    LIFECYCLE,
+    LOCATION_CONFIG,
+    PG_POOL,
+    REDIS,
+    SETTINGS,
+)
+from gateway.lifecycle import Lifecycle
+from gateway.settings import Settings
+from gateway.supervisor import supervised
+
+log = structlog.get_logger(__name__)
+MAX_BODY: Final = 1024 * 1024
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    port = RedisPort.from_url(settings.redis_url, cluster=settings.redis_cluster)
+    batcher = CommandBatcher(functools.partial(port.execute, raise_on_error=False))
+    app[REDIS] = port
+    app[BATCHER] = batcher
+    try:
+        async with supervised("redis-batcher", batcher.run, app[LIFECYCLE]):
+            yield
+    finally:
+        await port.close()
+
+
+async def _postgres_ctx(app: web.Application) -> AsyncIterator[None]:
+    pool = await postgres.create_pool(app[SETTINGS].postgres_dsn)
+    app[PG_POOL] = pool
+    try:
+        async with pool.acquire() as conn:
+            await postgres.migrate(conn)
+        yield
+    finally:
+        await pool.close()
+
+
+async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    scripts = ScriptRegistry(app[REDIS], "gateway.atp")
+    app[APPLIER] = EventApplier(scripts, horizon_seconds=settings.event_horizon_seconds)
+    app[AVAILABILITY] = AvailabilityReader(app[BATCHER])
+    config = LocationConfig(app[PG_POOL], app[REDIS], app[BATCHER])
+    app[LOCATION_CONFIG] = config
+    await config.restore()
+    yield
+
+
+async def _kafka_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if not settings.kafka_bootstrap:
+        yield
+        return
+    worker = functools.partial(run_consumer, settings, app[APPLIER], app[LIFECYCLE])
+    async with supervised("kafka-consumer", worker, app[LIFECYCLE]):
+        yield
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    # Phase one of shutdown: refuse new work; the server drains what is in flight.
+    app[LIFECYCLE].draining = True
+    log.info("draining")
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[gateway_middleware], client_max_size=MAX_BODY)
+    app[SETTINGS] = settings
+    app[LIFECYCLE] = Lifecycle()
+    app[AUTH] = Authenticator(settings.api_keys)
+    app.cleanup_ctx.extend([_redis_ctx, _postgres_ctx, _services_ctx, _kafka_ctx])
+    app.on_shutdown.append(_on_shutdown)
+    app.add_routes(health.routes)
+    app.add_routes(atp_routes.routes)
+    app.add_routes(ops_routes.routes)
+    return app

@@ -1,0 +1,110 @@
+-- Apply one SKU's stock events, in the order given, atomically.
+-- KEYS[1]   position hash of the SKU           (atp:{sku}:p)
+-- KEYS[2]   event ids seen, scored by time     (atp:{sku}:ids)
+-- KEYS[2+i] adjustments of location i          (atp:{sku}:adj:<location i>)
+-- ARGV[1]   horizon in microseconds
+-- ARGV[2]   n, the number of locations; ARGV[3..2+n] their names
+-- then 5 values per event: location index (1..n), kind ('s'|'a'), occurred_at (µs), event_id, quantity
+-- returns   one code per event: 0 applied, 1 duplicate, 2 stale
+--
+-- Position fields: b: base (snapshot quantity plus adjustments folded at the horizon),
+-- bt:/bi: the newest snapshot's time and event id, as: sum of the adjustments kept in KEYS[2+i],
+-- oh: on-hand = b + as (what readers use).
+-- Validation happened in the gateway: a Lua error half-way would keep the writes before it.
+
+local pos, ids = KEYS[1], KEYS[2]
+local t = redis.call('TIME')
+local cutoff = (tonumber(t[1]) * 1000000 + tonumber(t[2])) - tonumber(ARGV[1])
+local cutoff_s = string.format('%d', cutoff)
+local nloc = tonumber(ARGV[2])
+
+-- Sum and drop the adjustments at or before a time; each one is dropped once, so this is amortised.
+local function drop_until(adj, score)
+  local gone = redis.call('ZRANGEBYSCORE', adj, '-inf', score)
+  if #gone == 0 then return 0 end
+  local sum = 0
+  for _, member in ipairs(gone) do
+    sum = sum + tonumber(string.match(member, '^(-?%d+)|'))
+  end
+  redis.call('ZREMRANGEBYSCORE', adj, '-inf', score)
+  return sum
+end
+
+-- Byte order, as the gateway compares event ids: Lua's '<' follows the server's locale.
+local function bytes_less(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+
+redis.call('ZREMRANGEBYSCORE', ids, '-inf', cutoff_s)
+
+local state = {}
+for i = 1, nloc do
+  local loc = ARGV[2 + i]
+  local f = redis.call('HMGET', pos, 'b:' .. loc, 'bt:' .. loc, 'bi:' .. loc, 'as:' .. loc)
+  local st = {loc = loc, adj = KEYS[2 + i], base = tonumber(f[1]) or 0, bt = tonumber(f[2]),
+              bi = f[3] or '', asum = tonumber(f[4]) or 0, dirty = false}
+  -- Fold what fell behind the horizon into the base: nothing older can be applied any more.
+  local folded = drop_until(st.adj, cutoff_s)
+  if folded ~= 0 then
+    st.base = st.base + folded
+    st.asum = st.asum - folded
+    st.dirty = true
+  end
+  state[i] = st
+end
+
+local out = {}
+local off = 2 + nloc
+local n = (#ARGV - off) / 5
+for e = 0, n - 1 do
+  local k = off + e * 5
+  local st = state[tonumber(ARGV[k + 1])]
+  local kind, ts_s, id, qty_s = ARGV[k + 2], ARGV[k + 3], ARGV[k + 4], ARGV[k + 5]
+  local ts = tonumber(ts_s)
+  local code
+  if redis.call('ZSCORE', ids, id) then
+    code = 1
+  elseif ts <= cutoff then
+    code = 2
+  else
+    redis.call('ZADD', ids, ts_s, id)
+    if kind == 's' then
+      if st.bt and (ts < st.bt or (ts == st.bt and bytes_less(id, st.bi))) then
+        code = 2
+      else
+        st.asum = st.asum - drop_until(st.adj, ts_s)
+        st.base, st.bt, st.bi = tonumber(qty_s), ts, id
+        st.dirty = true
+        code = 0
+      end
+    elseif st.bt and ts <= st.bt then
+      code = 2
+    else
+      redis.call('ZADD', st.adj, ts_s, qty_s .. '|' .. id)
+      st.asum = st.asum + tonumber(qty_s)
+      st.dirty = true
+      code = 0
+    end
+  end
+  out[e + 1] = code
+end
+
+for i = 1, nloc do
+  local st = state[i]
+  if st.dirty then
+    local loc = st.loc
+    local fields = {'b:' .. loc, string.format('%d', st.base), 'as:' .. loc, string.format('%d', st.asum),
+                    'oh:' .. loc, string.format('%d', st.base + st.asum)}
+    if st.bt then
+      table.insert(fields, 'bt:' .. loc); table.insert(fields, string.format('%d', st.bt))
+      table.insert(fields, 'bi:' .. loc); table.insert(fields, st.bi)
+    end
+    redis.call('HSET', pos, unpack(fields))
+  end
+end
+return out

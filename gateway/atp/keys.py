@@ -1,0 +1,41 @@
+"""Redis key names of the availability aggregate, all in one place.
+
+Every key that belongs to a SKU carries the ``{sku}`` hash tag, so one SKU's keys share a
+Redis Cluster slot and a Lua script may touch all of them atomically.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PREFIX: Final = "atp"
+# Location defaults for safety stock: few, rarely written, read with every availability query.
+LOCATION_SAFETY_STOCK: Final = f"{PREFIX}:ss"
+
+
+def position(sku: str) -> str:
+    """Hash of every location's figures for one SKU (fields ``<figure>:<location>``)."""
+    return f"{PREFIX}:{{{sku}}}:p"
+
+
+def event_ids(sku: str) -> str:
+    """Sorted set of event ids seen for the SKU within the horizon, scored by occurrence."""
+    return f"{PREFIX}:{{{sku}}}:ids"
+
+
+def adjustments(sku: str, location: str) -> str:
+    """Sorted set of adjustments newer than the position's snapshot, scored by occurrence."""
+    return f"{PREFIX}:{{{sku}}}:adj:{location}"
+
+
+def location_group(group: str) -> str:
+    return f"{PREFIX}:lg:{group}"
+
+
+# Hash fields of a position: on-hand, reserved, committed, sku-specific safety stock.
+def figure_fields(location: str) -> tuple[str, str, str, str]:
+    return (f"oh:{location}", f"res:{location}", f"com:{location}", f"ss:{location}")
+
+
+def safety_stock_field(location: str) -> str:
+    return f"ss:{location}"

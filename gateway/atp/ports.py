@@ -1,0 +1,27 @@
+"""What the availability domain needs from the outside, as protocols the adapters implement."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+
+class CommandSender(Protocol):
+    """Sends Redis commands, coalesced with others by the adapter into one round trip."""
+
+    def submit(self, *command: Any) -> asyncio.Future[Any]: ...
+
+    async def call(self, *command: Any) -> Any: ...
+
+
+class ScriptRunner(Protocol):
+    """Runs a named Lua script once per (keys, args) call and returns the replies in order."""
+
+    async def run(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]: ...
+
+
+class CommandWriter(Protocol):
+    """Sends a batch of Redis commands now, in one round trip per node; raises on any error."""
+
+    async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]: ...

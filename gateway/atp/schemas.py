@@ -1,0 +1,99 @@
+"""Wire schemas of the availability side: stock events in, availability out."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Final, Literal
+
+import msgspec
+
+CODE_PATTERN: Final = r"^[A-Za-z0-9._:\-]{1,64}$"
+# Printable: anything but C0/C1 control characters (and DEL).
+EVENT_ID_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
+MAX_QUANTITY: Final = 10**12
+MAX_EVENTS: Final = 1000
+
+Code = Annotated[str, msgspec.Meta(pattern=CODE_PATTERN, min_length=1, max_length=64)]
+EventId = Annotated[str, msgspec.Meta(pattern=EVENT_ID_PATTERN, min_length=1, max_length=128)]
+Quantity = Annotated[int, msgspec.Meta(ge=-MAX_QUANTITY, le=MAX_QUANTITY)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=MAX_QUANTITY)]
+
+
+class StockEvent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One stock event. A snapshot carries the absolute on-hand; an adjustment a signed delta."""
+
+    event_id: EventId
+    type: Literal["snapshot", "adjustment"]
+    sku: Code
+    location: Code
+    quantity: Quantity
+    occurred_at: datetime
+    source: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+
+
+class StockEventBatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    events: Annotated[list[StockEvent], msgspec.Meta(min_length=1, max_length=MAX_EVENTS)]
+
+
+class RawStockEventBatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The batch with each event left undecoded, so every bad event can be reported."""
+
+    events: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1, max_length=MAX_EVENTS)]
+
+
+class IngestResult(msgspec.Struct, frozen=True, kw_only=True):
+    applied: int
+    duplicate: int
+    stale: int
+
+
+class LocationAvailability(msgspec.Struct, frozen=True, kw_only=True):
+    location: str
+    available: int
+
+
+class PositionAvailability(msgspec.Struct, frozen=True, kw_only=True):
+    sku: str
+    location: str
+    on_hand: int
+    reserved: int
+    committed: int
+    safety_stock: int
+    available: int
+
+
+class GroupAvailability(msgspec.Struct, frozen=True, kw_only=True):
+    sku: str
+    location_group: str
+    available: int
+    locations: list[LocationAvailability]
+
+
+AvailabilityItem = PositionAvailability | GroupAvailability
+
+
+class AvailabilityResponse(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[AvailabilityItem]
+
+
+class LocationGroup(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    locations: Annotated[list[Code], msgspec.Meta(min_length=1, max_length=500)]
+
+
+class LocationGroupOut(msgspec.Struct, frozen=True, kw_only=True):
+    group: str
+    locations: list[str]
+
+
+class SafetyStockEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    location: Code
+    quantity: NonNegative
+    sku: Code | None = None
+
+
+class SafetyStockRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    items: Annotated[list[SafetyStockEntry], msgspec.Meta(min_length=1, max_length=1000)]
+
+
+class SafetyStockResult(msgspec.Struct, frozen=True, kw_only=True):
+    updated: int

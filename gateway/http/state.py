@@ -1,0 +1,27 @@
+"""Typed application state: every shared object the handlers reach, as an ``AppKey``."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import asyncpg
+from aiohttp import web
+
+from gateway.adapters.batcher import CommandBatcher
+from gateway.adapters.redis import RedisPort
+from gateway.atp.availability import AvailabilityReader
+from gateway.atp.config_store import LocationConfig
+from gateway.atp.events import EventApplier
+from gateway.http.auth import Authenticator
+from gateway.lifecycle import Lifecycle
+from gateway.settings import Settings
+
+SETTINGS: Final = web.AppKey("settings", Settings)
+LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
+AUTH: Final = web.AppKey("auth", Authenticator)
+REDIS: Final = web.AppKey("redis", RedisPort)
+BATCHER: Final = web.AppKey("batcher", CommandBatcher)
+PG_POOL: Final = web.AppKey("pg_pool", asyncpg.Pool)
+APPLIER: Final = web.AppKey("applier", EventApplier)
+AVAILABILITY: Final = web.AppKey("availability", AvailabilityReader)
+LOCATION_CONFIG: Final = web.AppKey("location_config", LocationConfig)

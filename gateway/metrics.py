@@ -1,0 +1,43 @@
+"""Prometheus metrics of the gateway, defined once (prometheus-client's default registry)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import Counter, Gauge, Histogram
+
+HTTP_REQUESTS: Final = Counter(
+    "gateway_http_requests_total", "HTTP requests answered", ["route", "method", "status"]
+)
+HTTP_LATENCY: Final = Histogram(
+    "gateway_http_request_duration_seconds",
+    "Time to answer an HTTP request",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+)
+REDIS_BATCH_SIZE: Final = Histogram(
+    "gateway_redis_batch_commands",
+    "Distinct Redis commands sent in one coalesced read batch",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+)
+STOCK_EVENTS: Final = Counter(
+    "gateway_stock_events_total",
+    "Stock events processed, by where they came from and what became of them",
+    ["source", "outcome"],
+)
+KAFKA_LAG: Final = Gauge(
+    "gateway_kafka_consumer_lag",
+    "Messages between the consumer's position and the partition's high watermark",
+    ["topic", "partition"],
+)
+KAFKA_DLQ: Final = Counter(
+    "gateway_kafka_dead_letters_total", "Messages sent to a dead-letter topic", ["topic"]
+)
+KAFKA_BATCH_SECONDS: Final = Histogram(
+    "gateway_kafka_batch_apply_seconds",
+    "Time to apply and commit one consumed batch",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
+)
+DEPENDENCY_UP: Final = Gauge(
+    "gateway_dependency_up", "1 when the last readiness check reached the dependency", ["dependency"]
+)

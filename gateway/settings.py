@@ -1,0 +1,189 @@
+"""Settings, read once at start-up from the environment (and optionally a TOML file).
+
+Nothing else in the gateway reads ``os.environ``: everything it needs arrives through
+:class:`Settings`, which is frozen so a handler cannot change configuration under another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+ROLES: Final = frozenset({"storefront", "feed", "ops"})
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+class SettingsError(ValueError):
+    """A configuration value is invalid; the message names the variable and why."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ApiKey:
+    role: str
+    key: str = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
+    postgres_dsn: str = dataclasses.field(
+        default="postgresql://postgres@127.0.0.1:5432/postgres", repr=False
+    )
+    kafka_bootstrap: str = ""
+    kafka_topics: tuple[str, ...] = ("inventory-events",)
+    kafka_group: str = "atp-gateway"
+    # Tests against tansu need short sessions; real Kafka rejects anything under 6 s.
+    kafka_session_timeout_ms: int = 10_000
+    api_keys: tuple[ApiKey, ...] = dataclasses.field(default=(), repr=False)
+    log_level: str = "info"
+    event_horizon_seconds: int = 7 * 24 * 3600
+    shutdown_timeout_seconds: float = 10.0
+    access_log: bool = False
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str], config_file: str | Path | None = None
+    ) -> Settings:
+        """Build settings from a TOML file (optional) overlaid by ``GATEWAY_*`` variables."""
+        raw: dict[str, str] = {}
+        if config_file is not None:
+            raw.update(_read_toml(Path(config_file)))
+        raw.update({k: v for k, v in environ.items() if k.startswith(_PREFIX)})
+        values: dict[str, Any] = {}
+        for name, (field, parse) in _PARSERS.items():
+            if name in raw:
+                try:
+                    values[field] = parse(raw[name].strip())
+                except SettingsError as exc:
+                    raise SettingsError(f"invalid {name}={raw[name]!r}: {exc}") from None
+        return cls(**values)
+
+
+_PREFIX: Final = "GATEWAY_"
+
+
+def _read_toml(path: Path) -> dict[str, str]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc}") from None
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = key.upper()
+        if not name.startswith(_PREFIX):
+            name = _PREFIX + name
+        if isinstance(value, bool):
+            out[name] = "1" if value else "0"
+        elif isinstance(value, list):
+            out[name] = ",".join(str(v) for v in value)
+        else:
+            out[name] = str(value)
+    return out
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise SettingsError("must be an integer") from None
+        if not lo <= value <= hi:
+            raise SettingsError(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise SettingsError("must be a number") from None
+        if not lo <= value <= hi:
+            raise SettingsError(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise SettingsError("must be 0 or 1")
+
+
+def _nonempty(text: str) -> str:
+    if not text:
+        raise SettingsError("must not be empty")
+    return text
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not any(text.startswith(s + "://") for s in schemes):
+            raise SettingsError(f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        return text
+
+    return parse
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    items = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not items:
+        raise SettingsError("must list at least one name")
+    return items
+
+
+def _bootstrap(text: str) -> str:
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise SettingsError("must be a comma-separated list of host:port")
+    return text
+
+
+def _api_keys(text: str) -> tuple[ApiKey, ...]:
+    keys: list[ApiKey] = []
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        role, sep, key = entry.partition(":")
+        if not sep or not key:
+            # Never echo the entry: it may be a secret with a typo in the role.
+            raise SettingsError(f"entry {len(keys) + 1} is not role:key")
+        if role not in ROLES:
+            raise SettingsError(f"entry {len(keys) + 1} has unknown role {role!r}")
+        keys.append(ApiKey(role, key))
+    return tuple(keys)
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise SettingsError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return text.lower()
+
+
+_PARSERS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
+    "GATEWAY_HOST": ("host", _nonempty),
+    "GATEWAY_PORT": ("port", _int(0, 65535)),
+    "GATEWAY_REDIS_URL": ("redis_url", _url("redis", "rediss", "unix")),
+    "GATEWAY_REDIS_CLUSTER": ("redis_cluster", _bool),
+    "GATEWAY_POSTGRES_DSN": ("postgres_dsn", _url("postgresql", "postgres")),
+    "GATEWAY_KAFKA_BOOTSTRAP": ("kafka_bootstrap", _bootstrap),
+    "GATEWAY_KAFKA_TOPICS": ("kafka_topics", _csv),
+    "GATEWAY_KAFKA_GROUP": ("kafka_group", _nonempty),
+    "GATEWAY_KAFKA_SESSION_TIMEOUT_MS": ("kafka_session_timeout_ms", _int(1000, 300_000)),
+    "GATEWAY_API_KEYS": ("api_keys", _api_keys),
+    "GATEWAY_LOG_LEVEL": ("log_level", _log_level),
+    "GATEWAY_EVENT_HORIZON_SECONDS": ("event_horizon_seconds", _int(60, 366 * 24 * 3600)),
+    "GATEWAY_SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_seconds", _float(0, 600)),
+    "GATEWAY_ACCESS_LOG": ("access_log", _bool),
+}
