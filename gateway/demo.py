@@ -49,7 +49,10 @@ async def _seed(app: web.Application) -> None:
     for group, members in GROUPS.items():
         await config.put_group(group, members)
     await config.put_safety_stock(
-        [SafetyStockEntry(location=loc, quantity=10 if loc in DCS else 2) for loc in (*DCS, *STORES)]
+        [
+            SafetyStockEntry(location=loc, quantity=10 if loc in DCS else 2)
+            for loc in (*DCS, *STORES)
+        ]
     )
     _print_examples(app[SETTINGS], len(events))
 

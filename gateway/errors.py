@@ -1,16 +1,16 @@
 """The gateway's one exception tree; the HTTP layer maps it to RFC 9457 problems.
 
-    GatewayError                  (500 internal_error)
-    ├── BadRequest                (400 bad_request)
-    │   └── ValidationFailed      (422 validation_error, carries each failing field)
-    ├── Unauthorized              (401 unauthorized)
-    ├── Forbidden                 (403 forbidden)
-    ├── NotFound                  (404 not_found)
-    ├── PayloadTooLarge           (413 payload_too_large)
-    └── Unavailable               (503 …, retriable)
-        ├── Overloaded            (503 overloaded)
-        ├── ShuttingDown          (503 shutting_down)
-        └── DependencyDown        (503 dependency_unavailable)
+GatewayError                  (500 internal_error)
+├── BadRequest                (400 bad_request)
+│   └── ValidationFailed      (422 validation_error, carries each failing field)
+├── Unauthorized              (401 unauthorized)
+├── Forbidden                 (403 forbidden)
+├── NotFound                  (404 not_found)
+├── PayloadTooLarge           (413 payload_too_large)
+└── Unavailable               (503 …, retriable)
+    ├── Overloaded            (503 overloaded)
+    ├── ShuttingDown          (503 shutting_down)
+    └── DependencyDown        (503 dependency_unavailable)
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ class BadRequest(GatewayError):
     http_status = 400
     code = "bad_request"
     title = "Bad request"
-
 
 
 class ValidationFailed(BadRequest):

@@ -39,5 +39,7 @@ KAFKA_BATCH_SECONDS: Final = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
 )
 DEPENDENCY_UP: Final = Gauge(
-    "gateway_dependency_up", "1 when the last readiness check reached the dependency", ["dependency"]
+    "gateway_dependency_up",
+    "1 when the last readiness check reached the dependency",
+    ["dependency"],
 )

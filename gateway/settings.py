@@ -61,11 +61,14 @@ class Settings:
                 try:
                     values[field] = parse(raw[name].strip())
                 except SettingsError as exc:
-                    raise SettingsError(f"invalid {name}={raw[name]!r}: {exc}") from None
+                    shown = "(hidden)" if name in _SECRETS else repr(raw[name])
+                    raise SettingsError(f"invalid {name}={shown}: {exc}") from None
         return cls(**values)
 
 
 _PREFIX: Final = "GATEWAY_"
+# Values that may hold credentials are never echoed in errors.
+_SECRETS: Final = frozenset({"GATEWAY_API_KEYS", "GATEWAY_POSTGRES_DSN", "GATEWAY_REDIS_URL"})
 
 
 def _read_toml(path: Path) -> dict[str, str]:
@@ -131,7 +134,9 @@ def _nonempty(text: str) -> str:
 def _url(*schemes: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if not any(text.startswith(s + "://") for s in schemes):
-            raise SettingsError(f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}")
+            raise SettingsError(
+                f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}"
+            )
         return text
 
     return parse

@@ -26,7 +26,7 @@ async def _supervise(
         except asyncio.CancelledError:
             lifecycle.workers[name] = "stopped"
             raise
-        except Exception:  # noqa: BLE001 - a crashed worker is logged and restarted
+        except Exception:
             log.exception("worker_crashed", worker=name, restart_in=backoff)
         else:
             log.warning("worker_returned", worker=name, restart_in=backoff)

@@ -47,7 +47,9 @@ class _Drainer(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._ingest.drain()
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        log.info("kafka_partitions_assigned", partitions=[f"{t.topic}/{t.partition}" for t in assigned])
+        log.info(
+            "kafka_partitions_assigned", partitions=[f"{t.topic}/{t.partition}" for t in assigned]
+        )
 
 
 class KafkaIngest:
@@ -120,8 +122,11 @@ class KafkaIngest:
     ) -> asyncio.Future[Any]:
         reason = "; ".join(f"{e['field'] or 'event'}: {e['message']}" for e in exc.errors)
         log.warning(
-            "kafka_dead_letter", topic=record.topic, partition=record.partition,
-            offset=record.offset, reason=reason,
+            "kafka_dead_letter",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason,
         )
         KAFKA_DLQ.labels(record.topic).inc()
         headers = [

@@ -45,7 +45,7 @@ class RedisPort:
     ) -> list[Any]:
         """Send commands in one round trip per node. With ``raise_on_error=False`` a failed
         command's slot holds its exception instead."""
-        pipe = self.client.pipeline(transaction=False)
+        pipe: Any = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
         return await pipe.execute(raise_on_error=raise_on_error)  # type: ignore[no-any-return]
@@ -63,7 +63,7 @@ class RedisPort:
                     return await script(keys=keys, args=args)
 
             return list(await asyncio.gather(*(one(k, a) for k, a in calls)))
-        pipe = self.client.pipeline(transaction=False)
+        pipe: Any = self.client.pipeline(transaction=False)
         for keys, args in calls:
             await script(keys=keys, args=args, client=pipe)
         return await pipe.execute()  # type: ignore[no-any-return]

@@ -1,9 +1,9 @@
 """Applying stock events to the aggregate: the event rule, one atomic script per SKU.
 
 The rule (per sku and location): on-hand is the quantity of the newest snapshot (greatest
-``occurred_at``; a tie goes to the greater ``event_id``) plus every adjustment that occurred strictly
-after it. ``apply_events.lua`` keeps the newest snapshot and the adjustments after it, so the rule
-holds whatever order events arrive in and however often each is delivered.
+``occurred_at``; a tie goes to the greater ``event_id``) plus every adjustment that occurred
+strictly after it. ``apply_events.lua`` keeps the newest snapshot and the adjustments after it,
+so the rule holds whatever order events arrive in and however often each is delivered.
 """
 
 from __future__ import annotations

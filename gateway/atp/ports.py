@@ -18,7 +18,9 @@ class CommandSender(Protocol):
 class ScriptRunner(Protocol):
     """Runs a named Lua script once per (keys, args) call and returns the replies in order."""
 
-    async def run(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]: ...
+    async def run(
+        self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]: ...
 
 
 class CommandWriter(Protocol):

@@ -45,7 +45,10 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     except Exception:
         log.exception("unhandled_error", path=request.path, method=request.method)
         response = problems.problem_response(
-            500, "internal_error", "Internal error", "unexpected error; see the gateway log",
+            500,
+            "internal_error",
+            "Internal error",
+            "unexpected error; see the gateway log",
             request_id=request_id,
         )
     finally:

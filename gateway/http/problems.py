@@ -70,6 +70,4 @@ def from_http_exception(exc: web.HTTPException, request_id: str | None) -> web.R
     detail = exc.text or exc.reason
     if exc.status == 413:
         detail = "the request body is larger than 1 MiB"
-    return problem_response(
-        exc.status, code, title, detail, request_id=request_id, headers=headers
-    )
+    return problem_response(exc.status, code, title, detail, request_id=request_id, headers=headers)
