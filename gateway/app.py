@@ -17,7 +17,6 @@ from gateway.adapters import postgres
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.kafka import run_consumer
 from gateway.adapters.redis import RedisPort, ScriptRegistry
-from gateway.adapters.resp import RespConnection
 from gateway.atp.availability import AvailabilityReader
 from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
@@ -46,21 +45,13 @@ MAX_BODY: Final = 1024 * 1024
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     port = RedisPort.from_url(settings.redis_url, cluster=settings.redis_cluster)
-    # Reads take the lean multiplexed connection where it can serve them: one node, no TLS.
-    fast = None
-    if not settings.redis_cluster and not settings.redis_url.startswith("rediss://"):
-        fast = RespConnection(settings.redis_url)
-    batcher = CommandBatcher(
-        fast.execute if fast else functools.partial(port.execute, raise_on_error=False)
-    )
+    batcher = CommandBatcher(functools.partial(port.execute, raise_on_error=False))
     app[REDIS] = port
     app[BATCHER] = batcher
     try:
         async with supervised("redis-batcher", batcher.run, app[LIFECYCLE]):
             yield
     finally:
-        if fast is not None:
-            await fast.close()
         await port.close()
 
 

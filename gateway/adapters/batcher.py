@@ -30,23 +30,23 @@ class CommandBatcher:
     ) -> None:
         self._execute = execute
         self._max_pending = max_pending
-        self._pending: list[tuple[Command, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def submit(self, *command: Any) -> asyncio.Future[Any]:
-        """Queue one command for the next batch; the future resolves to its reply."""
+    async def call_many(self, commands: Sequence[Command]) -> list[Any]:
+        """Send commands in the next batch; returns their replies (raises if any failed)."""
         if len(self._pending) >= self._max_pending:
             raise Overloaded("too many Redis reads waiting", retry_after=1)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((command, future))
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._pending.append((commands, future))
         self._wakeup.set()
-        return future
+        return await future
 
     async def call(self, *command: Any) -> Any:
         """Send one command in the next batch and return its reply."""
-        return await self.submit(*command)
+        return (await self.call_many((command,)))[0]
 
     async def run(self) -> None:
         """The owner task: take what one tick gathered and send it, up to ``in_flight`` at once."""
@@ -68,11 +68,12 @@ class CommandBatcher:
             for _, future in self._pending:
                 future.cancel()
 
-    async def _send(self, batch: list[tuple[Command, asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
         try:
             unique: dict[Command, int] = {}
-            for command, _ in batch:
-                unique.setdefault(command, len(unique))
+            for commands, _ in batch:
+                for command in commands:
+                    unique.setdefault(command, len(unique))
             REDIS_BATCH_SIZE.observe(len(unique))
             try:
                 replies = await self._execute(list(unique))
@@ -86,13 +87,14 @@ class CommandBatcher:
                     if not future.done():
                         future.set_exception(DependencyDown(f"redis: {exc}", dependency="redis"))
                 return
-            for command, future in batch:
+            for commands, future in batch:
                 if future.done():
                     continue  # its request was cancelled
-                reply = replies[unique[command]]
-                if isinstance(reply, Exception):
-                    future.set_exception(DependencyDown(f"redis: {reply}", dependency="redis"))
+                mine = [replies[unique[command]] for command in commands]
+                failed = next((r for r in mine if isinstance(r, Exception)), None)
+                if failed is not None:
+                    future.set_exception(DependencyDown(f"redis: {failed}", dependency="redis"))
                 else:
-                    future.set_result(reply)
+                    future.set_result(mine)
         finally:
             self._slots.release()

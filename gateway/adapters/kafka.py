@@ -17,6 +17,7 @@ from typing import Any, Final
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import MessageSizeTooLargeError
 
 from gateway.atp.events import OUTCOMES, EventApplier
 from gateway.atp.schemas import StockEvent
@@ -45,11 +46,10 @@ class _Drainer(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         # Finish and commit what was fetched before another member takes the partitions.
         await self._ingest.drain()
+        self._ingest.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        log.info(
-            "kafka_partitions_assigned", partitions=[f"{t.topic}/{t.partition}" for t in assigned]
-        )
+        log.info("kafka_partitions_assigned", partitions=[f"{t.topic}/{t.partition}" for t in assigned])
 
 
 class KafkaIngest:
@@ -63,26 +63,46 @@ class KafkaIngest:
         self._producer = producer
         self._applier = applier
         self._in_flight: collections.deque[tuple[asyncio.Task[None], Offsets]] = collections.deque()
+        # The consumer loop and a rebalance's drain both commit; one at a time, in fetch order.
+        self._commit_lock = asyncio.Lock()
+        # Per partition: the offset below which everything is applied and committed (or, before
+        # the first commit, where this member started reading). The lag is measured from it.
+        self._done: Offsets = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
 
     async def run(self) -> None:
         while True:
-            batches = await self._consumer.getmany(timeout_ms=500, max_records=MAX_RECORDS)
             # Commit what finished first: the pipeline stays bounded and offsets move in order.
             while self._in_flight and (
                 self._in_flight[0][0].done() or len(self._in_flight) >= PIPELINE_DEPTH
             ):
                 await self._commit_oldest()
-            if not batches:
-                continue
-            records = [r for recs in batches.values() for r in recs]
-            offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs}
-            task = asyncio.create_task(self._process(records))
-            self._in_flight.append((task, offsets))
-            self._update_lag(offsets)
+            batches = await self._consumer.getmany(timeout_ms=500, max_records=MAX_RECORDS)
+            # No await until the batch is queued: a rebalance's drain must see every record
+            # handed out, or a revoked partition's records would be committed by a later owner.
+            if batches:
+                records = [r for recs in batches.values() for r in recs]
+                offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs}
+                for tp, recs in batches.items():
+                    if recs:
+                        self._done.setdefault(tp, recs[0].offset)
+                task = asyncio.create_task(self._process(records))
+                self._in_flight.append((task, offsets))
+            self._update_lag()
 
     async def drain(self) -> None:
         while self._in_flight:
             await self._commit_oldest()
+
+    def forget(self, partitions: Sequence[TopicPartition]) -> None:
+        """Stop reporting partitions another member now owns."""
+        for tp in partitions:
+            self._done.pop(tp, None)
+            with contextlib.suppress(KeyError):
+                KAFKA_LAG.remove(tp.topic, str(tp.partition))
 
     async def cancel_in_flight(self) -> None:
         for task, _ in self._in_flight:
@@ -93,23 +113,34 @@ class KafkaIngest:
         self._in_flight.clear()
 
     async def _commit_oldest(self) -> None:
-        task, offsets = self._in_flight[0]
-        await task  # a failure propagates: nothing after it is committed; the batch is replayed
-        self._in_flight.popleft()
-        await self._consumer.commit(offsets)
+        async with self._commit_lock:
+            if not self._in_flight:
+                return  # a concurrent drain committed it
+            task, offsets = self._in_flight[0]
+            # Shielded: cancelling the consumer must not cancel a batch half-way through Redis;
+            # the shutdown drain waits for it instead. A failure propagates: nothing after it is
+            # committed and the batch is replayed.
+            await asyncio.shield(task)
+            await self._consumer.commit(offsets)
+            self._in_flight.popleft()
+            self._done.update(offsets)
 
     async def _process(self, records: list[ConsumerRecord[Any, Any]]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         events: list[StockEvent] = []
-        dead: list[asyncio.Future[Any]] = []
+        dead: list[asyncio.Task[None]] = []
         for record in records:
             try:
                 if record.value is None:
                     raise ValidationFailed([{"field": "", "message": "message has no value"}])
                 events.append(decode_event(record.value))
             except ValidationFailed as exc:
-                dead.append(await self._dead_letter(record, exc))
+                reason = "; ".join(f"{e['field'] or 'event'}: {e['message']}" for e in exc.errors)
+                dead.append(asyncio.create_task(self._dead_letter(record, reason or "invalid event")))
+            except Exception as exc:  # noqa: BLE001 - any undecodable value is dead-lettered
+                # e.g. JSON nested too deep for the validator: it must not stall the partition.
+                dead.append(asyncio.create_task(self._dead_letter(record, f"undecodable: {exc!r}")))
         if dead:
             await asyncio.gather(*dead)
         codes = await self._applier.apply_codes(events) if events else []
@@ -117,34 +148,39 @@ class KafkaIngest:
             STOCK_EVENTS.labels("kafka", outcome).inc(codes.count(code))
         KAFKA_BATCH_SECONDS.observe(loop.time() - started)
 
-    async def _dead_letter(
-        self, record: ConsumerRecord[Any, Any], exc: ValidationFailed
-    ) -> asyncio.Future[Any]:
-        reason = "; ".join(f"{e['field'] or 'event'}: {e['message']}" for e in exc.errors)
+    async def _dead_letter(self, record: ConsumerRecord[Any, Any], reason: str) -> None:
         log.warning(
-            "kafka_dead_letter",
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            reason=reason,
+            "kafka_dead_letter", topic=record.topic, partition=record.partition,
+            offset=record.offset, reason=reason,
         )
-        KAFKA_DLQ.labels(record.topic).inc()
         headers = [
             *(record.headers or ()),
             ("dlq-reason", reason.encode()),
             ("dlq-source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
         ]
-        future: asyncio.Future[Any] = await self._producer.send(
-            record.topic + DLQ_SUFFIX, value=record.value, key=record.key, headers=headers
-        )
-        return future
+        topic = record.topic + DLQ_SUFFIX
+        try:
+            sent = await self._producer.send(topic, value=record.value, key=record.key, headers=headers)
+            await sent
+        except MessageSizeTooLargeError:
+            # Too big to copy (client or broker limit): without its value the dead letter still
+            # names the original by dlq-source; failing here would stall the partition for good.
+            size = len(record.value or b"")
+            headers.append(("dlq-value-dropped", f"{size} bytes: too large to copy".encode()))
+            sent = await self._producer.send(topic, value=None, key=record.key, headers=headers)
+            await sent
+        KAFKA_DLQ.labels(record.topic).inc()
 
-    def _update_lag(self, offsets: Offsets) -> None:
+    def _update_lag(self) -> None:
         # highwater() is right where end_offsets() is not (seen with tansu after batched produce).
-        for tp, next_offset in offsets.items():
+        # Lag counts what is not yet applied and committed, so it includes batches in flight.
+        assigned = self._consumer.assignment()
+        for tp, done in self._done.items():
+            if tp not in assigned:
+                continue
             highwater = self._consumer.highwater(tp)
             if highwater is not None:
-                KAFKA_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))
+                KAFKA_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - done))
 
 
 async def run_consumer(settings: Settings, applier: EventApplier, lifecycle: Lifecycle) -> None:
@@ -175,7 +211,7 @@ async def run_consumer(settings: Settings, applier: EventApplier, lifecycle: Lif
                 async with asyncio.timeout(DRAIN_TIMEOUT):
                     await ingest.drain()
             except (TimeoutError, Exception):  # noqa: BLE001 - uncommitted work is replayed
-                log.warning("kafka_drain_incomplete", in_flight=len(ingest._in_flight))
+                log.warning("kafka_drain_incomplete", in_flight=ingest.in_flight)
             raise
         finally:
             await ingest.cancel_in_flight()

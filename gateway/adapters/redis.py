@@ -1,13 +1,15 @@
 """Redis connections: one client for a single node or a Redis Cluster, and Lua scripts from files.
 
 The rest of the gateway talks to :class:`RedisPort`; it does not care whether a cluster routes
-its commands. Scripts are registered once with redis-py, which reloads them after NOSCRIPT
-(a restart or a failover).
+its commands. On a single node (no TLS) batches go through the lean multiplexed
+:class:`RespConnection`; on a cluster, through redis-py, which routes by slot. Scripts are loaded
+from ``.lua`` files and re-loaded after NOSCRIPT (a restart or a failover).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Final
@@ -15,6 +17,9 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, ResponseError
+
+from gateway.adapters.resp import RespConnection
 
 # Bounds how many single-slot script calls a cluster client has in flight for one request.
 _CLUSTER_FANOUT: Final = 64
@@ -22,36 +27,53 @@ _CLUSTER_FANOUT: Final = 64
 ScriptCall = tuple[Sequence[str], Sequence[str | int | bytes]]
 
 
+class LuaScript:
+    """One script file: its text, its SHA1 and redis-py's wrapper for cluster routing."""
+
+    def __init__(self, client: aioredis.Redis | RedisCluster, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+        self.wrapper: AsyncScript = client.register_script(text)
+
+
 class RedisPort:
     """The gateway's Redis: pipelined command batches and Lua scripts, single node or cluster."""
 
-    def __init__(self, client: aioredis.Redis | RedisCluster) -> None:
+    def __init__(self, client: aioredis.Redis | RedisCluster, fast: RespConnection | None) -> None:
         self.client = client
         self.cluster = isinstance(client, RedisCluster)
+        self._fast = fast
 
     @classmethod
     def from_url(cls, url: str, *, cluster: bool) -> RedisPort:
         if cluster:
-            return cls(RedisCluster.from_url(url, decode_responses=False))
-        # One pipelined batch per event-loop tick needs few connections; the cap bounds them.
-        return cls(aioredis.Redis.from_url(url, decode_responses=False, max_connections=64))
+            return cls(RedisCluster.from_url(url, decode_responses=False), None)
+        fast = None if url.startswith("rediss://") else RespConnection(url)
+        client = aioredis.Redis.from_url(url, decode_responses=False, max_connections=64)
+        return cls(client, fast)
 
-    def script(self, package: str, name: str) -> AsyncScript:
-        text = resources.files(package).joinpath(name).read_text()
-        return self.client.register_script(text)
+    def script(self, package: str, name: str) -> LuaScript:
+        return LuaScript(self.client, resources.files(package).joinpath(name).read_text())
 
     async def execute(
         self, commands: Sequence[Sequence[Any]], *, raise_on_error: bool = True
     ) -> list[Any]:
         """Send commands in one round trip per node. With ``raise_on_error=False`` a failed
         command's slot holds its exception instead."""
+        if self._fast is not None:
+            replies = await self._fast.execute(commands)
+            if raise_on_error:
+                for reply in replies:
+                    if isinstance(reply, Exception):
+                        raise reply
+            return replies
         pipe: Any = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
         return await pipe.execute(raise_on_error=raise_on_error)  # type: ignore[no-any-return]
 
-    async def run_script(self, script: AsyncScript, calls: Sequence[ScriptCall]) -> list[Any]:
-        """Run one script per call, pipelined on a single node; on a cluster each call is routed
+    async def run_script(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Run one script per call: pipelined on a single node; on a cluster each call is routed
         to the node of its keys (they share one hash tag)."""
         if not calls:
             return []
@@ -60,19 +82,36 @@ class RedisPort:
 
             async def one(keys: Sequence[str], args: Sequence[str | int | bytes]) -> Any:
                 async with gate:
-                    return await script(keys=keys, args=args)
+                    return await script.wrapper(keys=keys, args=args)
 
             return list(await asyncio.gather(*(one(k, a) for k, a in calls)))
-        pipe: Any = self.client.pipeline(transaction=False)
-        for keys, args in calls:
-            await script(keys=keys, args=args, client=pipe)
-        return await pipe.execute()  # type: ignore[no-any-return]
+        commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls]
+        replies = await self.execute(commands, raise_on_error=False)
+        missing = [i for i, r in enumerate(replies) if _is_noscript(r)]
+        if missing:
+            # The server lost its script cache: load once, then run only what did not run.
+            await self.execute([("SCRIPT", "LOAD", script.text)])
+            again = await self.execute([commands[i] for i in missing], raise_on_error=False)
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())
 
     async def close(self) -> None:
+        if self._fast is not None:
+            await self._fast.close()
         await self.client.aclose()
+
+
+def _is_noscript(reply: Any) -> bool:
+    return isinstance(reply, NoScriptError) or (
+        isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+    )
 
 
 class ScriptRegistry:
@@ -81,7 +120,7 @@ class ScriptRegistry:
     def __init__(self, port: RedisPort, package: str) -> None:
         self._port = port
         self._package = package
-        self._scripts: dict[str, AsyncScript] = {}
+        self._scripts: dict[str, LuaScript] = {}
 
     async def run(self, name: str, calls: Sequence[ScriptCall]) -> list[Any]:
         script = self._scripts.get(name)

@@ -34,12 +34,15 @@ class AvailabilityReader:
 
     async def at_location(self, skus: Sequence[str], location: str) -> list[PositionAvailability]:
         fields = keys.figure_fields(location)
-        default_ss = self._redis.submit("HMGET", keys.LOCATION_SAFETY_STOCK, location)
-        rows = [self._redis.submit("HMGET", keys.position(sku), *fields) for sku in skus]
-        default = _int((await default_ss)[0])
+        default_ss, *rows = await self._redis.call_many(
+            [
+                ("HMGET", keys.LOCATION_SAFETY_STOCK, location),
+                *(("HMGET", keys.position(sku), *fields) for sku in skus),
+            ]
+        )
+        default = _int(default_ss[0])
         items = []
-        for sku, row in zip(skus, rows, strict=True):
-            oh, res, com, ss = await row
+        for sku, (oh, res, com, ss) in zip(skus, rows, strict=True):
             on_hand, reserved, committed = _int(oh), _int(res), _int(com)
             safety = int(ss) if ss is not None else default
             items.append(
@@ -60,12 +63,15 @@ class AvailabilityReader:
         if members is None:
             raise NotFound(f"location group {group!r} does not exist", group=group)
         fields = [f for location in members for f in keys.figure_fields(location)]
-        default_ss = self._redis.submit("HMGET", keys.LOCATION_SAFETY_STOCK, *members)
-        rows = [self._redis.submit("HMGET", keys.position(sku), *fields) for sku in skus]
-        defaults = [_int(v) for v in await default_ss]
+        default_ss, *rows = await self._redis.call_many(
+            [
+                ("HMGET", keys.LOCATION_SAFETY_STOCK, *members),
+                *(("HMGET", keys.position(sku), *fields) for sku in skus),
+            ]
+        )
+        defaults = [_int(v) for v in default_ss]
         items = []
-        for sku, row in zip(skus, rows, strict=True):
-            values = await row
+        for sku, values in zip(skus, rows, strict=True):
             per_location = []
             for i, location in enumerate(members):
                 oh, res, com, ss = values[4 * i : 4 * i + 4]

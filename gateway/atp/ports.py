@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -10,7 +9,7 @@ from typing import Any, Protocol
 class CommandSender(Protocol):
     """Sends Redis commands, coalesced with others by the adapter into one round trip."""
 
-    def submit(self, *command: Any) -> asyncio.Future[Any]: ...
+    async def call_many(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]: ...
 
     async def call(self, *command: Any) -> Any: ...
 

@@ -1,0 +1,71 @@
+"""The Redis adapter: tick batching, dedup, failures reach every waiter, NOSCRIPT recovery."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.adapters.batcher import CommandBatcher
+from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.atp.events import EventApplier
+from gateway.errors import DependencyDown, Overloaded
+from tests.test_horizon import _ev
+
+
+@pytest.fixture
+async def port(redis_url: str, redis: aioredis.Redis) -> AsyncIterator[RedisPort]:
+    p = RedisPort.from_url(redis_url, cluster=False)
+    yield p
+    await p.close()
+
+
+async def test_one_round_trip_per_tick_with_dedup(port: RedisPort, redis: aioredis.Redis) -> None:
+    await redis.set("k", "v")
+    sent: list[int] = []
+
+    async def counting(commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        sent.append(len(commands))
+        return await port.execute(commands, raise_on_error=False)
+
+    batcher = CommandBatcher(counting)
+    runner = asyncio.create_task(batcher.run())
+    try:
+        replies = await asyncio.gather(
+            *(batcher.call("GET", "k") for _ in range(200)),
+            batcher.call_many([("GET", "missing"), ("GET", "k")]),
+        )
+        assert replies[:200] == [b"v"] * 200
+        assert replies[200] == [None, b"v"]
+        assert sent == [2]  # 201 requests, one round trip, two distinct commands
+        with pytest.raises(DependencyDown):
+            await batcher.call("HGET", "k", "field")  # WRONGTYPE reaches its waiter
+        assert await batcher.call("GET", "k") == b"v"  # and the batcher goes on
+    finally:
+        runner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await runner
+
+
+async def test_overload_is_refused_not_queued(port: RedisPort) -> None:
+    batcher = CommandBatcher(port.execute, max_pending=5)
+    waiting = [asyncio.ensure_future(batcher.call("PING")) for _ in range(5)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        await batcher.call("PING")
+    for w in waiting:
+        w.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def test_scripts_survive_a_flushed_script_cache(port: RedisPort, redis: aioredis.Redis) -> None:
+    applier = EventApplier(ScriptRegistry(port, "gateway.atp"), horizon_seconds=3600)
+    now = datetime.now(UTC)
+    assert (await applier.apply([_ev("e1", "snapshot", 5, now)])).applied == 1
+    await redis.script_flush()
+    assert (await applier.apply([_ev("e2", "adjustment", 2, now + timedelta(milliseconds=1))])).applied == 1
+    assert await redis.hget("atp:{H}:p", "oh:L") == "7"
