@@ -20,7 +20,7 @@ from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.atp.availability import AvailabilityReader
 from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
-from gateway.http import atp_routes, health, ops_routes
+from gateway.http import atp_routes, health, ops_routes, reservation_routes
 from gateway.http.auth import Authenticator
 from gateway.http.middleware import gateway_middleware
 from gateway.http.state import (
@@ -32,9 +32,12 @@ from gateway.http.state import (
     LOCATION_CONFIG,
     PG_POOL,
     REDIS,
+    RESERVATIONS_SERVICE,
     SETTINGS,
 )
 from gateway.lifecycle import Lifecycle
+from gateway.reservation.expiry import run_sweeper
+from gateway.reservation.service import ReservationService
 from gateway.settings import Settings
 from gateway.supervisor import supervised
 
@@ -74,7 +77,19 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     config = LocationConfig(app[PG_POOL], app[REDIS], app[BATCHER])
     app[LOCATION_CONFIG] = config
     await config.restore()
+    app[RESERVATIONS_SERVICE] = ReservationService(
+        ScriptRegistry(app[REDIS], "gateway.reservation", app[BATCHER]),
+        app[BATCHER],
+        cluster=settings.redis_cluster,
+        max_ttl_seconds=settings.reservation_max_ttl,
+    )
     yield
+
+
+async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
+    worker = functools.partial(run_sweeper, app[RESERVATIONS_SERVICE], app[BATCHER])
+    async with supervised("expiry-sweeper", worker, app[LIFECYCLE]):
+        yield
 
 
 async def _kafka_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -98,9 +113,10 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[LIFECYCLE] = Lifecycle()
     app[AUTH] = Authenticator(settings.api_keys)
-    app.cleanup_ctx.extend([_redis_ctx, _postgres_ctx, _services_ctx, _kafka_ctx])
+    app.cleanup_ctx.extend([_redis_ctx, _postgres_ctx, _services_ctx, _sweeper_ctx, _kafka_ctx])
     app.on_shutdown.append(_on_shutdown)
     app.add_routes(health.routes)
     app.add_routes(atp_routes.routes)
     app.add_routes(ops_routes.routes)
+    app.add_routes(reservation_routes.routes)
     return app

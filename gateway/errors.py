@@ -65,6 +65,23 @@ class NotFound(GatewayError):
     title = "Not found"
 
 
+class Conflict(GatewayError):
+    """409 with a code of the caller's choosing (idempotency_conflict, already_confirmed, ...)."""
+
+    http_status = 409
+    title = "Conflict"
+
+    def __init__(self, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.code = code  # type: ignore[misc]
+
+
+class InsufficientStock(GatewayError):
+    http_status = 409
+    code = "insufficient_stock"
+    title = "Not enough stock for every line"
+
+
 class PayloadTooLarge(GatewayError):
     http_status = 413
     code = "payload_too_large"

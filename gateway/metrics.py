@@ -43,3 +43,12 @@ DEPENDENCY_UP: Final = Gauge(
     "1 when the last readiness check reached the dependency",
     ["dependency"],
 )
+RESERVATIONS: Final = Counter(
+    "gateway_reservations_total",
+    "Reservation outcomes: held, refused (insufficient stock), released, expired, confirmed",
+    ["outcome"],
+)
+STOCK_SHORTFALL: Final = Counter(
+    "gateway_stock_shortfall_events_total",
+    "Stock events that left a position with on-hand below what is reserved and committed",
+)

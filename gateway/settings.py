@@ -45,6 +45,7 @@ class Settings:
     event_horizon_seconds: int = 7 * 24 * 3600
     shutdown_timeout_seconds: float = 10.0
     access_log: bool = False
+    reservation_max_ttl: int = 3600
 
     @classmethod
     def from_env(
@@ -191,4 +192,5 @@ _PARSERS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "GATEWAY_EVENT_HORIZON_SECONDS": ("event_horizon_seconds", _int(60, 366 * 24 * 3600)),
     "GATEWAY_SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_seconds", _float(0, 600)),
     "GATEWAY_ACCESS_LOG": ("access_log", _bool),
+    "GATEWAY_RESERVATION_MAX_TTL": ("reservation_max_ttl", _int(1, 7 * 24 * 3600)),
 }

@@ -62,10 +62,14 @@ async def test_overload_is_refused_not_queued(port: RedisPort) -> None:
     await asyncio.gather(*waiting, return_exceptions=True)
 
 
-async def test_scripts_survive_a_flushed_script_cache(port: RedisPort, redis: aioredis.Redis) -> None:
+async def test_scripts_survive_a_flushed_script_cache(
+    port: RedisPort, redis: aioredis.Redis
+) -> None:
     applier = EventApplier(ScriptRegistry(port, "gateway.atp"), horizon_seconds=3600)
     now = datetime.now(UTC)
     assert (await applier.apply([_ev("e1", "snapshot", 5, now)])).applied == 1
     await redis.script_flush()
-    assert (await applier.apply([_ev("e2", "adjustment", 2, now + timedelta(milliseconds=1))])).applied == 1
+    assert (
+        await applier.apply([_ev("e2", "adjustment", 2, now + timedelta(milliseconds=1))])
+    ).applied == 1
     assert await redis.hget("atp:{H}:p", "oh:L") == "7"

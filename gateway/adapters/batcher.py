@@ -24,23 +24,33 @@ Executor = Callable[[Sequence[Command]], Awaitable[list[Any]]]
 _DEFAULT_MAX_PENDING: Final = 20_000
 
 
+# commands, the waiter, dedupe, raise_on_error
+_Entry = tuple[Sequence[Command], "asyncio.Future[list[Any]]", bool, bool]
+
+
 class CommandBatcher:
     def __init__(
         self, execute: Executor, *, max_pending: int = _DEFAULT_MAX_PENDING, in_flight: int = 2
     ) -> None:
         self._execute = execute
         self._max_pending = max_pending
-        self._pending: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
+        self._pending: list[_Entry] = []
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def call_many(self, commands: Sequence[Command]) -> list[Any]:
-        """Send commands in the next batch; returns their replies (raises if any failed)."""
+    async def call_many(
+        self, commands: Sequence[Command], *, dedupe: bool = True, raise_on_error: bool = True
+    ) -> list[Any]:
+        """Send commands in the next batch and return their replies.
+
+        ``dedupe=False`` for commands with effects (scripts that hold stock): each one runs.
+        ``raise_on_error=False`` returns a failed command's exception in its place.
+        """
         if len(self._pending) >= self._max_pending:
-            raise Overloaded("too many Redis reads waiting", retry_after=1)
+            raise Overloaded("too many Redis commands waiting", retry_after=1)
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append((commands, future))
+        self._pending.append((commands, future, dedupe, raise_on_error))
         self._wakeup.set()
         return await future
 
@@ -65,36 +75,51 @@ class CommandBatcher:
         finally:
             for task in self._tasks:
                 task.cancel()
-            for _, future in self._pending:
-                future.cancel()
+            for entry in self._pending:
+                entry[1].cancel()
 
-    async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
+    async def _send(self, batch: list[_Entry]) -> None:
         try:
+            # Position of each entry's commands in what is sent; identical reads share one slot.
             unique: dict[Command, int] = {}
-            for commands, _ in batch:
+            sent: list[Command] = []
+            slots: list[list[int]] = []
+            for commands, _, dedupe, _ in batch:
+                mine = []
                 for command in commands:
-                    unique.setdefault(command, len(unique))
-            REDIS_BATCH_SIZE.observe(len(unique))
+                    if dedupe:
+                        index = unique.get(command)
+                        if index is None:
+                            index = unique[command] = len(sent)
+                            sent.append(command)
+                    else:
+                        index = len(sent)
+                        sent.append(command)
+                    mine.append(index)
+                slots.append(mine)
+            REDIS_BATCH_SIZE.observe(len(sent))
             try:
-                replies = await self._execute(list(unique))
+                replies = await self._execute(sent)
             except asyncio.CancelledError:
-                for _, future in batch:
-                    future.cancel()
+                for entry in batch:
+                    entry[1].cancel()
                 raise
             except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
-                log.warning("redis_batch_failed", error=repr(exc), size=len(unique))
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(DependencyDown(f"redis: {exc}", dependency="redis"))
+                log.warning("redis_batch_failed", error=repr(exc), size=len(sent))
+                for entry in batch:
+                    if not entry[1].done():
+                        entry[1].set_exception(
+                            DependencyDown(f"redis: {exc}", dependency="redis")
+                        )
                 return
-            for commands, future in batch:
+            for (_, future, _, raise_on_error), mine in zip(batch, slots, strict=True):
                 if future.done():
                     continue  # its request was cancelled
-                mine = [replies[unique[command]] for command in commands]
-                failed = next((r for r in mine if isinstance(r, Exception)), None)
-                if failed is not None:
+                results = [replies[i] for i in mine]
+                failed = next((r for r in results if isinstance(r, Exception)), None)
+                if failed is not None and raise_on_error:
                     future.set_exception(DependencyDown(f"redis: {failed}", dependency="redis"))
                 else:
-                    future.set_result(mine)
+                    future.set_result(results)
         finally:
             self._slots.release()

@@ -19,11 +19,13 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
+from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.resp import RespConnection
 
 # Bounds how many single-slot script calls a cluster client has in flight for one request.
 _CLUSTER_FANOUT: Final = 64
 
+_LIB: Final = "lib.lua"
 ScriptCall = tuple[Sequence[str], Sequence[str | int | bytes]]
 
 
@@ -53,7 +55,11 @@ class RedisPort:
         return cls(client, fast)
 
     def script(self, package: str, name: str) -> LuaScript:
-        return LuaScript(self.client, resources.files(package).joinpath(name).read_text())
+        """Load ``name`` from ``package``, after the package's ``lib.lua`` when it has one."""
+        files = resources.files(package)
+        lib = files.joinpath(_LIB)
+        prefix = lib.read_text() + "\n" if lib.is_file() else ""
+        return LuaScript(self.client, prefix + files.joinpath(name).read_text())
 
     async def execute(
         self, commands: Sequence[Sequence[Any]], *, raise_on_error: bool = True
@@ -72,9 +78,11 @@ class RedisPort:
             pipe.execute_command(*command)
         return await pipe.execute(raise_on_error=raise_on_error)  # type: ignore[no-any-return]
 
-    async def run_script(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
-        """Run one script per call: pipelined on a single node; on a cluster each call is routed
-        to the node of its keys (they share one hash tag)."""
+    async def run_script(
+        self, script: LuaScript, calls: Sequence[ScriptCall], batcher: CommandBatcher | None = None
+    ) -> list[Any]:
+        """Run one script per call: pipelined on a single node (in the batcher's next batch when
+        one is given); on a cluster each call is routed to the node of its keys."""
         if not calls:
             return []
         if self.cluster:
@@ -86,12 +94,18 @@ class RedisPort:
 
             return list(await asyncio.gather(*(one(k, a) for k, a in calls)))
         commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls]
-        replies = await self.execute(commands, raise_on_error=False)
+
+        async def send(batch: Sequence[tuple[Any, ...]]) -> list[Any]:
+            if batcher is None:
+                return await self.execute(batch, raise_on_error=False)
+            return await batcher.call_many(batch, dedupe=False, raise_on_error=False)
+
+        replies = await send(commands)
         missing = [i for i, r in enumerate(replies) if _is_noscript(r)]
         if missing:
             # The server lost its script cache: load once, then run only what did not run.
             await self.execute([("SCRIPT", "LOAD", script.text)])
-            again = await self.execute([commands[i] for i in missing], raise_on_error=False)
+            again = await send([commands[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         for reply in replies:
@@ -117,13 +131,16 @@ def _is_noscript(reply: Any) -> bool:
 class ScriptRegistry:
     """Lua scripts of one package, by file name, run through a :class:`RedisPort`."""
 
-    def __init__(self, port: RedisPort, package: str) -> None:
+    def __init__(
+        self, port: RedisPort, package: str, batcher: CommandBatcher | None = None
+    ) -> None:
         self._port = port
         self._package = package
+        self._batcher = batcher
         self._scripts: dict[str, LuaScript] = {}
 
     async def run(self, name: str, calls: Sequence[ScriptCall]) -> list[Any]:
         script = self._scripts.get(name)
         if script is None:
             script = self._scripts[name] = self._port.script(self._package, name)
-        return await self._port.run_script(script, calls)
+        return await self._port.run_script(script, calls, self._batcher)

@@ -14,6 +14,7 @@ from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
 from gateway.http.auth import Authenticator
 from gateway.lifecycle import Lifecycle
+from gateway.reservation.service import ReservationService
 from gateway.settings import Settings
 
 SETTINGS: Final = web.AppKey("settings", Settings)
@@ -24,4 +25,5 @@ BATCHER: Final = web.AppKey("batcher", CommandBatcher)
 PG_POOL: Final = web.AppKey("pg_pool", asyncpg.Pool)
 APPLIER: Final = web.AppKey("applier", EventApplier)
 AVAILABILITY: Final = web.AppKey("availability", AvailabilityReader)
+RESERVATIONS_SERVICE: Final = web.AppKey("reservations", ReservationService)
 LOCATION_CONFIG: Final = web.AppKey("location_config", LocationConfig)

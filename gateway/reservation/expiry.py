@@ -1,0 +1,61 @@
+"""The expiry sweeper: releases holds whose time is up, within a second, from any gateway.
+
+Every gateway runs one. Expiry is an atomic, idempotent script per reservation, so two sweepers
+that pick the same reservation release it once; the index lives in Redis, so a restart forgets
+nothing. Each pass takes a bounded slice of each bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+import structlog
+
+from gateway.atp.ports import CommandSender
+from gateway.metrics import RESERVATIONS
+from gateway.reservation import keys
+from gateway.reservation.service import ReservationService
+
+log = structlog.get_logger(__name__)
+SWEEP_INTERVAL: Final = 0.25
+SLICE: Final = 200
+_CONCURRENCY: Final = 32
+
+
+async def sweep_once(service: ReservationService, redis: CommandSender) -> int:
+    """Expire what is due now; returns how many reservations this pass expired."""
+    seconds, micros = await redis.call("TIME")
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    due_lists = await redis.call_many(
+        [
+            ("ZRANGEBYSCORE", keys.expiry_index(n), "-inf", now_ms, "LIMIT", 0, SLICE)
+            for n in range(keys.BUCKETS)
+        ]
+    )
+    due = [rid.decode() for rids in due_lists for rid in rids]
+    if not due:
+        return 0
+    gate = asyncio.Semaphore(_CONCURRENCY)
+
+    async def one(rid: str) -> str:
+        async with gate:
+            return await service.expire(rid)
+
+    results = await asyncio.gather(*(one(rid) for rid in due), return_exceptions=True)
+    expired = 0
+    for rid, result in zip(due, results, strict=True):
+        if isinstance(result, BaseException):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            log.warning("expire_failed", reservation_id=rid, error=repr(result))
+        elif result == "expired":
+            expired += 1
+    RESERVATIONS.labels("expired").inc(expired)
+    return expired
+
+
+async def run_sweeper(service: ReservationService, redis: CommandSender) -> None:
+    while True:
+        await sweep_once(service, redis)
+        await asyncio.sleep(SWEEP_INTERVAL)

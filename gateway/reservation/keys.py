@@ -1,0 +1,32 @@
+"""Redis keys of reservations.
+
+A reservation's record and the expiry index it sits in share a slot (hash tag ``{rsv<N>}``, N
+from the id), so recording a hold and scheduling its expiry is one atomic step on a cluster too.
+Sixteen buckets spread the records over the cluster; the sweeper walks all of them.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Final
+
+from gateway.atp.keys import PREFIX
+
+BUCKETS: Final = 16
+
+
+def bucket(reservation_id: str) -> int:
+    return zlib.crc32(reservation_id.encode()) % BUCKETS
+
+
+def record(reservation_id: str) -> str:
+    return f"{PREFIX}:rsv:{{rsv{bucket(reservation_id)}}}:{reservation_id}"
+
+
+def expiry_index(n: int) -> str:
+    return f"{PREFIX}:rsv:{{rsv{n}}}:expiry"
+
+
+def holds(sku: str) -> str:
+    """Per SKU: reservation id -> what it holds of the SKU, by location."""
+    return f"{PREFIX}:{{{sku}}}:h"

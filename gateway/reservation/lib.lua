@@ -1,0 +1,112 @@
+-- Shared functions of the reservation scripts. The gateway prepends this file to each script
+-- (Redis cannot include one script from another), so every rule lives in one place.
+--
+-- Data: per SKU (hash tag {sku}) the position hash atp:{sku}:p with fields res:<loc> (reserved),
+-- com:<loc> (committed), oh:<loc> (on hand), ss:<loc> (SKU safety stock), and the holds hash
+-- atp:{sku}:h, field <reservation id> = "<loc>=<qty>;<loc>=<qty>..." (what that reservation
+-- holds of the SKU). Per reservation the record hash rsv:{bN}:<id> (st status, fp body
+-- fingerprint, exp expiry ms, skus JSON, resp answer JSON) and the expiry index rsv:{bN}:exp.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+-- Hold the lines of one or more SKUs, all or nothing. pairs_from: index in KEYS of the first
+-- position key; lines: decoded JSON, each {n = line number, k = pair index, s = sku,
+-- q = quantity, l = label, g = 1 for a group, m = {{location, default safety stock}, ...}}.
+-- Returns true, allocations ({sku, location, quantity} list) or false, shortfalls.
+local function hold_lines(rid, lines, pairs_from)
+  local taken = {}
+  local function avail(pos, loc, default_ss)
+    local f = redis.call('HMGET', pos, 'oh:' .. loc, 'res:' .. loc, 'com:' .. loc, 'ss:' .. loc)
+    local ss = tonumber(f[4]) or default_ss
+    return (tonumber(f[1]) or 0) - (tonumber(f[2]) or 0) - (tonumber(f[3]) or 0) - ss
+      - (taken[pos .. '|' .. loc] or 0)
+  end
+  local allocations, short = {}, {}
+  local plan = {}
+  for _, line in ipairs(lines) do
+    local pos = KEYS[pairs_from + 2 * (line.k - 1)]
+    local q = line.q
+    local cands = {}
+    local total = 0
+    for i, member in ipairs(line.m) do
+      local a = avail(pos, member[1], member[2])
+      if a > 0 then
+        total = total + a
+        table.insert(cands, {loc = member[1], a = a, i = i})
+      end
+    end
+    if total < q then
+      table.insert(short, {line = line, available = total})
+    else
+      -- Most available first; ties keep the group's order.
+      table.sort(cands, function(x, y)
+        if x.a ~= y.a then return x.a > y.a end
+        return x.i < y.i
+      end)
+      local chosen = {}
+      if cands[1].a >= q then
+        chosen = {{loc = cands[1].loc, q = q}}
+      else
+        local left = q
+        for _, c in ipairs(cands) do
+          if left <= 0 then break end
+          local part = math.min(left, c.a)
+          table.insert(chosen, {loc = c.loc, q = part})
+          left = left - part
+        end
+      end
+      for _, c in ipairs(chosen) do
+        taken[pos .. '|' .. c.loc] = (taken[pos .. '|' .. c.loc] or 0) + c.q
+        table.insert(plan, {k = line.k, loc = c.loc, q = c.q})
+        table.insert(allocations, {n = line.n, sku = line.s, location = c.loc, quantity = c.q})
+      end
+    end
+  end
+  if #short > 0 then
+    local out = {}
+    for _, s in ipairs(short) do
+      local entry = {n = s.line.n, sku = s.line.s, requested = s.line.q,
+                     available = math.max(0, s.available)}
+      if s.line.g == 1 then entry.location_group = s.line.l else entry.location = s.line.l end
+      table.insert(out, entry)
+    end
+    return false, out
+  end
+  local per_pair = {}
+  for _, p in ipairs(plan) do
+    local pos = KEYS[pairs_from + 2 * (p.k - 1)]
+    redis.call('HINCRBY', pos, 'res:' .. p.loc, p.q)
+    per_pair[p.k] = (per_pair[p.k] and per_pair[p.k] .. ';' or '') .. p.loc .. '=' .. fmt(p.q)
+  end
+  for k, held in pairs(per_pair) do
+    local holds = KEYS[pairs_from + 2 * (k - 1) + 1]
+    local before = redis.call('HGET', holds, rid)
+    redis.call('HSET', holds, rid, before and (before .. ';' .. held) or held)
+  end
+  return true, allocations
+end
+
+-- Undo (release) or convert (confirm) what a reservation holds of the SKUs in KEYS from
+-- pairs_from on. Idempotent: the hold entry is removed the first time, so a repeat does nothing.
+local function settle_holds(rid, pairs_from, action)
+  for i = pairs_from, #KEYS, 2 do
+    local pos, holds = KEYS[i], KEYS[i + 1]
+    local held = redis.call('HGET', holds, rid)
+    if held then
+      redis.call('HDEL', holds, rid)
+      for loc, q in string.gmatch(held, '([^;=]+)=(%d+)') do
+        redis.call('HINCRBY', pos, 'res:' .. loc, -tonumber(q))
+        if action == 'confirm' then
+          redis.call('HINCRBY', pos, 'com:' .. loc, tonumber(q))
+        end
+      end
+    end
+  end
+end

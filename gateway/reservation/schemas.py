@@ -1,0 +1,49 @@
+"""Wire schemas of reservations."""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal
+
+import msgspec
+
+from gateway.atp.schemas import Code
+
+MAX_LINES: Final = 100
+MAX_LINE_QUANTITY: Final = 1_000_000_000
+DEFAULT_TTL_SECONDS: Final = 900
+
+ReservationId = Annotated[
+    str, msgspec.Meta(pattern=r"^[^\x00-\x1f\x7f-\x9f]{1,128}$", min_length=1, max_length=128)
+]
+Status = Literal["held", "confirmed", "released", "expired"]
+
+
+class LineRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    sku: Code
+    quantity: Annotated[int, msgspec.Meta(ge=1, le=MAX_LINE_QUANTITY)]
+    location: Code | None = None
+    location_group: Code | None = None
+
+
+class ReservationRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    reservation_id: ReservationId
+    lines: Annotated[list[LineRequest], msgspec.Meta(min_length=1, max_length=MAX_LINES)]
+    ttl_seconds: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    channel: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+
+class ExtendRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    ttl_seconds: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class HeldLine(msgspec.Struct, frozen=True, kw_only=True):
+    sku: str
+    location: str
+    quantity: int
+
+
+class Reservation(msgspec.Struct, frozen=True, kw_only=True):
+    reservation_id: str
+    status: Status
+    expires_at: str
+    lines: list[HeldLine]

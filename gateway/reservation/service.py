@@ -1,0 +1,373 @@
+"""Reservations: all-or-nothing holds that never oversell, idempotent per reservation id.
+
+On a single Redis node every step is one script call (``reserve.lua``, ``settle.lua``). On a
+cluster a reservation's SKUs live on different nodes, so it runs as a saga: claim the id in the
+record's slot, hold SKU by SKU (each SKU atomically), release what was held if any SKU says no,
+then record the outcome. The record carries a lease, so the expiry sweeper releases whatever a
+crashed request left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import msgspec
+
+from gateway.atp import keys as atp_keys
+from gateway.atp.ports import CommandSender, ScriptRunner
+from gateway.errors import Conflict, NotFound, ValidationFailed
+from gateway.reservation import keys
+from gateway.reservation.schemas import (
+    DEFAULT_TTL_SECONDS,
+    HeldLine,
+    Reservation,
+    ReservationRequest,
+)
+
+# Refused and settled records stay this long so retries and GETs still find them.
+RETENTION_SECONDS: Final = 24 * 3600
+# A cluster reservation whose request died is released by the sweeper after this.
+CLUSTER_LEASE_MS: Final = 30_000
+_PENDING_POLL: Final = 0.02
+_PENDING_WAIT: Final = 5.0
+_json = msgspec.json.Encoder()
+_lines_decoder: Final = msgspec.json.Decoder(list[dict[str, Any]])
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a reservation call answers: a reservation, or a refusal with its shortfalls."""
+
+    reservation: Reservation | None = None
+    shortfalls: list[dict[str, Any]] | None = None
+    created: bool = False
+
+
+def _iso(ms: str | bytes | int) -> str:
+    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _held_lines(answer: Any) -> list[HeldLine]:
+    entries = sorted(_lines_decoder.decode(answer), key=lambda e: e["n"])
+    return [HeldLine(sku=e["sku"], location=e["location"], quantity=e["quantity"]) for e in entries]
+
+
+def _shortfalls(answer: Any) -> list[dict[str, Any]]:
+    entries = sorted(_lines_decoder.decode(answer), key=lambda e: e["n"])
+    return [{k: v for k, v in e.items() if k != "n"} for e in entries]
+
+
+class ReservationService:
+    def __init__(
+        self,
+        scripts: ScriptRunner,
+        redis: CommandSender,
+        *,
+        cluster: bool,
+        max_ttl_seconds: int,
+    ) -> None:
+        self._scripts = scripts
+        self._redis = redis
+        self._cluster = cluster
+        self._max_ttl = max_ttl_seconds
+
+    # --- reserve ------------------------------------------------------------------------------
+
+    async def reserve(self, request: ReservationRequest) -> Outcome:
+        ttl = request.ttl_seconds if request.ttl_seconds is not None else DEFAULT_TTL_SECONDS
+        self._check(request, ttl)
+        fingerprint = self._fingerprint(request, ttl)
+        skus, lines = await self._plan(request)
+        rid = request.reservation_id
+        if self._cluster:
+            return await self._reserve_saga(rid, fingerprint, ttl, skus, lines)
+        call_keys = [keys.record(rid), keys.expiry_index(keys.bucket(rid))]
+        for sku in skus:
+            call_keys += (atp_keys.position(sku), keys.holds(sku))
+        args = [
+            rid,
+            fingerprint,
+            str(ttl * 1000),
+            _json.encode(lines).decode(),
+            _json.encode(skus).decode(),
+            str(RETENTION_SECONDS),
+        ]
+        (reply,) = await self._scripts.run("reserve.lua", [(call_keys, args)])
+        return self._outcome(rid, [_text(r) for r in reply])
+
+    def _check(self, request: ReservationRequest, ttl: int) -> None:
+        errors: list[dict[str, Any]] = []
+        if ttl > self._max_ttl:
+            errors.append({"field": "ttl_seconds", "message": f"must be at most {self._max_ttl}"})
+        seen: set[tuple[str, str, str]] = set()
+        for i, line in enumerate(request.lines):
+            if (line.location is None) == (line.location_group is None):
+                errors.append(
+                    {
+                        "field": f"lines[{i}]",
+                        "message": "give exactly one of location or location_group",
+                    }
+                )
+                continue
+            target = ("L", line.location) if line.location else ("G", line.location_group)
+            key = (line.sku, *target)
+            if key in seen:
+                errors.append(
+                    {
+                        "field": f"lines[{i}]",
+                        "message": "this sku appears twice for one location or group",
+                    }
+                )
+            seen.add(key)  # type: ignore[arg-type]
+        if errors:
+            raise ValidationFailed(errors)
+
+    @staticmethod
+    def _fingerprint(request: ReservationRequest, ttl: int) -> str:
+        canonical = _json.encode(
+            [
+                [(ln.sku, ln.location, ln.location_group, ln.quantity) for ln in request.lines],
+                ttl,
+                request.channel,
+            ]
+        )
+        return hashlib.blake2b(canonical, digest_size=16).hexdigest()
+
+    async def _plan(self, request: ReservationRequest) -> tuple[list[str], list[dict[str, Any]]]:
+        """Resolve groups and location safety stock, and lay the lines out per SKU."""
+        groups = sorted({ln.location_group for ln in request.lines if ln.location_group})
+        direct = {ln.location for ln in request.lines if ln.location}
+        replies = (
+            await self._redis.call_many([("GET", atp_keys.location_group(g)) for g in groups])
+            if groups
+            else []
+        )
+        members: dict[str, list[str]] = {}
+        errors = []
+        for group, raw in zip(groups, replies, strict=True):
+            if raw is None:
+                errors.append({"field": "location_group", "message": f"unknown group {group!r}"})
+            else:
+                members[group] = _text(raw).split(",")
+        if errors:
+            raise ValidationFailed(errors)
+        locations = sorted(direct.union(*members.values()) - {None})
+        (defaults,) = await self._redis.call_many(
+            [("HMGET", atp_keys.LOCATION_SAFETY_STOCK, *locations)]
+        )
+        default_ss = {
+            loc: int(v) if v is not None else 0 for loc, v in zip(locations, defaults, strict=True)
+        }
+        skus: list[str] = []
+        index: dict[str, int] = {}
+        lines = []
+        for n, line in enumerate(request.lines):
+            if line.sku not in index:
+                index[line.sku] = len(skus) + 1
+                skus.append(line.sku)
+            if line.location_group:
+                label, group_flag, locs = line.location_group, 1, members[line.location_group]
+            else:
+                assert line.location is not None
+                label, group_flag, locs = line.location, 0, [line.location]
+            lines.append(
+                {
+                    "n": n,
+                    "k": index[line.sku],
+                    "s": line.sku,
+                    "q": line.quantity,
+                    "l": label,
+                    "g": group_flag,
+                    "m": [[loc, default_ss[loc]] for loc in locs],
+                }
+            )
+        return skus, lines
+
+    def _outcome(self, rid: str, reply: Sequence[str]) -> Outcome:
+        kind = reply[0]
+        if kind == "held":
+            return Outcome(
+                Reservation(
+                    reservation_id=rid,
+                    status="held",
+                    expires_at=_iso(reply[2]),
+                    lines=_held_lines(reply[1]),
+                ),
+                created=True,
+            )
+        if kind == "short":
+            return Outcome(shortfalls=_shortfalls(reply[1]))
+        if kind == "conflict":
+            raise Conflict(
+                "idempotency_conflict",
+                f"reservation {rid!r} was already made with a different body",
+            )
+        # A replay: answer what the first call answered, with the status as it is now.
+        status, answer, exp = reply[1], reply[2], reply[3]
+        if status == "rejected":
+            return Outcome(shortfalls=_shortfalls(answer))
+        return Outcome(
+            Reservation(
+                reservation_id=rid,
+                status=_public_status(status, exp),  # type: ignore[arg-type]
+                expires_at=_iso(exp),
+                lines=_held_lines(answer),
+            ),
+            created=True,
+        )
+
+    async def _reserve_saga(
+        self, rid: str, fingerprint: str, ttl: int, skus: list[str], lines: list[dict[str, Any]]
+    ) -> Outcome:
+        record = [keys.record(rid), keys.expiry_index(keys.bucket(rid))]
+        begin_args = [rid, fingerprint, str(CLUSTER_LEASE_MS), _json.encode(skus).decode()]
+        (begin,) = await self._scripts.run("cluster_begin.lua", [(record, begin_args)])
+        reply = [_text(r) for r in begin]
+        if reply[0] != "new":
+            if reply[0] == "replay" and reply[1] == "pending":
+                return await self._await_pending(rid, fingerprint, ttl, skus, lines)
+            return self._outcome(rid, reply)
+        per_sku = [
+            (
+                [atp_keys.position(sku), keys.holds(sku)],
+                [rid, _json.encode([{**ln, "k": 1} for ln in lines if ln["s"] == sku]).decode()],
+            )
+            for sku in skus
+        ]
+        results = [
+            [_text(r) for r in res] for res in await self._scripts.run("cluster_hold.lua", per_sku)
+        ]
+        short = [r for r in results if r[0] == "short"]
+        if short:
+            held = [call for call, r in zip(per_sku, results, strict=True) if r[0] == "held"]
+            await self._scripts.run("cluster_unhold.lua", [(k, [rid, "release"]) for k, _ in held])
+            answer = _json.encode([e for r in short for e in _lines_decoder.decode(r[1])]).decode()
+            await self._scripts.run(
+                "cluster_mark.lua",
+                [(record, [rid, "finish", "rejected", answer, "0", str(RETENTION_SECONDS)])],
+            )
+            return Outcome(shortfalls=_shortfalls(answer))
+        answer = _json.encode([e for r in results for e in _lines_decoder.decode(r[1])]).decode()
+        (done,) = await self._scripts.run(
+            "cluster_mark.lua",
+            [(record, [rid, "finish", "held", answer, str(ttl * 1000), str(RETENTION_SECONDS)])],
+        )
+        done = [_text(r) for r in done]
+        if done[0] != "held":
+            # The lease ran out and the sweeper released the holds: the request took too long.
+            raise Conflict("reservation_expired", f"reservation {rid!r} expired while being made")
+        return self._outcome(rid, ["held", answer, done[1]])
+
+    async def _await_pending(
+        self, rid: str, fingerprint: str, ttl: int, skus: list[str], lines: list[dict[str, Any]]
+    ) -> Outcome:
+        """Another request with the same id and body is mid-saga: answer what it answers."""
+        async with asyncio.timeout(_PENDING_WAIT):
+            while True:
+                await asyncio.sleep(_PENDING_POLL)
+                reply = await self._redis.call_many(
+                    [("HMGET", keys.record(rid), "st", "resp", "exp")]
+                )
+                status, answer, exp = reply[0]
+                if status is None or _text(status) != "pending":
+                    break
+        if status is None:  # expired while pending: nothing holds, start afresh
+            return await self._reserve_saga(rid, fingerprint, ttl, skus, lines)
+        return self._outcome(
+            rid, ["replay", _text(status), _text(answer or b"[]"), _text(exp or b"0")]
+        )
+
+    # --- read, release, confirm, extend --------------------------------------------------------
+
+    async def get(self, rid: str) -> Reservation:
+        ((status, answer, exp),) = await self._redis.call_many(
+            [("HMGET", keys.record(rid), "st", "resp", "exp")]
+        )
+        if status is None or _text(status) in ("rejected", "pending"):
+            raise NotFound(f"reservation {rid!r} does not exist", reservation_id=rid)
+        return Reservation(
+            reservation_id=rid,
+            status=_public_status(_text(status), _text(exp)),  # type: ignore[arg-type]
+            expires_at=_iso(exp),
+            lines=_held_lines(answer),
+        )
+
+    async def release(self, rid: str) -> Reservation:
+        status = await self._settle(rid, "release")
+        if status == "confirmed":
+            raise Conflict("already_confirmed", f"reservation {rid!r} is confirmed")
+        return await self.get(rid)
+
+    async def confirm(self, rid: str) -> str:
+        """Move a held reservation into ``committed``; idempotent. Returns the status after."""
+        return await self._settle(rid, "confirm")
+
+    async def expire(self, rid: str) -> str:
+        return await self._settle(rid, "expire")
+
+    async def extend(self, rid: str, ttl_seconds: int) -> Reservation:
+        if ttl_seconds > self._max_ttl:
+            raise ValidationFailed(
+                [{"field": "ttl_seconds", "message": f"must be at most {self._max_ttl}"}]
+            )
+        record = [keys.record(rid), keys.expiry_index(keys.bucket(rid))]
+        (reply,) = await self._scripts.run("extend.lua", [(record, [rid, str(ttl_seconds * 1000)])])
+        status = _text(reply[0])
+        if status == "missing":
+            raise NotFound(f"reservation {rid!r} does not exist", reservation_id=rid)
+        if status != "held":
+            raise Conflict("not_held", f"reservation {rid!r} is {status}, not held")
+        return await self.get(rid)
+
+    async def _settle(self, rid: str, action: str) -> str:
+        record = [keys.record(rid), keys.expiry_index(keys.bucket(rid))]
+        ((raw_skus,),) = await self._redis.call_many([("HMGET", keys.record(rid), "skus")])
+        skus: list[str] = msgspec.json.decode(raw_skus) if raw_skus else []
+        if self._cluster:
+            status = await self._settle_saga(rid, action, record)
+        else:
+            call_keys = list(record)
+            for sku in skus:
+                call_keys += (atp_keys.position(sku), keys.holds(sku))
+            (reply,) = await self._scripts.run(
+                "settle.lua", [(call_keys, [rid, action, str(RETENTION_SECONDS)])]
+            )
+            status = _text(reply[0])
+        if status == "missing":
+            raise NotFound(f"reservation {rid!r} does not exist", reservation_id=rid)
+        return status
+
+    async def _settle_saga(self, rid: str, action: str, record: list[str]) -> str:
+        (mark,) = await self._scripts.run(
+            "cluster_mark.lua", [(record, [rid, action, "", "", "0", str(RETENTION_SECONDS)])]
+        )
+        reply = [_text(r) for r in mark]
+        if reply[0] != "go":
+            return reply[0]
+        final, skus = reply[1], msgspec.json.decode(reply[2])
+        how = "confirm" if final == "confirmed" else "release"
+        await self._scripts.run(
+            "cluster_unhold.lua",
+            [([atp_keys.position(s), keys.holds(s)], [rid, how]) for s in skus],
+        )
+        (done,) = await self._scripts.run(
+            "cluster_mark.lua", [(record, [rid, "done", "", "", "0", str(RETENTION_SECONDS)])]
+        )
+        return _text(done[0])
+
+
+def _public_status(status: str, exp: str) -> str:
+    if status.startswith("settling:"):
+        return status.removeprefix("settling:")
+    if status == "held" and int(exp) <= int(datetime.now(UTC).timestamp() * 1000):
+        return "expired"  # overdue; the sweeper releases it within a second
+    return status

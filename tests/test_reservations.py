@@ -1,0 +1,268 @@
+"""Reservations through the HTTP contract: all or nothing, groups, idempotency, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
+
+from gateway.atp import keys as atp_keys
+from gateway.reservation import keys
+from tests.conftest import auth
+from tests.helpers import event
+from tests.test_api import assert_problem, availability, post_events
+
+Client = TestClient[Any, Any]
+
+
+async def stock(client: Client, **positions: int) -> None:
+    """Positions as SKU__LOC=qty."""
+    await post_events(
+        client,
+        [
+            event(
+                f"stock-{name}",
+                "snapshot",
+                qty,
+                0,
+                sku=name.split("__")[0],
+                location=name.split("__")[1],
+            )
+            for name, qty in positions.items()
+        ],
+    )
+
+
+async def reserve(client: Client, rid: str, lines: list[dict[str, Any]], **extra: Any) -> Any:
+    return await client.post(
+        "/v1/reservations",
+        json={"reservation_id": rid, "lines": lines, **extra},
+        headers=auth("storefront"),
+    )
+
+
+async def test_hold_counts_in_reserved_and_release(client: Client) -> None:
+    await stock(client, A__L1=10, B__L1=5)
+    resp = await reserve(
+        client,
+        "r1",
+        [
+            {"sku": "A", "location": "L1", "quantity": 3},
+            {"sku": "B", "location": "L1", "quantity": 5},
+        ],
+    )
+    assert resp.status == 201, await resp.text()
+    body = await resp.json()
+    assert body["reservation_id"] == "r1"
+    assert body["status"] == "held"
+    assert body["lines"] == [
+        {"sku": "A", "location": "L1", "quantity": 3},
+        {"sku": "B", "location": "L1", "quantity": 5},
+    ]
+    assert body["expires_at"].endswith("+00:00")
+    items = (await availability(client, sku=["A", "B"], location="L1"))["items"]
+    assert [(i["reserved"], i["available"]) for i in items] == [(3, 7), (5, 0)]
+    got = await client.get("/v1/reservations/r1", headers=auth("storefront"))
+    assert (await got.json())["status"] == "held"
+    for _ in range(2):  # repeating a release is fine
+        rel = await client.delete("/v1/reservations/r1", headers=auth("storefront"))
+        assert rel.status == 200
+        assert (await rel.json())["status"] == "released"
+    items = (await availability(client, sku=["A", "B"], location="L1"))["items"]
+    assert [(i["reserved"], i["available"]) for i in items] == [(0, 10), (0, 5)]
+
+
+async def test_all_or_nothing(client: Client, redis: aioredis.Redis) -> None:
+    await stock(client, A__L1=10, B__L1=2)
+    resp = await reserve(
+        client,
+        "r2",
+        [
+            {"sku": "A", "location": "L1", "quantity": 3},
+            {"sku": "B", "location": "L1", "quantity": 5},
+        ],
+    )
+    assert resp.status == 409
+    body = await resp.json()
+    assert_problem(body, 409, "insufficient_stock")
+    assert body["lines"] == [{"sku": "B", "location": "L1", "requested": 5, "available": 2}]
+    items = (await availability(client, sku=["A", "B"], location="L1"))["items"]
+    assert [i["reserved"] for i in items] == [0, 0]
+    assert await redis.hlen(keys.holds("A")) == 0
+    # The same request again gives the same 409, even though stock arrived meanwhile.
+    await post_events(client, [event("more-b", "adjustment", 10, 5, sku="B", location="L1")])
+    again = await reserve(
+        client,
+        "r2",
+        [
+            {"sku": "A", "location": "L1", "quantity": 3},
+            {"sku": "B", "location": "L1", "quantity": 5},
+        ],
+    )
+    assert again.status == 409
+    assert (await again.json())["lines"] == body["lines"]
+    assert (await client.get("/v1/reservations/r2", headers=auth("storefront"))).status == 404
+
+
+async def test_safety_stock_limits_holds(client: Client) -> None:
+    await stock(client, A__L1=10)
+    await client.put(
+        "/v1/safety-stock", json={"items": [{"location": "L1", "quantity": 4}]}, headers=auth("ops")
+    )
+    assert (
+        await reserve(client, "s1", [{"sku": "A", "location": "L1", "quantity": 7}])
+    ).status == 409
+    assert (
+        await reserve(client, "s2", [{"sku": "A", "location": "L1", "quantity": 6}])
+    ).status == 201
+
+
+async def test_group_allocation(client: Client) -> None:
+    await stock(client, A__S1=4, A__S2=9, A__S3=6)
+    await client.put(
+        "/v1/location-groups/g", json={"locations": ["S1", "S2", "S3"]}, headers=auth("ops")
+    )
+    one = await reserve(client, "g1", [{"sku": "A", "location_group": "g", "quantity": 5}])
+    assert (await one.json())["lines"] == [{"sku": "A", "location": "S2", "quantity": 5}]
+    # Now S1=4, S2=4, S3=6: 12 needs all three, most available first, ties in group order.
+    split = await reserve(client, "g2", [{"sku": "A", "location_group": "g", "quantity": 12}])
+    assert split.status == 201
+    assert (await split.json())["lines"] == [
+        {"sku": "A", "location": "S3", "quantity": 6},
+        {"sku": "A", "location": "S1", "quantity": 4},
+        {"sku": "A", "location": "S2", "quantity": 2},
+    ]
+    short = await reserve(client, "g3", [{"sku": "A", "location_group": "g", "quantity": 3}])
+    assert short.status == 409
+    assert (await short.json())["lines"] == [
+        {"sku": "A", "location_group": "g", "requested": 3, "available": 2}
+    ]
+
+
+async def test_location_and_group_lines_of_one_sku_do_not_double_count(client: Client) -> None:
+    await stock(client, A__S1=5, A__S2=1)
+    await client.put("/v1/location-groups/g", json={"locations": ["S1", "S2"]}, headers=auth("ops"))
+    resp = await reserve(
+        client,
+        "m1",
+        [
+            {"sku": "A", "location": "S1", "quantity": 5},
+            {"sku": "A", "location_group": "g", "quantity": 2},
+        ],
+    )
+    assert resp.status == 409
+    body = await resp.json()
+    assert body["lines"] == [{"sku": "A", "location_group": "g", "requested": 2, "available": 1}]
+
+
+async def test_idempotency(client: Client, redis: aioredis.Redis) -> None:
+    await stock(client, A__L1=100)
+    lines = [{"sku": "A", "location": "L1", "quantity": 7}]
+    responses = await asyncio.gather(*(reserve(client, "same", lines) for _ in range(20)))
+    assert [r.status for r in responses] == [201] * 20
+    bodies = [await r.json() for r in responses]
+    assert all(b == bodies[0] for b in bodies)
+    assert (await availability(client, sku="A", location="L1"))["items"][0]["reserved"] == 7
+    other = await reserve(client, "same", [{"sku": "A", "location": "L1", "quantity": 8}])
+    assert other.status == 409
+    assert_problem(await other.json(), 409, "idempotency_conflict")
+    assert (await availability(client, sku="A", location="L1"))["items"][0]["reserved"] == 7
+
+
+async def test_extend_and_expiry(client: Client) -> None:
+    await stock(client, A__L1=10)
+    await reserve(client, "e1", [{"sku": "A", "location": "L1", "quantity": 2}], ttl_seconds=1)
+    await reserve(client, "e2", [{"sku": "A", "location": "L1", "quantity": 3}], ttl_seconds=1)
+    ext = await client.post(
+        "/v1/reservations/e2/extend", json={"ttl_seconds": 60}, headers=auth("storefront")
+    )
+    assert ext.status == 200
+    assert (await ext.json())["status"] == "held"
+    await asyncio.sleep(2.3)  # expiry (1 s) plus the sweeper's promise (within 1 s)
+    assert (await (await client.get("/v1/reservations/e1", headers=auth("storefront"))).json())[
+        "status"
+    ] == "expired"
+    assert (await availability(client, sku="A", location="L1"))["items"][0]["reserved"] == 3
+    late = await client.post(
+        "/v1/reservations/e1/extend", json={"ttl_seconds": 60}, headers=auth("storefront")
+    )
+    assert late.status == 409
+    assert_problem(await late.json(), 409, "not_held")
+    rel = await client.delete("/v1/reservations/e1", headers=auth("storefront"))
+    assert (await rel.json())["status"] == "expired"
+
+
+async def test_confirm_moves_hold_to_committed(client: Client) -> None:
+    from gateway.http.state import RESERVATIONS_SERVICE
+
+    await stock(client, A__L1=10)
+    await reserve(client, "c1", [{"sku": "A", "location": "L1", "quantity": 4}])
+    service = client.server.app[RESERVATIONS_SERVICE]
+    assert await service.confirm("c1") == "confirmed"
+    assert await service.confirm("c1") == "confirmed"  # idempotent
+    item = (await availability(client, sku="A", location="L1"))["items"][0]
+    assert (item["reserved"], item["committed"], item["available"]) == (0, 4, 6)
+    rel = await client.delete("/v1/reservations/c1", headers=auth("storefront"))
+    assert rel.status == 409
+    assert_problem(await rel.json(), 409, "already_confirmed")
+
+
+async def test_snapshot_below_reserved_keeps_holds(client: Client, redis: aioredis.Redis) -> None:
+    await stock(client, A__L1=10)
+    await reserve(client, "k1", [{"sku": "A", "location": "L1", "quantity": 8}])
+    await post_events(client, [event("recount", "snapshot", 5, 10, sku="A", location="L1")])
+    item = (await availability(client, sku="A", location="L1"))["items"][0]
+    assert (item["on_hand"], item["reserved"], item["available"]) == (5, 8, 0)
+    assert await redis.hget(keys.holds("A"), "k1") == "L1=8"
+    assert await redis.hget(atp_keys.position("A"), "res:L1") == "8"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"reservation_id": "", "lines": [{"sku": "A", "location": "L", "quantity": 1}]},
+        {"reservation_id": "x", "lines": []},
+        {"reservation_id": "x", "lines": [{"sku": "A", "location": "L", "quantity": 0}]},
+        {"reservation_id": "x", "lines": [{"sku": "A", "quantity": 1}]},
+        {
+            "reservation_id": "x",
+            "lines": [{"sku": "A", "location": "L", "location_group": "G", "quantity": 1}],
+        },
+        {"reservation_id": "x", "lines": [{"sku": "A", "location": "L", "quantity": 1}] * 2},
+        {
+            "reservation_id": "x",
+            "lines": [{"sku": "A", "location": "L", "quantity": 1}],
+            "ttl_seconds": 3601,
+        },
+        {
+            "reservation_id": "x",
+            "lines": [{"sku": f"S{i}", "location": "L", "quantity": 1} for i in range(101)],
+        },
+        {"reservation_id": "x", "lines": [{"sku": "A", "location_group": "nope", "quantity": 1}]},
+    ],
+)
+async def test_bad_reservations_change_nothing(
+    client: Client, redis: aioredis.Redis, body: dict[str, Any]
+) -> None:
+    await stock(client, A__L=10)
+    resp = await client.post("/v1/reservations", json=body, headers=auth("storefront"))
+    assert resp.status == 422, await resp.text()
+    assert_problem(await resp.json(), 422, "validation_error")
+    assert [k async for k in redis.scan_iter(match="atp:rsv:*")] == []
+    assert await redis.hget(atp_keys.position("A"), "res:L") is None
+
+
+async def test_unknown_reservation(client: Client) -> None:
+    for method, path in [
+        ("GET", "/v1/reservations/nope"),
+        ("DELETE", "/v1/reservations/nope"),
+        ("POST", "/v1/reservations/nope/extend"),
+    ]:
+        resp = await client.request(
+            method, path, json={"ttl_seconds": 5}, headers=auth("storefront")
+        )
+        assert resp.status == 404, (method, path)
+        assert_problem(await resp.json(), 404, "not_found")
