@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -94,6 +95,86 @@ def start_redis(port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:
     )
     _wait_for("127.0.0.1", port, proc, "redis-server")
     return f"redis://127.0.0.1:{port}/0", proc
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster-bus twin (port + 10000) is free and valid too."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20_000, 40_000)
+        if all(_bindable(p) for p in (port, port + 10_000)):
+            return port
+    raise ServiceMissing("no free port pair for a Redis Cluster node")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def start_redis_cluster(masters: int = 3) -> tuple[str, list[subprocess.Popen[bytes]]]:
+    """A local Redis Cluster of ``masters`` nodes (no replicas), each in its own temp dir."""
+    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        raise ServiceMissing(
+            "a Redis Cluster needs redis-server and redis-cli: " + INSTALL_HINTS["redis"]
+        )
+    ports = [_cluster_port() for _ in range(masters)]
+    procs = []
+    for port in ports:
+        workdir = tempfile.mkdtemp(prefix=f"atp-gateway-cluster-{port}-")
+        proc = _own(
+            subprocess.Popen(
+                [
+                    binary,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--dir",
+                    workdir,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        _wait_for("127.0.0.1", port, proc, "redis-server (cluster)")
+        procs.append(proc)
+    subprocess.run(
+        [
+            cli,
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{p}" for p in ports),
+            "--cluster-replicas",
+            "0",
+            "--cluster-yes",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        info = subprocess.run(
+            [cli, "-p", str(ports[0]), "cluster", "info"], capture_output=True, text=True
+        ).stdout
+        if "cluster_state:ok" in info:
+            return f"redis://127.0.0.1:{ports[0]}/0", procs
+        time.sleep(0.1)
+    raise ServiceMissing("the local Redis Cluster did not reach cluster_state:ok")
 
 
 def ensure_redis(url: str) -> str:

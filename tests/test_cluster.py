@@ -1,0 +1,115 @@
+"""The same contract on a real 3-master Redis Cluster (GATEWAY_REDIS_CLUSTER=1)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio.cluster import RedisCluster
+
+from gateway.app import create_app
+from gateway.atp import keys as atp_keys
+from gateway.devservices import start_redis_cluster
+from gateway.reservation import keys
+from tests import test_reservations as single
+from tests.conftest import auth, make_settings
+from tests.helpers import event
+from tests.test_api import availability, post_events
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture(scope="module")
+def cluster_url() -> Iterator[str]:
+    url, procs = start_redis_cluster(3)
+    yield url
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(5)
+
+
+@pytest.fixture
+async def cluster(cluster_url: str) -> AsyncIterator[RedisCluster]:
+    client = RedisCluster.from_url(cluster_url, decode_responses=True)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def cluster_client(
+    cluster: RedisCluster, cluster_url: str, postgres_dsn: str, pg: asyncpg.Connection
+) -> AsyncIterator[Client]:
+    settings = make_settings(cluster_url, postgres_dsn, redis_cluster=True)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        yield client
+
+
+async def _nodes_of(cluster: RedisCluster, skus: list[str]) -> set[str]:
+    return {cluster.get_node_from_key(atp_keys.position(s)).name for s in skus}
+
+
+SINGLE_NODE_TESTS: list[Callable[[Client], Awaitable[None]]] = [
+    single.test_hold_counts_in_reserved_and_release,
+    single.test_safety_stock_limits_holds,
+    single.test_group_allocation,
+    single.test_location_and_group_lines_of_one_sku_do_not_double_count,
+    single.test_extend_and_expiry,
+    single.test_confirm_moves_hold_to_committed,
+    single.test_unknown_reservation,
+]
+
+
+@pytest.mark.parametrize("scenario", SINGLE_NODE_TESTS, ids=lambda f: f.__name__)
+async def test_reservation_contract_on_cluster(
+    cluster_client: Client, scenario: Callable[[Client], Awaitable[None]]
+) -> None:
+    await scenario(cluster_client)
+
+
+async def test_multi_node_all_or_nothing(cluster_client: Client, cluster: RedisCluster) -> None:
+    skus = [f"SKU-{i}" for i in range(12)]
+    assert len(await _nodes_of(cluster, skus)) == 3  # the lines really span the nodes
+    await post_events(
+        cluster_client,
+        [
+            event(f"s-{s}", "snapshot", 1 if s == "SKU-11" else 5, 0, sku=s, location="L")
+            for s in skus
+        ],
+    )
+    lines = [{"sku": s, "location": "L", "quantity": 2} for s in skus]
+    resp = await single.reserve(cluster_client, "multi", lines)
+    assert resp.status == 409
+    assert (await resp.json())["lines"] == [
+        {"sku": "SKU-11", "location": "L", "requested": 2, "available": 1}
+    ]
+    for s in skus:  # what was held on the other nodes was released
+        assert await cluster.hlen(keys.holds(s)) == 0
+        assert await cluster.hget(atp_keys.position(s), "res:L") in (None, "0")
+    ok = await single.reserve(cluster_client, "multi-ok", lines[:11])
+    assert ok.status == 201
+    items = (await availability(cluster_client, sku=skus, location="L"))["items"]
+    assert [i["reserved"] for i in items] == [2] * 11 + [0]
+    rel = await cluster_client.delete("/v1/reservations/multi-ok", headers=auth("storefront"))
+    assert (await rel.json())["status"] == "released"
+    items = (await availability(cluster_client, sku=skus, location="L"))["items"]
+    assert [i["reserved"] for i in items] == [0] * 12
+
+
+async def test_idempotent_retries_on_cluster(cluster_client: Client) -> None:
+    await single.stock(cluster_client, A__L1=100, B__L1=100)
+    lines = [
+        {"sku": "A", "location": "L1", "quantity": 3},
+        {"sku": "B", "location": "L1", "quantity": 4},
+    ]
+    responses = await asyncio.gather(
+        *(single.reserve(cluster_client, "same", lines) for _ in range(20))
+    )
+    assert [r.status for r in responses] == [201] * 20
+    items = (await availability(cluster_client, sku=["A", "B"], location="L1"))["items"]
+    assert [i["reserved"] for i in items] == [3, 4]
