@@ -97,7 +97,7 @@ async def _kafka_ctx(app: web.Application) -> AsyncIterator[None]:
     if not settings.kafka_bootstrap:
         yield
         return
-    worker = functools.partial(run_consumer, settings, app[APPLIER], app[LIFECYCLE])
+    worker = functools.partial(run_consumer, settings, app[APPLIER])
     async with supervised("kafka-consumer", worker, app[LIFECYCLE]):
         yield
 

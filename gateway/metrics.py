@@ -27,7 +27,7 @@ STOCK_EVENTS: Final = Counter(
 )
 KAFKA_LAG: Final = Gauge(
     "gateway_kafka_consumer_lag",
-    "Messages between the consumer's position and the partition's high watermark",
+    "Messages not yet applied and committed: high watermark minus committed offset",
     ["topic", "partition"],
 )
 KAFKA_DLQ: Final = Counter(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -69,7 +70,11 @@ def kafka_bootstrap() -> Iterator[str]:
         pytest.exit(f"Kafka tests need a broker: {exc}", 2)
     yield bootstrap
     proc.terminate()
-    proc.wait(5)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 @pytest.fixture

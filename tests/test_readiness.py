@@ -93,9 +93,7 @@ async def test_redis_down_then_back(postgres_dsn: str, pg: asyncpg.Connection) -
                 await asyncio.sleep(0.1)
             assert (await client.get("/readyz")).status == 200
             # The read path reconnects by itself.
-            read = await client.get(
-                "/v1/availability?sku=A&location=L", headers=auth("storefront")
-            )
+            read = await client.get("/v1/availability?sku=A&location=L", headers=auth("storefront"))
             assert read.status == 200
     finally:
         proc.terminate()

@@ -108,9 +108,7 @@ class CommandBatcher:
                 log.warning("redis_batch_failed", error=repr(exc), size=len(sent))
                 for entry in batch:
                     if not entry[1].done():
-                        entry[1].set_exception(
-                            DependencyDown(f"redis: {exc}", dependency="redis")
-                        )
+                        entry[1].set_exception(DependencyDown(f"redis: {exc}", dependency="redis"))
                 return
             for (_, future, _, raise_on_error), mine in zip(batch, slots, strict=True):
                 if future.done():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -23,7 +24,6 @@ from gateway.atp.events import OUTCOMES, EventApplier
 from gateway.atp.schemas import StockEvent
 from gateway.atp.validation import decode_event
 from gateway.errors import ValidationFailed
-from gateway.lifecycle import Lifecycle
 from gateway.metrics import KAFKA_BATCH_SECONDS, KAFKA_DLQ, KAFKA_LAG, STOCK_EVENTS
 from gateway.settings import Settings
 
@@ -39,17 +39,28 @@ DLQ_SUFFIX: Final = ".dlq"
 Offsets = dict[TopicPartition, int]
 
 
+@dataclasses.dataclass(slots=True)
+class _DeadLetter:
+    record: ConsumerRecord[Any, Any]
+    topic: str
+    headers: list[tuple[str, bytes]]
+    sent: asyncio.Future[Any] | None = None
+
+
 class _Drainer(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, ingest: KafkaIngest) -> None:
         self._ingest = ingest
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         # Finish and commit what was fetched before another member takes the partitions.
-        await self._ingest.drain()
-        self._ingest.forget(revoked)
+        try:
+            await self._ingest.drain()
+        finally:
+            self._ingest.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        log.info("kafka_partitions_assigned", partitions=[f"{t.topic}/{t.partition}" for t in assigned])
+        names = [f"{t.topic}/{t.partition}" for t in assigned]
+        log.info("kafka_partitions_assigned", partitions=names)
 
 
 class KafkaIngest:
@@ -108,7 +119,8 @@ class KafkaIngest:
         for task, _ in self._in_flight:
             task.cancel()
         for task, _ in self._in_flight:
-            with contextlib.suppress(asyncio.CancelledError):
+            # A batch's failure already ended the loop (and is logged by the supervisor).
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._in_flight.clear()
 
@@ -129,7 +141,7 @@ class KafkaIngest:
         loop = asyncio.get_running_loop()
         started = loop.time()
         events: list[StockEvent] = []
-        dead: list[asyncio.Task[None]] = []
+        dead: list[_DeadLetter] = []
         for record in records:
             try:
                 if record.value is None:
@@ -137,38 +149,54 @@ class KafkaIngest:
                 events.append(decode_event(record.value))
             except ValidationFailed as exc:
                 reason = "; ".join(f"{e['field'] or 'event'}: {e['message']}" for e in exc.errors)
-                dead.append(asyncio.create_task(self._dead_letter(record, reason or "invalid event")))
-            except Exception as exc:  # noqa: BLE001 - any undecodable value is dead-lettered
-                # e.g. JSON nested too deep for the validator: it must not stall the partition.
-                dead.append(asyncio.create_task(self._dead_letter(record, f"undecodable: {exc!r}")))
+                dead.append(await self._dead_letter(record, reason or "event: invalid"))
+            except Exception as exc:  # noqa: BLE001 - whatever cannot be decoded is dead-lettered
+                # (e.g. JSON nested deeper than the validator recurses): never stall the partition.
+                dead.append(await self._dead_letter(record, f"event: undecodable: {exc!r}"))
         if dead:
-            await asyncio.gather(*dead)
+            await asyncio.gather(*(self._confirm_dead_letter(letter) for letter in dead))
         codes = await self._applier.apply_codes(events) if events else []
         for code, outcome in enumerate(OUTCOMES):
             STOCK_EVENTS.labels("kafka", outcome).inc(codes.count(code))
         KAFKA_BATCH_SECONDS.observe(loop.time() - started)
 
-    async def _dead_letter(self, record: ConsumerRecord[Any, Any], reason: str) -> None:
+    async def _dead_letter(self, record: ConsumerRecord[Any, Any], reason: str) -> _DeadLetter:
+        """Queue a dead letter; queued one by one, they keep the source order."""
         log.warning(
-            "kafka_dead_letter", topic=record.topic, partition=record.partition,
-            offset=record.offset, reason=reason,
+            "kafka_dead_letter",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason,
         )
         headers = [
             *(record.headers or ()),
             ("dlq-reason", reason.encode()),
             ("dlq-source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
         ]
-        topic = record.topic + DLQ_SUFFIX
+        letter = _DeadLetter(record, record.topic + DLQ_SUFFIX, headers)
+        with contextlib.suppress(MessageSizeTooLargeError):  # confirming sends it without value
+            key = _dlq_key(record, record.value)
+            letter.sent = await self._producer.send(
+                letter.topic, value=record.value, key=key, headers=headers
+            )
+        return letter
+
+    async def _confirm_dead_letter(self, letter: _DeadLetter) -> None:
+        record = letter.record
         try:
-            sent = await self._producer.send(topic, value=record.value, key=record.key, headers=headers)
-            await sent
+            if letter.sent is None:
+                raise MessageSizeTooLargeError()
+            await letter.sent
         except MessageSizeTooLargeError:
-            # Too big to copy (client or broker limit): without its value the dead letter still
+            # Too big to copy (producer or broker limit): without its value the dead letter still
             # names the original by dlq-source; failing here would stall the partition for good.
             size = len(record.value or b"")
-            headers.append(("dlq-value-dropped", f"{size} bytes: too large to copy".encode()))
-            sent = await self._producer.send(topic, value=None, key=record.key, headers=headers)
-            await sent
+            headers = [*letter.headers, ("dlq-value-dropped", f"{size} bytes".encode())]
+            resent = await self._producer.send(
+                letter.topic, value=None, key=_dlq_key(record, None), headers=headers
+            )
+            await resent
         KAFKA_DLQ.labels(record.topic).inc()
 
     def _update_lag(self) -> None:
@@ -183,7 +211,13 @@ class KafkaIngest:
                 KAFKA_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - done))
 
 
-async def run_consumer(settings: Settings, applier: EventApplier, lifecycle: Lifecycle) -> None:
+def _dlq_key(record: ConsumerRecord[Any, Any], value: bytes | None) -> bytes | None:
+    # The client refuses a record with neither key nor value (a tombstone without a key): an
+    # empty key lets such a dead letter through, its value still null like the original's.
+    return b"" if record.key is None and value is None else record.key
+
+
+async def run_consumer(settings: Settings, applier: EventApplier) -> None:
     """Consume until cancelled; on cancel, finish and commit in-flight batches within a deadline."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,

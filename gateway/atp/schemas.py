@@ -7,9 +7,10 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-CODE_PATTERN: Final = r"^[A-Za-z0-9._:\-]{1,64}$"
+# \Z, not $: Python's $ also matches before a trailing newline ("SKU-1\n" would pass).
+CODE_PATTERN: Final = r"^[A-Za-z0-9._:\-]{1,64}\Z"
 # Printable: anything but C0/C1 control characters (and DEL).
-EVENT_ID_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
+EVENT_ID_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]{1,128}\Z"
 MAX_QUANTITY: Final = 10**12
 MAX_EVENTS: Final = 1000
 

@@ -19,6 +19,7 @@ _batch_decoder: Final = msgspec.json.Decoder(StockEventBatch)
 _raw_batch_decoder: Final = msgspec.json.Decoder(RawStockEventBatch)
 _event_decoder: Final = msgspec.json.Decoder(StockEvent)
 _any_decoder: Final = msgspec.json.Decoder()
+_timestamp_decoder: Final = msgspec.json.Decoder(datetime)
 _FIELD_TYPES: Final = get_type_hints(StockEvent, include_extras=True)
 _REQUIRED: Final = ("event_id", "type", "sku", "location", "quantity", "occurred_at")
 
@@ -43,6 +44,8 @@ def decode_event(data: bytes | str) -> StockEvent:
         raise ValidationFailed(_event_errors(data)) from None
     except msgspec.DecodeError as exc:
         raise ValidationFailed([_err("", f"malformed JSON: {exc}")]) from None
+    except RecursionError:
+        raise ValidationFailed([_err("", "malformed JSON: nested too deeply")]) from None
     errors = semantic_errors(event)
     if errors:
         raise ValidationFailed(errors)
@@ -52,11 +55,14 @@ def decode_event(data: bytes | str) -> StockEvent:
 def decode_batch(body: bytes) -> list[StockEvent]:
     """Decode a ``{"events": [...]}`` body; on any error raise ValidationFailed listing them all."""
     try:
-        events = _batch_decoder.decode(body).events
-    except msgspec.ValidationError:
-        raise ValidationFailed(_batch_errors(body)) from None
+        try:
+            events = _batch_decoder.decode(body).events
+        except msgspec.ValidationError:
+            raise ValidationFailed(_batch_errors(body)) from None
     except msgspec.DecodeError as exc:
         raise ValidationFailed([_err("", f"malformed JSON: {exc}")]) from None
+    except RecursionError:
+        raise ValidationFailed([_err("", "malformed JSON: nested too deeply")]) from None
     errors: list[dict[str, Any]] = []
     for index, event in enumerate(events):
         errors.extend({"index": index, **e} for e in semantic_errors(event))
@@ -81,6 +87,8 @@ def _event_errors(data: bytes | str | msgspec.Raw) -> list[dict[str, Any]]:
         obj = _any_decoder.decode(data)
     except msgspec.DecodeError as exc:
         return [_err("", f"malformed JSON: {exc}")]
+    except RecursionError:
+        return [_err("", "malformed JSON: nested too deeply")]
     if not isinstance(obj, dict):
         return [_err("", "each event must be a JSON object")]
     errors = [_err(name, "required field is missing") for name in _REQUIRED if name not in obj]
@@ -90,7 +98,11 @@ def _event_errors(data: bytes | str | msgspec.Raw) -> list[dict[str, Any]]:
             errors.append(_err(name, "unknown field"))
             continue
         try:
-            msgspec.convert(value, field_type, strict=name != "occurred_at")
+            if name == "occurred_at":
+                # Through JSON, as the fast path sees it: lax conversion takes epoch numbers.
+                _timestamp_decoder.decode(msgspec.json.encode(value))
+            else:
+                msgspec.convert(value, field_type, strict=True)
         except msgspec.ValidationError as exc:
             errors.append(_err(name, _message(exc)))
     if not errors:

@@ -33,3 +33,7 @@ async def read_json(request: web.Request, schema: type[T]) -> T:
         raise ValidationFailed([{"field": field, "message": message}]) from None
     except msgspec.DecodeError as exc:
         raise ValidationFailed([{"field": "", "message": f"malformed JSON: {exc}"}]) from None
+    except RecursionError:
+        raise ValidationFailed(
+            [{"field": "", "message": "malformed JSON: nested too deeply"}]
+        ) from None

@@ -13,7 +13,7 @@ MAX_LINE_QUANTITY: Final = 1_000_000_000
 DEFAULT_TTL_SECONDS: Final = 900
 
 ReservationId = Annotated[
-    str, msgspec.Meta(pattern=r"^[^\x00-\x1f\x7f-\x9f]{1,128}$", min_length=1, max_length=128)
+    str, msgspec.Meta(pattern=r"^[^\x00-\x1f\x7f-\x9f]{1,128}\Z", min_length=1, max_length=128)
 ]
 Status = Literal["held", "confirmed", "released", "expired"]
 

@@ -1,0 +1,66 @@
+"""Run real gateway processes (``python -m gateway serve``) for multi-process tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any
+
+from gateway.devservices import free_port
+from tests.conftest import KEYS
+
+
+class GatewayProcess:
+    def __init__(self, redis_url: str, postgres_dsn: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environ = {
+            **os.environ,
+            "GATEWAY_PORT": str(self.port),
+            "GATEWAY_REDIS_URL": redis_url,
+            "GATEWAY_POSTGRES_DSN": postgres_dsn,
+            "GATEWAY_API_KEYS": ",".join(f"{role}:{key}" for role, key in KEYS.items()),
+            "GATEWAY_LOG_LEVEL": "warning",
+            **env,
+        }
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve"],
+            env=environ,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._log.seek(0)
+                raise RuntimeError(f"gateway exited: {self._log.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("gateway did not become ready")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> Any:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
