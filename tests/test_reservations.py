@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from gateway.atp import keys as atp_keys
+from gateway.metrics import STOCK_SHORTFALL
 from gateway.reservation import keys
 from tests.conftest import auth
 from tests.helpers import event
@@ -213,7 +214,9 @@ async def test_confirm_moves_hold_to_committed(client: Client) -> None:
 async def test_snapshot_below_reserved_keeps_holds(client: Client, redis: aioredis.Redis) -> None:
     await stock(client, A__L1=10)
     await reserve(client, "k1", [{"sku": "A", "location": "L1", "quantity": 8}])
+    before = STOCK_SHORTFALL._value.get()
     await post_events(client, [event("recount", "snapshot", 5, 10, sku="A", location="L1")])
+    assert STOCK_SHORTFALL._value.get() == before + 1
     item = (await availability(client, sku="A", location="L1"))["items"][0]
     assert (item["on_hand"], item["reserved"], item["available"]) == (5, 8, 0)
     assert await redis.hget(keys.holds("A"), "k1") == "L1=8"

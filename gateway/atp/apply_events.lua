@@ -5,7 +5,8 @@
 -- ARGV[1]   horizon in microseconds
 -- ARGV[2]   n, the number of locations; ARGV[3..2+n] their names
 -- then 5 values per event: location index (1..n), kind ('s'|'a'), occurred_at (µs), event_id, quantity
--- returns   one code per event: 0 applied, 1 duplicate, 2 stale
+-- returns   {codes, shortfalls}: one code per event (0 applied, 1 duplicate, 2 stale), and
+--           location, units pairs where reserved + committed now exceed on-hand
 --
 -- Position fields: b: base (snapshot quantity plus adjustments folded at the horizon),
 -- bt:/bi: the newest snapshot's time and event id, as: sum of the adjustments kept in KEYS[2+i],
@@ -94,10 +95,17 @@ for e = 0, n - 1 do
   out[e + 1] = code
 end
 
+local short = {}
 for i = 1, nloc do
   local st = state[i]
   if st.dirty then
     local loc = st.loc
+    -- Holds are never dropped when stock falls below them: report the shortfall instead.
+    local held = redis.call('HMGET', pos, 'res:' .. loc, 'com:' .. loc)
+    local gap = (tonumber(held[1]) or 0) + (tonumber(held[2]) or 0) - (st.base + st.asum)
+    if gap > 0 and (tonumber(held[1]) or 0) > 0 then
+      table.insert(short, loc); table.insert(short, string.format('%d', gap))
+    end
     local fields = {'b:' .. loc, string.format('%d', st.base), 'as:' .. loc, string.format('%d', st.asum),
                     'oh:' .. loc, string.format('%d', st.base + st.asum)}
     if st.bt then
@@ -107,4 +115,4 @@ for i = 1, nloc do
     redis.call('HSET', pos, unpack(fields))
   end
 end
-return out
+return {out, short}

@@ -11,10 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
+import structlog
+
 from gateway.atp import keys
 from gateway.atp.ports import ScriptRunner
 from gateway.atp.schemas import IngestResult, StockEvent
 from gateway.atp.validation import parse_timestamp
+from gateway.metrics import STOCK_SHORTFALL
+
+log = structlog.get_logger(__name__)
 
 APPLY_SCRIPT: Final = "apply_events.lua"
 APPLIED, DUPLICATE, STALE = 0, 1, 2
@@ -60,7 +65,11 @@ class EventApplier:
             calls.append((call_keys, args))
         replies = await self._scripts.run(APPLY_SCRIPT, calls)
         codes = [0] * len(events)
-        for indexes, reply in zip(by_sku.values(), replies, strict=True):
-            for index, code in zip(indexes, reply, strict=True):
+        for (sku, indexes), (sku_codes, short) in zip(by_sku.items(), replies, strict=True):
+            for index, code in zip(indexes, sku_codes, strict=True):
                 codes[index] = int(code)
+            for i in range(0, len(short), 2):
+                location, units = short[i].decode(), int(short[i + 1])
+                STOCK_SHORTFALL.inc()
+                log.warning("stock_below_holds", sku=sku, location=location, short_by=units)
         return codes
