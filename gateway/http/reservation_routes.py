@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import Final
+
 from aiohttp import web
 
 from gateway.errors import InsufficientStock, ValidationFailed
@@ -9,17 +12,24 @@ from gateway.http.codec import json_response, read_json
 from gateway.http.middleware import requires
 from gateway.http.state import RESERVATIONS_SERVICE
 from gateway.metrics import RESERVATIONS
-from gateway.reservation.schemas import ExtendRequest, ReservationRequest
+from gateway.reservation.schemas import (
+    RESERVATION_ID_PATTERN,
+    ExtendRequest,
+    ReservationRequest,
+)
 
 routes = web.RouteTableDef()
-_MAX_ID = 128
+_ID: Final = re.compile(RESERVATION_ID_PATTERN)
+# aiohttp's default {name} excludes braces, which ids may contain.
+_PATH_ID: Final = "{reservation_id:[^/]+}"
 
 
 def _rid(request: web.Request) -> str:
+    # The same rule as the body's reservation_id, so every id that can be made can be addressed.
     rid = request.match_info["reservation_id"]
-    if not 1 <= len(rid) <= _MAX_ID or not rid.isprintable():
+    if not _ID.match(rid):
         raise ValidationFailed(
-            [{"field": "reservation_id", "message": "1-128 printable characters"}]
+            [{"field": "reservation_id", "message": "1-128 characters, no control characters"}]
         )
     return rid
 
@@ -40,13 +50,13 @@ async def post_reservation(request: web.Request) -> web.Response:
     return json_response(outcome.reservation, status=201)
 
 
-@routes.get("/v1/reservations/{reservation_id}")
+@routes.get(f"/v1/reservations/{_PATH_ID}")
 @requires("storefront")
 async def get_reservation(request: web.Request) -> web.Response:
     return json_response(await request.app[RESERVATIONS_SERVICE].get(_rid(request)))
 
 
-@routes.delete("/v1/reservations/{reservation_id}")
+@routes.delete(f"/v1/reservations/{_PATH_ID}")
 @requires("storefront")
 async def delete_reservation(request: web.Request) -> web.Response:
     reservation = await request.app[RESERVATIONS_SERVICE].release(_rid(request))
@@ -54,7 +64,7 @@ async def delete_reservation(request: web.Request) -> web.Response:
     return json_response(reservation)
 
 
-@routes.post("/v1/reservations/{reservation_id}/extend")
+@routes.post(f"/v1/reservations/{_PATH_ID}/extend")
 @requires("storefront")
 async def extend_reservation(request: web.Request) -> web.Response:
     rid = _rid(request)

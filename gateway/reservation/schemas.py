@@ -12,8 +12,9 @@ MAX_LINES: Final = 100
 MAX_LINE_QUANTITY: Final = 1_000_000_000
 DEFAULT_TTL_SECONDS: Final = 900
 
+RESERVATION_ID_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]{1,128}\Z"
 ReservationId = Annotated[
-    str, msgspec.Meta(pattern=r"^[^\x00-\x1f\x7f-\x9f]{1,128}\Z", min_length=1, max_length=128)
+    str, msgspec.Meta(pattern=RESERVATION_ID_PATTERN, min_length=1, max_length=128)
 ]
 Status = Literal["held", "confirmed", "released", "expired"]
 
