@@ -49,6 +49,10 @@ def assert_problem(body: dict[str, Any], status: int, code: str) -> None:
         ("PUT", "/v1/location-groups/g", "ops"),
         ("GET", "/v1/location-groups/g", "ops"),
         ("PUT", "/v1/safety-stock", "ops"),
+        ("POST", "/v1/reservations", "storefront"),
+        ("GET", "/v1/reservations/r1", "storefront"),
+        ("DELETE", "/v1/reservations/r1", "storefront"),
+        ("POST", "/v1/reservations/r1/extend", "storefront"),
     ],
 )
 async def test_auth_roles(client: Client, method: str, path: str, role: str) -> None:
