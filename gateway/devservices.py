@@ -69,14 +69,9 @@ def _own(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
     return proc
 
 
-def start_redis(port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise ServiceMissing(
-            "no Redis answers and redis-server is not on PATH: " + INSTALL_HINTS["redis"]
-        )
-    port = port or free_port()
-    proc = _own(
+def _spawn_redis(binary: str, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    """A throwaway redis-server on loopback that keeps nothing on disk."""
+    return _own(
         subprocess.Popen(
             [
                 binary,
@@ -88,11 +83,22 @@ def start_redis(port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:
                 "",
                 "--appendonly",
                 "no",
+                *extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
     )
+
+
+def start_redis(port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ServiceMissing(
+            "no Redis answers and redis-server is not on PATH: " + INSTALL_HINTS["redis"]
+        )
+    port = port or free_port()
+    proc = _spawn_redis(binary, port)
     _wait_for("127.0.0.1", port, proc, "redis-server")
     return f"redis://127.0.0.1:{port}/0", proc
 
@@ -127,28 +133,15 @@ def start_redis_cluster(masters: int = 3) -> tuple[str, list[subprocess.Popen[by
     procs = []
     for port in ports:
         workdir = tempfile.mkdtemp(prefix=f"atp-gateway-cluster-{port}-")
-        proc = _own(
-            subprocess.Popen(
-                [
-                    binary,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--dir",
-                    workdir,
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+        proc = _spawn_redis(
+            binary,
+            port,
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--dir",
+            workdir,
         )
         _wait_for("127.0.0.1", port, proc, "redis-server (cluster)")
         procs.append(proc)

@@ -7,6 +7,8 @@ an integrator fixing a feed needs; the cost is only paid by invalid requests.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, Final, get_type_hints
 
@@ -36,16 +38,24 @@ def semantic_errors(event: StockEvent) -> list[dict[str, Any]]:
     return errors
 
 
-def decode_event(data: bytes | str) -> StockEvent:
-    """Decode one event (a Kafka message value); raises ValidationFailed listing its errors."""
+@contextlib.contextmanager
+def malformed_json_is_invalid() -> Iterator[None]:
+    """Bad JSON, or JSON nested deeper than msgspec recurses, is a 422 like any bad field."""
     try:
-        event = _event_decoder.decode(data)
-    except msgspec.ValidationError:
-        raise ValidationFailed(_event_errors(data)) from None
+        yield
     except msgspec.DecodeError as exc:
         raise ValidationFailed([_err("", f"malformed JSON: {exc}")]) from None
     except RecursionError:
         raise ValidationFailed([_err("", "malformed JSON: nested too deeply")]) from None
+
+
+def decode_event(data: bytes | str) -> StockEvent:
+    """Decode one event (a Kafka message value); raises ValidationFailed listing its errors."""
+    with malformed_json_is_invalid():
+        try:
+            event = _event_decoder.decode(data)
+        except msgspec.ValidationError:
+            raise ValidationFailed(_event_errors(data)) from None
     errors = semantic_errors(event)
     if errors:
         raise ValidationFailed(errors)
@@ -54,15 +64,11 @@ def decode_event(data: bytes | str) -> StockEvent:
 
 def decode_batch(body: bytes) -> list[StockEvent]:
     """Decode a ``{"events": [...]}`` body; on any error raise ValidationFailed listing them all."""
-    try:
+    with malformed_json_is_invalid():
         try:
             events = _batch_decoder.decode(body).events
         except msgspec.ValidationError:
             raise ValidationFailed(_batch_errors(body)) from None
-    except msgspec.DecodeError as exc:
-        raise ValidationFailed([_err("", f"malformed JSON: {exc}")]) from None
-    except RecursionError:
-        raise ValidationFailed([_err("", "malformed JSON: nested too deeply")]) from None
     errors: list[dict[str, Any]] = []
     for index, event in enumerate(events):
         errors.extend({"index": index, **e} for e in semantic_errors(event))

@@ -7,6 +7,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 from aiohttp import web
 
+from gateway.atp.validation import malformed_json_is_invalid
 from gateway.errors import ValidationFailed
 
 T = TypeVar("T")
@@ -24,16 +25,10 @@ async def read_json(request: web.Request, schema: type[T]) -> T:
     decoder = _decoders.get(schema)
     if decoder is None:
         decoder = _decoders[schema] = msgspec.json.Decoder(schema)
-    try:
-        return decoder.decode(body)  # type: ignore[no-any-return]
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        message, _, path = text.partition(" - at `")
-        field = path.rstrip("`").removeprefix("$").removeprefix(".")
-        raise ValidationFailed([{"field": field, "message": message}]) from None
-    except msgspec.DecodeError as exc:
-        raise ValidationFailed([{"field": "", "message": f"malformed JSON: {exc}"}]) from None
-    except RecursionError:
-        raise ValidationFailed(
-            [{"field": "", "message": "malformed JSON: nested too deeply"}]
-        ) from None
+    with malformed_json_is_invalid():
+        try:
+            return decoder.decode(body)  # type: ignore[no-any-return]
+        except msgspec.ValidationError as exc:
+            message, _, path = str(exc).partition(" - at `")
+            field = path.rstrip("`").removeprefix("$").removeprefix(".")
+            raise ValidationFailed([{"field": field, "message": message}]) from None
