@@ -7,6 +7,7 @@ close in reverse, so the consumer's last commit still finds Redis open. Nothing 
 from __future__ import annotations
 
 import functools
+import gc
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -22,7 +23,7 @@ from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
 from gateway.http import atp_routes, health, ops_routes, reservation_routes
 from gateway.http.auth import Authenticator
-from gateway.http.middleware import gateway_middleware
+from gateway.http.middleware import make_middleware
 from gateway.http.state import (
     APPLIER,
     AUTH,
@@ -108,12 +109,24 @@ async def _on_shutdown(app: web.Application) -> None:
     log.info("draining")
 
 
+async def _freeze_gc(app: web.Application) -> None:
+    # Everything built at start-up lives as long as the process: move it out of the collector's
+    # reach, or each full collection rescans it (~20 ms pauses at saturation, the p99 tail).
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[gateway_middleware], client_max_size=MAX_BODY)
+    lifecycle = Lifecycle()
+    auth = Authenticator(settings.api_keys)
+    app = web.Application(
+        middlewares=[make_middleware(lifecycle, auth, settings)], client_max_size=MAX_BODY
+    )
     app[SETTINGS] = settings
-    app[LIFECYCLE] = Lifecycle()
-    app[AUTH] = Authenticator(settings.api_keys)
+    app[LIFECYCLE] = lifecycle
+    app[AUTH] = auth
     app.cleanup_ctx.extend([_redis_ctx, _postgres_ctx, _services_ctx, _sweeper_ctx, _kafka_ctx])
+    app.on_startup.append(_freeze_gc)  # after the cleanup contexts: they run first
     app.on_shutdown.append(_on_shutdown)
     app.add_routes(health.routes)
     app.add_routes(atp_routes.routes)

@@ -1,4 +1,6 @@
-"""Prometheus metrics of the gateway, defined once (prometheus-client's default registry)."""
+"""Prometheus metrics of the gateway, defined once (prometheus-client's default registry).
+
+Per-request HTTP counters live in ``gateway.http.request_metrics`` (cheaper on the hot path)."""
 
 from __future__ import annotations
 
@@ -6,15 +8,6 @@ from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
-HTTP_REQUESTS: Final = Counter(
-    "gateway_http_requests_total", "HTTP requests answered", ["route", "method", "status"]
-)
-HTTP_LATENCY: Final = Histogram(
-    "gateway_http_request_duration_seconds",
-    "Time to answer an HTTP request",
-    ["route"],
-    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
-)
 REDIS_BATCH_SIZE: Final = Histogram(
     "gateway_redis_batch_commands",
     "Distinct Redis commands sent in one coalesced read batch",

@@ -115,5 +115,23 @@ class RespConnection:
             self._protocol = None
 
 
+# Encoded reads, by command: a storefront asks for the same few thousand positions over and
+# over, and encoding costs ~0.4 µs a command against ~0.05 µs for a lookup. Bounded: cleared
+# when full. Writes and scripts (unique arguments) are never kept.
+_CACHED_VERBS: Final = frozenset({"HMGET", "GET"})
+_CACHE_LIMIT: Final = 50_000
+_encoded: dict[Sequence[Any], bytes] = {}
+
+
 def _pack(commands: Sequence[Sequence[Any]]) -> bytes:
-    return b"".join([hiredis.pack_command(tuple(c)) for c in commands])
+    out = []
+    for command in commands:
+        data = _encoded.get(command)
+        if data is None:
+            data = hiredis.pack_command(tuple(command))
+            if command[0] in _CACHED_VERBS:
+                if len(_encoded) >= _CACHE_LIMIT:
+                    _encoded.clear()
+                _encoded[command] = data
+        out.append(data)
+    return b"".join(out)

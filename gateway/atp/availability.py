@@ -37,14 +37,18 @@ class AvailabilityReader:
         default_ss, *rows = await self._redis.call_many(
             [
                 ("HMGET", keys.LOCATION_SAFETY_STOCK, location),
-                *(("HMGET", keys.position(sku), *fields) for sku in skus),
+                *[("HMGET", keys.position(sku), *fields) for sku in skus],
             ]
         )
-        default = _int(default_ss[0])
+        default = int(default_ss[0]) if default_ss[0] is not None else 0
         items = []
+        # Inlined arithmetic: this loop runs for every SKU of every storefront query.
         for sku, (oh, res, com, ss) in zip(skus, rows, strict=True):
-            on_hand, reserved, committed = _int(oh), _int(res), _int(com)
+            on_hand = int(oh) if oh is not None else 0
+            reserved = int(res) if res is not None else 0
+            committed = int(com) if com is not None else 0
             safety = int(ss) if ss is not None else default
+            available = on_hand - reserved - committed - safety
             items.append(
                 PositionAvailability(
                     sku=sku,
@@ -53,7 +57,7 @@ class AvailabilityReader:
                     reserved=reserved,
                     committed=committed,
                     safety_stock=safety,
-                    available=compute_available(on_hand, reserved, committed, safety),
+                    available=available if available > 0 else 0,
                 )
             )
         return items
