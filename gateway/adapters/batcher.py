@@ -110,13 +110,17 @@ class CommandBatcher:
                     if not entry[1].done():
                         entry[1].set_exception(DependencyDown(f"redis: {exc}", dependency="redis"))
                 return
+            # Error replies are rare: find them once per batch, not once per waiter.
+            failed = {i for i, r in enumerate(replies) if isinstance(r, Exception)}
             for (_, future, _, raise_on_error), mine in zip(batch, slots, strict=True):
                 if future.done():
                     continue  # its request was cancelled
                 results = [replies[i] for i in mine]
-                failed = next((r for r in results if isinstance(r, Exception)), None)
-                if failed is not None and raise_on_error:
-                    future.set_exception(DependencyDown(f"redis: {failed}", dependency="redis"))
+                bad = next((i for i in mine if i in failed), None) if failed else None
+                if bad is not None and raise_on_error:
+                    future.set_exception(
+                        DependencyDown(f"redis: {replies[bad]}", dependency="redis")
+                    )
                 else:
                     future.set_result(results)
         finally:

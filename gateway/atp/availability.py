@@ -37,7 +37,7 @@ class AvailabilityReader:
         default_ss, *rows = await self._redis.call_many(
             [
                 ("HMGET", keys.LOCATION_SAFETY_STOCK, location),
-                *[("HMGET", keys.position(sku), *fields) for sku in skus],
+                *[("HMGET", f"{keys.PREFIX}:{{{sku}}}:p", *fields) for sku in skus],
             ]
         )
         default = int(default_ss[0]) if default_ss[0] is not None else 0
