@@ -48,9 +48,7 @@ def requires(role: str) -> Callable[[Handler], Handler]:
     return register
 
 
-def make_middleware(
-    lifecycle: Lifecycle, auth: Authenticator, settings: Settings
-) -> Middleware:
+def make_middleware(lifecycle: Lifecycle, auth: Authenticator, settings: Settings) -> Middleware:
     """The middleware, closed over the objects it reads on every request."""
     access_log = settings.access_log
 

@@ -18,13 +18,26 @@ end
 
 -- Hold the lines of one or more SKUs, all or nothing. pairs_from: index in KEYS of the first
 -- position key; lines: decoded JSON, each {n = line number, k = pair index, s = sku,
--- q = quantity, l = label, g = 1 for a group, m = {{location, default safety stock}, ...}}.
+-- q = quantity, l = label, g = 1 for a group, m = {{location, default safety stock?}, ...}}.
 -- Returns true, allocations ({sku, location, quantity} list) or false, shortfalls.
-local function hold_lines(rid, lines, pairs_from)
+-- ss_key: on a single node, the hash of location safety-stock defaults, read here (a member's
+-- default then need not be sent); on a cluster it lives in another slot and the caller sends
+-- each member's default instead.
+local function hold_lines(rid, lines, pairs_from, ss_key)
   local taken = {}
+  local defaults = {}
   local function avail(pos, loc, default_ss)
     local f = redis.call('HMGET', pos, 'oh:' .. loc, 'res:' .. loc, 'com:' .. loc, 'ss:' .. loc)
-    local ss = tonumber(f[4]) or default_ss
+    local ss = tonumber(f[4])
+    if not ss then
+      if default_ss == nil and ss_key then
+        if defaults[loc] == nil then
+          defaults[loc] = tonumber(redis.call('HGET', ss_key, loc)) or 0
+        end
+        default_ss = defaults[loc]
+      end
+      ss = default_ss or 0
+    end
     return (tonumber(f[1]) or 0) - (tonumber(f[2]) or 0) - (tonumber(f[3]) or 0) - ss
       - (taken[pos .. '|' .. loc] or 0)
   end

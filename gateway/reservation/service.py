@@ -90,7 +90,11 @@ class ReservationService:
         rid = request.reservation_id
         if self._cluster:
             return await self._reserve_saga(rid, fingerprint, ttl, skus, lines)
-        call_keys = [keys.record(rid), keys.expiry_index(keys.bucket(rid))]
+        call_keys = [
+            keys.record(rid),
+            keys.expiry_index(keys.bucket(rid)),
+            atp_keys.LOCATION_SAFETY_STOCK,
+        ]
         for sku in skus:
             call_keys += (atp_keys.position(sku), keys.holds(sku))
         args = [
@@ -160,13 +164,18 @@ class ReservationService:
                 members[group] = _text(raw).split(",")
         if errors:
             raise ValidationFailed(errors)
-        locations = sorted(direct.union(*members.values()) - {None})
-        (defaults,) = await self._redis.call_many(
-            [("HMGET", atp_keys.LOCATION_SAFETY_STOCK, *locations)]
-        )
-        default_ss = {
-            loc: int(v) if v is not None else 0 for loc, v in zip(locations, defaults, strict=True)
-        }
+        default_ss: dict[str, int] = {}
+        if self._cluster:
+            # The defaults live in another slot than the SKUs: read them here and send them along.
+            # (On a single node the script reads them itself, atomically with the check.)
+            locations = sorted(direct.union(*members.values()) - {None})
+            (defaults,) = await self._redis.call_many(
+                [("HMGET", atp_keys.LOCATION_SAFETY_STOCK, *locations)]
+            )
+            default_ss = {
+                loc: int(v) if v is not None else 0
+                for loc, v in zip(locations, defaults, strict=True)
+            }
         skus: list[str] = []
         index: dict[str, int] = {}
         lines = []
@@ -187,7 +196,7 @@ class ReservationService:
                     "q": line.quantity,
                     "l": label,
                     "g": group_flag,
-                    "m": [[loc, default_ss[loc]] for loc in locs],
+                    "m": [[loc, default_ss[loc]] if default_ss else [loc] for loc in locs],
                 }
             )
         return skus, lines
