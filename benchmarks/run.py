@@ -1,7 +1,7 @@
 """One run of every benchmark of the gateway, each figure printed beside its ceiling.
 
-    .venv/bin/python -m benchmarks.run              # ~2.5 minutes
-    .venv/bin/python -m benchmarks.run --quick      # ~1 minute, shorter and smaller
+    .venv/bin/python -m benchmarks.run              # ~4 minutes
+    .venv/bin/python -m benchmarks.run --quick      # ~1.5 minutes, shorter and smaller
 
 What it starts (all on loopback, all stopped at the end, Ctrl-C included): a private redis-server,
 the plain aiohttp ceiling server (``benchmarks/ceiling.py``), the gateway (``python -m gateway
@@ -65,6 +65,7 @@ QUIET_PERCENT = 15.0  # machine-wide CPU (of one core) above which another job i
 # NOISY_PERCENT of a core, or SERVER_CORE_NOISY_PERCENT of the server's. On a quiet machine
 # loopback networking and the kernel stay under ~30% and ~5%.
 SATURATED_PERCENT = 90.0
+LOAD_CORE_FULL_PERCENT = 90.0
 NOISY_PERCENT = 50.0
 SERVER_CORE_NOISY_PERCENT = 15.0
 
@@ -530,13 +531,25 @@ def seed_reservations(base: str) -> None:
 def disturbance(report: CpuReport, server: str, saturating: bool) -> str | None:
     """Why a measurement looks disturbed by other work on the machine, or None.
 
-    At saturation only one thing matters: the server kept its core busy (a starved load
-    generator or a stolen server core both show as less). Latency and ingest are disturbed by
-    anything else running, on the server's core above all."""
+    At saturation the server should keep its core busy. When it used less, the run is disturbed
+    if something explains it: other work on the server's core, a full load core (a starved load
+    generator) or other work on the machine. Otherwise the server is not CPU-bound (reservations:
+    it waits on Redis), which is a property of the server, not noise; ``attempts`` notes it.
+    Latency and ingest are disturbed by anything else running, on the server's core above all."""
     if saturating:
         server_cpu = report.percent.get(server, 100.0)
-        if server_cpu < SATURATED_PERCENT:
-            return f"the server used only {server_cpu:.0f}% of its core"
+        if server_cpu >= SATURATED_PERCENT:
+            return None
+        short = f"the server used only {server_cpu:.0f}% of its core"
+        on_core = report.percent.get("server core, others", 0.0)
+        if on_core > SERVER_CORE_NOISY_PERCENT:
+            return f"{short}; {on_core:.0f}% of it went to other processes or the kernel"
+        load = load_core_percent(report, server)
+        if load > LOAD_CORE_FULL_PERCENT:
+            return f"{short}; the load core was {load:.0f}% busy"
+        other = report.percent.get("unattributed", 0.0)
+        if other > NOISY_PERCENT:
+            return f"{short}; {other:.0f}% of a core in other processes or the kernel"
         return None
     on_core = report.percent.get("server core, others", 0.0)
     if on_core > SERVER_CORE_NOISY_PERCENT:
@@ -545,6 +558,13 @@ def disturbance(report: CpuReport, server: str, saturating: bool) -> str | None:
     if other > NOISY_PERCENT:
         return f"{other:.0f}% of a core in other processes or the kernel"
     return None
+
+
+def load_core_percent(report: CpuReport, server: str) -> float:
+    """How busy the load core was: all the machine did but the server and its core's others."""
+    on_core = report.percent.get("server core, others", 0.0)
+    total = sum(v for k, v in report.percent.items() if k != "server core, others")
+    return total - report.percent.get(server, 0.0) - on_core
 
 
 def _noise(report: CpuReport, server: str, saturating: bool) -> float:
@@ -597,6 +617,15 @@ def attempts(
     if why is not None:
         result["disturbed"] = why
         run.notes.append(f"{phase}: disturbed in every attempt ({why}); the figure is unreliable")
+    elif saturating and report.percent.get(server, 100.0) < SATURATED_PERCENT:
+        busy = report.percent.get(server, 100.0)
+        result["not_cpu_bound"] = f"{server} {busy:.0f}% of its core"
+        run.notes.append(
+            f"{phase}: the {server} used {busy:.0f}% of its core, the load core "
+            f"{load_core_percent(report, server):.0f}% (redis "
+            f"{report.percent.get('redis', 0.0):.0f}%), the machine otherwise quiet: not "
+            "CPU-bound, not noise"
+        )
     record_cpu(run, phase, report)
     return result
 
@@ -630,6 +659,7 @@ def saturation(
 
             result = attempts(run, processes, phase, _server(name), True, measure, warm)
             cpu = run.cpu.get(phase, {})
+            result["server_cpu_percent"] = cpu.get(_server(name), math.nan)
             for process in ("redis", "gateway"):
                 if name != "ceiling" and result["requests_per_s"] > 0:
                     result[f"{process}_cpu_us_per_request"] = round(
@@ -654,7 +684,11 @@ def saturation(
             "latency_p50_ms_at_c64": statistics.median(r["p50_ms"] for r in results),
             "latency_p99_ms_at_c64": statistics.median(r["p99_ms"] for r in results),
         }
-        for key in ("redis_cpu_us_per_request", "gateway_cpu_us_per_request"):
+        for key in (
+            "redis_cpu_us_per_request",
+            "gateway_cpu_us_per_request",
+            "server_cpu_percent",
+        ):
             if all(key in r for r in results):
                 summary[key] = statistics.median(r[key] for r in results)
         for key in ("status_201", "status_409", "status_other"):
@@ -1220,11 +1254,12 @@ def reservation_rows(run: Run, ceiling: float) -> None:
     flash = run.reservations.get("flash")
     if flash is not None:
         value = flash["requests_per_s"]
+        one_line = sat.get("res_1", {}).get("requests_per_s", math.nan)
         rows.append(
             Row(
                 f"flash sale, 1 SKU with {flash['units']} units, every request reserving 1: "
                 f"req/s (wrk c64; {flash['status_409']:,} x 409)",
-                _num(value),
+                _num(value) + (f" ({value / one_line:.2f}x 1 line)" if one_line > 0 else ""),
                 _num(ceiling),
                 _ratio(value, ceiling),
                 f">= {TARGET_RES_RATIO_1:.0%} of ceiling (as 1 line)",
@@ -1253,10 +1288,16 @@ def reservation_rows(run: Run, ceiling: float) -> None:
         for name, label in (("res_1", "1 line"), ("res_5", "5 lines"))
         if "redis_cpu_us_per_request" in sat.get(name, {})
     ]
+    busy = [
+        f"{sat[name]['server_cpu_percent']:.0f}%"
+        for name in ("res_1", "res_5")
+        if "server_cpu_percent" in sat.get(name, {})
+    ]
     if parts:
         rows.append(
             Row(
-                "reservation: CPU per request, Redis / gateway",
+                "reservation at saturation: CPU per request, Redis / gateway "
+                f"(gateway busy {' / '.join(busy)} of its core)",
                 "; ".join(parts),
                 "-",
                 "-",
