@@ -73,3 +73,27 @@ async def test_scripts_survive_a_flushed_script_cache(
         await applier.apply([_ev("e2", "adjustment", 2, now + timedelta(milliseconds=1))])
     ).applied == 1
     assert await redis.hget("atp:{H}:p", "oh:L") == "7"
+
+
+async def test_heavy_commands_go_out_in_slices(port: RedisPort) -> None:
+    sent: list[int] = []
+
+    async def counting(commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        sent.append(len(commands))
+        return await port.execute(commands, raise_on_error=False)
+
+    batcher = CommandBatcher(counting, slice_cost=64)
+    runner = asyncio.create_task(batcher.run())
+    try:
+        replies = await asyncio.gather(
+            *(
+                batcher.call_many([("EVAL", "return ARGV[1]", 0, str(i))], dedupe=False)
+                for i in range(20)
+            )
+        )
+        assert replies == [[str(i).encode()] for i in range(20)]
+        assert sent == [4] * 5  # 16 "reads" each: Redis starts on one slice while we send more
+    finally:
+        runner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await runner

@@ -22,6 +22,7 @@ log = structlog.get_logger(__name__)
 Command = tuple[Any, ...]
 Executor = Callable[[Sequence[Command]], Awaitable[list[Any]]]
 _DEFAULT_MAX_PENDING: Final = 20_000
+_SCRIPT_COST: Final = 16
 
 
 # commands, the waiter, dedupe, raise_on_error
@@ -30,10 +31,16 @@ _Entry = tuple[Sequence[Command], "asyncio.Future[list[Any]]", bool, bool]
 
 class CommandBatcher:
     def __init__(
-        self, execute: Executor, *, max_pending: int = _DEFAULT_MAX_PENDING, in_flight: int = 2
+        self,
+        execute: Executor,
+        *,
+        max_pending: int = _DEFAULT_MAX_PENDING,
+        in_flight: int = 8,
+        slice_cost: int = 512,
     ) -> None:
         self._execute = execute
         self._max_pending = max_pending
+        self._slice_cost = slice_cost
         self._pending: list[_Entry] = []
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(in_flight)
@@ -59,13 +66,19 @@ class CommandBatcher:
         return (await self.call_many((command,)))[0]
 
     async def run(self) -> None:
-        """The owner task: take what one tick gathered and send it, up to ``in_flight`` at once."""
+        """The owner task: send what the ticks gathered, in slices, up to ``in_flight`` at once."""
         try:
             while True:
                 await self._wakeup.wait()
                 await self._slots.acquire()
-                self._wakeup.clear()
-                batch, self._pending = self._pending, []
+                # A tick's requests go out in slices: Redis works on the first slice while the
+                # gateway still encodes the next or answers the previous, instead of the two
+                # taking turns over one large batch (what limits script-heavy traffic).
+                cut = self._slice_end()
+                batch = self._pending[:cut]
+                del self._pending[:cut]
+                if not self._pending:
+                    self._wakeup.clear()
                 if not batch:
                     self._slots.release()
                     continue
@@ -77,6 +90,16 @@ class CommandBatcher:
                 task.cancel()
             for entry in self._pending:
                 entry[1].cancel()
+
+    def _slice_end(self) -> int:
+        """How many pending entries go in the next slice: a read costs 1 a command, a script
+        (an effect, never deduplicated) costs Redis what ~16 reads do."""
+        cost = 0
+        for n, (commands, _, dedupe, _) in enumerate(self._pending):
+            cost += len(commands) if dedupe else _SCRIPT_COST * len(commands)
+            if cost >= self._slice_cost:
+                return n + 1
+        return len(self._pending)
 
     async def _send(self, batch: list[_Entry]) -> None:
         try:
