@@ -19,8 +19,9 @@ def bucket(reservation_id: str) -> int:
     return zlib.crc32(reservation_id.encode()) % BUCKETS
 
 
-def record(reservation_id: str) -> str:
-    return f"{PREFIX}:rsv:{{rsv{bucket(reservation_id)}}}:{reservation_id}"
+def record(reservation_id: str, bucket_of_id: int | None = None) -> str:
+    n = bucket(reservation_id) if bucket_of_id is None else bucket_of_id
+    return f"{PREFIX}:rsv:{{rsv{n}}}:{reservation_id}"
 
 
 def expiry_index(n: int) -> str:

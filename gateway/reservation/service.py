@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,17 +49,39 @@ class Outcome:
     created: bool = False
 
 
+_iso_second: list[Any] = [None, ""]
+
+
 def _iso(ms: str | bytes | int) -> str:
-    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="milliseconds")
+    """RFC 3339 in UTC with milliseconds. Expiries of one busy second share their prefix, so it
+    is formatted once a second rather than once a reservation."""
+    second, millis = divmod(int(ms), 1000)
+    if _iso_second[0] != second:
+        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _iso_second[:] = [second, prefix]
+    return f"{_iso_second[1]}.{millis:03d}+00:00"
 
 
 def _text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
+class _Allocated(msgspec.Struct, frozen=True):
+    n: int
+    sku: str
+    location: str
+    quantity: int
+
+
+_allocated_decoder: Final = msgspec.json.Decoder(list[_Allocated])
+
+
 def _held_lines(answer: Any) -> list[HeldLine]:
-    entries = sorted(_lines_decoder.decode(answer), key=lambda e: e["n"])
-    return [HeldLine(sku=e["sku"], location=e["location"], quantity=e["quantity"]) for e in entries]
+    # Lines come back in request order from one script; a cluster saga gathers them per SKU.
+    entries = _allocated_decoder.decode(answer)
+    if any(a.n > b.n for a, b in itertools.pairwise(entries)):
+        entries.sort(key=lambda e: e.n)
+    return [HeldLine(sku=e.sku, location=e.location, quantity=e.quantity) for e in entries]
 
 
 def _shortfalls(answer: Any) -> list[dict[str, Any]]:
@@ -90,11 +113,7 @@ class ReservationService:
         rid = request.reservation_id
         if self._cluster:
             return await self._reserve_saga(rid, fingerprint, ttl, skus, lines)
-        call_keys = [
-            keys.record(rid),
-            keys.expiry_index(keys.bucket(rid)),
-            atp_keys.LOCATION_SAFETY_STOCK,
-        ]
+        call_keys = [*_record_keys(rid), atp_keys.LOCATION_SAFETY_STOCK]
         for sku in skus:
             call_keys += (atp_keys.position(sku), keys.holds(sku))
         args = [
@@ -237,7 +256,7 @@ class ReservationService:
     async def _reserve_saga(
         self, rid: str, fingerprint: str, ttl: int, skus: list[str], lines: list[dict[str, Any]]
     ) -> Outcome:
-        record = [keys.record(rid), keys.expiry_index(keys.bucket(rid))]
+        record = _record_keys(rid)
         begin_args = [rid, fingerprint, str(CLUSTER_LEASE_MS), _json.encode(skus).decode()]
         (begin,) = await self._scripts.run("cluster_begin.lua", [(record, begin_args)])
         reply = [_text(r) for r in begin]
@@ -328,7 +347,7 @@ class ReservationService:
             raise ValidationFailed(
                 [{"field": "ttl_seconds", "message": f"must be at most {self._max_ttl}"}]
             )
-        record = [keys.record(rid), keys.expiry_index(keys.bucket(rid))]
+        record = _record_keys(rid)
         (reply,) = await self._scripts.run("extend.lua", [(record, [rid, str(ttl_seconds * 1000)])])
         status = _text(reply[0])
         if status == "missing":
@@ -338,7 +357,7 @@ class ReservationService:
         return await self.get(rid)
 
     async def _settle(self, rid: str, action: str) -> str:
-        record = [keys.record(rid), keys.expiry_index(keys.bucket(rid))]
+        record = _record_keys(rid)
         ((raw_skus,),) = await self._redis.call_many([("HMGET", keys.record(rid), "skus")])
         skus: list[str] = msgspec.json.decode(raw_skus) if raw_skus else []
         if self._cluster:
@@ -372,6 +391,11 @@ class ReservationService:
             "cluster_mark.lua", [(record, [rid, "done", "", "", "0", str(RETENTION_SECONDS)])]
         )
         return _text(done[0])
+
+
+def _record_keys(rid: str) -> list[str]:
+    bucket = keys.bucket(rid)
+    return [keys.record(rid, bucket), keys.expiry_index(bucket)]
 
 
 def _public_status(status: str, exp: str) -> str:
