@@ -98,10 +98,10 @@ local function hold_lines(rid, lines, pairs_from, ss_key)
     redis.call('HINCRBY', pos, 'res:' .. p.loc, p.q)
     per_pair[p.k] = (per_pair[p.k] and per_pair[p.k] .. ';' or '') .. p.loc .. '=' .. fmt(p.q)
   end
+  -- One call holds all of a SKU's lines, and a reservation id reaches here once (the record
+  -- is claimed first), so the hold entry is new: no read-modify-write.
   for k, held in pairs(per_pair) do
-    local holds = KEYS[pairs_from + 2 * (k - 1) + 1]
-    local before = redis.call('HGET', holds, rid)
-    redis.call('HSET', holds, rid, before and (before .. ';' .. held) or held)
+    redis.call('HSET', KEYS[pairs_from + 2 * (k - 1) + 1], rid, held)
   end
   return true, allocations
 end
