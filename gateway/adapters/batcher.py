@@ -25,8 +25,8 @@ _DEFAULT_MAX_PENDING: Final = 20_000
 _SCRIPT_COST: Final = 16
 
 
-# commands, the waiter, dedupe, raise_on_error
-_Entry = tuple[Sequence[Command], "asyncio.Future[list[Any]]", bool, bool]
+# commands, the waiter, dedupe, raise_on_error, cost
+_Entry = tuple[Sequence[Command], "asyncio.Future[list[Any]]", bool, bool, int]
 
 
 class CommandBatcher:
@@ -47,17 +47,25 @@ class CommandBatcher:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def call_many(
-        self, commands: Sequence[Command], *, dedupe: bool = True, raise_on_error: bool = True
+        self,
+        commands: Sequence[Command],
+        *,
+        dedupe: bool = True,
+        raise_on_error: bool = True,
+        cost: int | None = None,
     ) -> list[Any]:
         """Send commands in the next batch and return their replies.
 
         ``dedupe=False`` for commands with effects (scripts that hold stock): each one runs.
         ``raise_on_error=False`` returns a failed command's exception in its place.
+        ``cost``: the Redis work, in simple reads; by default 1 a read, 16 a script.
         """
         if len(self._pending) >= self._max_pending:
             raise Overloaded("too many Redis commands waiting", retry_after=1)
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append((commands, future, dedupe, raise_on_error))
+        if cost is None:
+            cost = len(commands) if dedupe else _SCRIPT_COST * len(commands)
+        self._pending.append((commands, future, dedupe, raise_on_error, cost))
         self._wakeup.set()
         return await future
 
@@ -92,12 +100,11 @@ class CommandBatcher:
                 entry[1].cancel()
 
     def _slice_end(self) -> int:
-        """How many pending entries go in the next slice: a read costs 1 a command, a script
-        (an effect, never deduplicated) costs Redis what ~16 reads do."""
-        cost = 0
-        for n, (commands, _, dedupe, _) in enumerate(self._pending):
-            cost += len(commands) if dedupe else _SCRIPT_COST * len(commands)
-            if cost >= self._slice_cost:
+        """How many pending entries go in the next slice, by the Redis work they ask for."""
+        total = 0
+        for n, entry in enumerate(self._pending):
+            total += entry[4]
+            if total >= self._slice_cost:
                 return n + 1
         return len(self._pending)
 
@@ -107,7 +114,7 @@ class CommandBatcher:
             unique: dict[Command, int] = {}
             sent: list[Command] = []
             slots: list[list[int]] = []
-            for commands, _, dedupe, _ in batch:
+            for commands, _, dedupe, _, _ in batch:
                 mine = []
                 for command in commands:
                     if dedupe:
@@ -135,7 +142,7 @@ class CommandBatcher:
                 return
             # Error replies are rare: find them once per batch, not once per waiter.
             failed = {i for i, r in enumerate(replies) if isinstance(r, Exception)}
-            for (_, future, _, raise_on_error), mine in zip(batch, slots, strict=True):
+            for (_, future, _, raise_on_error, _), mine in zip(batch, slots, strict=True):
                 if future.done():
                     continue  # its request was cancelled
                 results = [replies[i] for i in mine]

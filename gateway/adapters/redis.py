@@ -79,7 +79,11 @@ class RedisPort:
         return await pipe.execute(raise_on_error=raise_on_error)  # type: ignore[no-any-return]
 
     async def run_script(
-        self, script: LuaScript, calls: Sequence[ScriptCall], batcher: CommandBatcher | None = None
+        self,
+        script: LuaScript,
+        calls: Sequence[ScriptCall],
+        batcher: CommandBatcher | None = None,
+        cost: int | None = None,
     ) -> list[Any]:
         """Run one script per call: pipelined on a single node (in the batcher's next batch when
         one is given); on a cluster each call is routed to the node of its keys."""
@@ -98,7 +102,7 @@ class RedisPort:
         async def send(batch: Sequence[tuple[Any, ...]]) -> list[Any]:
             if batcher is None:
                 return await self.execute(batch, raise_on_error=False)
-            return await batcher.call_many(batch, dedupe=False, raise_on_error=False)
+            return await batcher.call_many(batch, dedupe=False, raise_on_error=False, cost=cost)
 
         replies = await send(commands)
         missing = [i for i, r in enumerate(replies) if _is_noscript(r)]
@@ -139,8 +143,10 @@ class ScriptRegistry:
         self._batcher = batcher
         self._scripts: dict[str, LuaScript] = {}
 
-    async def run(self, name: str, calls: Sequence[ScriptCall]) -> list[Any]:
+    async def run(
+        self, name: str, calls: Sequence[ScriptCall], cost: int | None = None
+    ) -> list[Any]:
         script = self._scripts.get(name)
         if script is None:
             script = self._scripts[name] = self._port.script(self._package, name)
-        return await self._port.run_script(script, calls, self._batcher)
+        return await self._port.run_script(script, calls, self._batcher, cost)

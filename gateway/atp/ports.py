@@ -18,7 +18,10 @@ class ScriptRunner(Protocol):
     """Runs a named Lua script once per (keys, args) call and returns the replies in order."""
 
     async def run(
-        self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+        self,
+        name: str,
+        calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
+        cost: int | None = None,
     ) -> list[Any]: ...
 
 

@@ -124,7 +124,9 @@ class ReservationService:
             _json.encode(skus).decode(),
             str(RETENTION_SECONDS),
         ]
-        (reply,) = await self._scripts.run("reserve.lua", [(call_keys, args)])
+        # A line costs Redis about what 12 plain reads do (measured: ~13 µs a line).
+        cost = 8 + 12 * len(lines)
+        (reply,) = await self._scripts.run("reserve.lua", [(call_keys, args)], cost)
         return self._outcome(rid, [_text(r) for r in reply])
 
     def _check(self, request: ReservationRequest, ttl: int) -> None:
