@@ -23,7 +23,7 @@ from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
 from gateway.http import atp_routes, health, ops_routes, reservation_routes
 from gateway.http.auth import Authenticator
-from gateway.http.middleware import make_middleware
+from gateway.http.guard import Guard
 from gateway.http.state import (
     APPLIER,
     AUTH,
@@ -119,17 +119,14 @@ async def _freeze_gc(app: web.Application) -> None:
 def create_app(settings: Settings) -> web.Application:
     lifecycle = Lifecycle()
     auth = Authenticator(settings.api_keys)
-    app = web.Application(
-        middlewares=[make_middleware(lifecycle, auth, settings)], client_max_size=MAX_BODY
-    )
+    app = web.Application(client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app[LIFECYCLE] = lifecycle
     app[AUTH] = auth
     app.cleanup_ctx.extend([_redis_ctx, _postgres_ctx, _services_ctx, _sweeper_ctx, _kafka_ctx])
     app.on_startup.append(_freeze_gc)  # after the cleanup contexts: they run first
     app.on_shutdown.append(_on_shutdown)
-    app.add_routes(health.routes)
-    app.add_routes(atp_routes.routes)
-    app.add_routes(ops_routes.routes)
-    app.add_routes(reservation_routes.routes)
+    Guard(lifecycle, auth, settings).add_routes(
+        app, [health.routes, atp_routes.routes, ops_routes.routes, reservation_routes.routes]
+    )
     return app

@@ -8,7 +8,7 @@ from gateway.atp.schemas import AvailabilityResponse
 from gateway.atp.validation import decode_batch
 from gateway.http.availability_query import parse_query
 from gateway.http.codec import json_response
-from gateway.http.middleware import requires
+from gateway.http.guard import requires
 from gateway.http.state import APPLIER, AVAILABILITY
 from gateway.metrics import STOCK_EVENTS
 

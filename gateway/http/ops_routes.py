@@ -15,7 +15,7 @@ from gateway.atp.schemas import (
 )
 from gateway.errors import ValidationFailed
 from gateway.http.codec import json_response, read_json
-from gateway.http.middleware import requires
+from gateway.http.guard import requires
 from gateway.http.state import LOCATION_CONFIG
 
 _CODE: Final = re.compile(CODE_PATTERN)

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from gateway.errors import InsufficientStock, ValidationFailed
 from gateway.http.codec import json_response, read_json
-from gateway.http.middleware import requires
+from gateway.http.guard import requires
 from gateway.http.state import RESERVATIONS_SERVICE
 from gateway.metrics import RESERVATIONS
 from gateway.reservation.schemas import (

@@ -1,0 +1,136 @@
+"""What wraps every handler: request id, role check, errors as problems, metrics, access log.
+
+It is applied per route when the routes are registered, not as an aiohttp middleware: a
+middleware makes aiohttp add a second layer of its own to every request, and the route's name
+and role are known at registration, so nothing is looked up per request. A catch-all route, last
+in the table, answers paths no route matches (404) and known paths asked with the wrong method
+(405) as problems too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Final
+
+import structlog
+from aiohttp import web
+
+from gateway.errors import GatewayError, ShuttingDown
+from gateway.http import problems
+from gateway.http.auth import Authenticator
+from gateway.http.request_metrics import REQUEST_METRICS
+from gateway.lifecycle import Lifecycle
+from gateway.logs import REQUEST_ID
+from gateway.settings import Settings
+
+log = structlog.get_logger("gateway.http")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_INCOMING_ID: Final = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")
+# Unique across processes (random prefix) and cheap within one (a counter): uuid4 reads
+# os.urandom, a syscall per request.
+_ID_PREFIX: Final = os.urandom(6).hex() + "-"
+_ids = itertools.count(1)
+# Probes and scrapes keep answering while the gateway drains.
+_ALWAYS_OPEN: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+_ROLES: dict[Handler, str] = {}
+_UNMATCHED: Final = "unmatched"
+_PATTERN: Final = re.compile(r"\{(\w+):[^}]*\}")
+
+
+def requires(role: str) -> Callable[[Handler], Handler]:
+    """Mark the role a handler's callers must hold; the guard enforces it."""
+
+    def register(handler: Handler) -> Handler:
+        _ROLES[handler] = role
+        return handler
+
+    return register
+
+
+class Guard:
+    def __init__(self, lifecycle: Lifecycle, auth: Authenticator, settings: Settings) -> None:
+        self._lifecycle = lifecycle
+        self._auth = auth
+        self._access_log = settings.access_log
+
+    def add_routes(self, app: web.Application, tables: Iterable[web.RouteTableDef]) -> None:
+        """Register every route wrapped, then the catch-all for 404 and 405."""
+        for table in tables:
+            for route in table:
+                assert isinstance(route, web.RouteDef)
+                name = _PATTERN.sub(r"{\1}", route.path)  # a metric label without the regex
+                wrapped = self.wrap(route.handler, name, _ROLES.get(route.handler))
+                app.router.add_route(route.method, route.path, wrapped, **route.kwargs)
+        app.router.add_route("*", "/{_unmatched:.*}", self.wrap(_not_routed, _UNMATCHED, None))
+
+    def wrap(self, handler: Handler, route_name: str, role: str | None) -> Handler:
+        lifecycle, auth, access_log = self._lifecycle, self._auth, self._access_log
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            started = time.perf_counter()
+            incoming = request.headers.get("X-Request-ID")
+            if incoming and _INCOMING_ID.match(incoming):
+                request_id = incoming
+            else:
+                request_id = f"{_ID_PREFIX}{next(_ids):x}"
+            token = REQUEST_ID.set(request_id)
+            try:
+                if lifecycle.draining and request.path not in _ALWAYS_OPEN:
+                    raise ShuttingDown(
+                        "the gateway is shutting down; retry on another", retry_after=1
+                    )
+                if role is not None:
+                    auth.require(request.headers.get("Authorization"), role)
+                response = await handler(request)
+            except GatewayError as exc:
+                if exc.http_status >= 500:
+                    log.warning(
+                        "request_failed", code=exc.code, detail=exc.detail, path=request.path
+                    )
+                response = problems.from_error(exc, request_id)
+            except web.HTTPException as exc:
+                response = problems.from_http_exception(exc, request_id)
+            except Exception:
+                log.exception("unhandled_error", path=request.path, method=request.method)
+                response = problems.problem_response(
+                    500,
+                    "internal_error",
+                    "Internal error",
+                    "unexpected error; see the gateway log",
+                    request_id=request_id,
+                )
+            finally:
+                REQUEST_ID.reset(token)
+            response.headers["X-Request-ID"] = request_id
+            elapsed = time.perf_counter() - started
+            REQUEST_METRICS.observe(route_name, request.method, response.status, elapsed)
+            if access_log:
+                log.info(
+                    "http_request",
+                    request_id=request_id,
+                    method=request.method,
+                    path=request.path,
+                    status=response.status,
+                    ms=round(elapsed * 1000, 3),
+                )
+            return response
+
+        return guarded
+
+
+async def _not_routed(request: web.Request) -> web.StreamResponse:
+    """404, or 405 with ``Allow`` when another method of this path has a route."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.canonical == "/{_unmatched}":
+            continue
+        match, methods = await resource.resolve(request)
+        if match is None:
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
+    raise web.HTTPNotFound(text=f"no route for {request.path}")
