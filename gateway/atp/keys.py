@@ -6,6 +6,7 @@ Redis Cluster slot and a Lua script may touch all of them atomically.
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
 PREFIX: Final = "atp"
@@ -33,7 +34,9 @@ def location_group(group: str) -> str:
 
 
 # Hash fields of a position: on-hand, reserved, committed, sku-specific safety stock.
+@functools.lru_cache(maxsize=4096)
 def figure_fields(location: str) -> tuple[str, str, str, str]:
+    # Cached: every availability read asks for them, and locations are few.
     return (f"oh:{location}", f"res:{location}", f"com:{location}", f"ss:{location}")
 
 

@@ -74,7 +74,7 @@ AvailabilityItem = PositionAvailability | GroupAvailability
 
 
 class AvailabilityResponse(msgspec.Struct, frozen=True, kw_only=True):
-    items: list[AvailabilityItem]
+    items: list[PositionAvailability] | list[GroupAvailability]
 
 
 class LocationGroup(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -33,7 +33,7 @@ async def get_availability(request: web.Request) -> web.Response:
     reader = request.app[AVAILABILITY]
     if location is not None:
         items = await reader.at_location(skus, location)
-        return json_response(AvailabilityResponse(items=list(items)))
+        return json_response(AvailabilityResponse(items=items))
     assert group is not None
     group_items = await reader.in_group(skus, group)
-    return json_response(AvailabilityResponse(items=list(group_items)))
+    return json_response(AvailabilityResponse(items=group_items))
