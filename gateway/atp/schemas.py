@@ -70,7 +70,6 @@ class GroupAvailability(msgspec.Struct, frozen=True, kw_only=True):
     locations: list[LocationAvailability]
 
 
-AvailabilityItem = PositionAvailability | GroupAvailability
 
 
 class AvailabilityResponse(msgspec.Struct, frozen=True, kw_only=True):

@@ -34,6 +34,7 @@ from gateway.reservation.schemas import (
 RETENTION_SECONDS: Final = 24 * 3600
 # A cluster reservation whose request died is released by the sweeper after this.
 CLUSTER_LEASE_MS: Final = 30_000
+_RETENTION: Final = str(RETENTION_SECONDS)
 _PENDING_POLL: Final = 0.02
 _PENDING_WAIT: Final = 5.0
 _json = msgspec.json.Encoder()
@@ -120,12 +121,12 @@ class ReservationService:
             rid,
             fingerprint,
             str(ttl * 1000),
-            _json.encode(lines).decode(),
-            _json.encode(skus).decode(),
-            str(RETENTION_SECONDS),
+            _json.encode(lines),
+            _json.encode(skus),
+            _RETENTION,
         ]
-        # A line costs Redis about what 12 plain reads do (measured: ~13 µs a line).
-        cost = 8 + 12 * len(lines)
+        # Measured: the script costs Redis ~11 µs plus ~8 µs a line; a plain read ~1 µs.
+        cost = 11 + 8 * len(lines)
         (reply,) = await self._scripts.run("reserve.lua", [(call_keys, args)], cost)
         return self._outcome(rid, [_text(r) for r in reply])
 
