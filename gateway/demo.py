@@ -30,9 +30,11 @@ GROUPS: Final = {
 async def _seed(app: web.Application) -> None:
     rng = random.Random(42)
     now = datetime.now(UTC)
+    run = int(now.timestamp())
     events = [
         StockEvent(
-            event_id=f"demo-{sku}-{loc}",
+            # A fresh id per run: a rerun's snapshots are newer and reset the demo stock.
+            event_id=f"demo-{run}-{sku}-{loc}",
             type="snapshot",
             sku=sku,
             location=loc,
@@ -74,6 +76,10 @@ Try:
        -H 'Content-Type: application/json' -d '{{"events": [{{"event_id": "sale-1", \
 "type": "adjustment", "sku": "SKU-0001", "location": "DC-EAST", "quantity": -3, \
 "occurred_at": "{now}"}}]}}'
+  curl -s -X POST {base}/v1/reservations -H 'Authorization: Bearer {sf}' \\
+       -d '{{"reservation_id": "cart-1", "ttl_seconds": 300, "lines": [{{"sku": "SKU-0001", \
+"location_group": "east", "quantity": 3}}]}}'
+  curl -s -X DELETE {base}/v1/reservations/cart-1 -H 'Authorization: Bearer {sf}'
   curl -s -X PUT {base}/v1/location-groups/north -H 'Authorization: Bearer {ops}' \\
        -d '{{"locations": ["STORE-01", "STORE-02"]}}'
   curl -s {base}/readyz ; curl -s {base}/metrics | head
