@@ -73,7 +73,11 @@ async def _postgres_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     scripts = ScriptRegistry(app[REDIS], "gateway.atp")
-    app[APPLIER] = EventApplier(scripts, horizon_seconds=settings.event_horizon_seconds)
+    app[APPLIER] = EventApplier(
+        scripts,
+        horizon_seconds=settings.event_horizon_seconds,
+        shared_slots=not settings.redis_cluster,
+    )
     app[AVAILABILITY] = AvailabilityReader(app[BATCHER])
     config = LocationConfig(app[PG_POOL], app[REDIS], app[BATCHER])
     app[LOCATION_CONFIG] = config

@@ -1,23 +1,21 @@
--- Apply one SKU's stock events, in the order given, atomically.
--- KEYS[1]   position hash of the SKU           (atp:{sku}:p)
--- KEYS[2]   event ids seen, scored by time     (atp:{sku}:ids)
--- KEYS[2+i] adjustments of location i          (atp:{sku}:adj:<location i>)
--- ARGV[1]   horizon in microseconds
--- ARGV[2]   n, the number of locations; ARGV[3..2+n] their names
--- then 5 values per event: location index (1..n), kind ('s'|'a'), occurred_at (µs), event_id, quantity
--- returns   {codes, shortfalls}: one code per event (0 applied, 1 duplicate, 2 stale), and
---           location, units pairs where reserved + committed now exceed on-hand
+-- Apply stock events of one or more SKUs, in the order given, atomically.
+-- The call holds G groups, one per SKU (on a cluster G = 1: a script touches one slot).
+-- KEYS, per group: position hash (atp:{sku}:p), event ids seen (atp:{sku}:ids), then the
+--           adjustments of each of the group's locations (atp:{sku}:adj:<location>)
+-- ARGV[1]   horizon in microseconds; then per group: n (locations), m (events), the n location
+--           names, and 5 values per event: location index (1..n), kind ('s'|'a'),
+--           occurred_at (µs), event_id, quantity
+-- returns   per group {codes, shortfalls}: one code per event (0 applied, 1 duplicate,
+--           2 stale), and location, units pairs where reserved + committed exceed on-hand
 --
 -- Position fields: b: base (snapshot quantity plus adjustments folded at the horizon),
--- bt:/bi: the newest snapshot's time and event id, as: sum of the adjustments kept in KEYS[2+i],
--- oh: on-hand = b + as (what readers use).
+-- bt:/bi: the newest snapshot's time and event id, as: sum of the adjustments kept in the
+-- location's adjustment set, oh: on-hand = b + as (what readers use).
 -- Validation happened in the gateway: a Lua error half-way would keep the writes before it.
 
-local pos, ids = KEYS[1], KEYS[2]
 local t = redis.call('TIME')
 local cutoff = (tonumber(t[1]) * 1000000 + tonumber(t[2])) - tonumber(ARGV[1])
 local cutoff_s = string.format('%d', cutoff)
-local nloc = tonumber(ARGV[2])
 
 -- Sum and drop the adjustments at or before a time; each one is dropped once, so this is amortised.
 local function drop_until(adj, score)
@@ -41,78 +39,92 @@ local function bytes_less(a, b)
   return #a < #b
 end
 
-redis.call('ZREMRANGEBYSCORE', ids, '-inf', cutoff_s)
+local function apply_group(key, arg)
+  local pos, ids = KEYS[key], KEYS[key + 1]
+  local nloc, nev = tonumber(ARGV[arg]), tonumber(ARGV[arg + 1])
+  redis.call('ZREMRANGEBYSCORE', ids, '-inf', cutoff_s)
 
-local state = {}
-for i = 1, nloc do
-  local loc = ARGV[2 + i]
-  local f = redis.call('HMGET', pos, 'b:' .. loc, 'bt:' .. loc, 'bi:' .. loc, 'as:' .. loc)
-  local st = {loc = loc, adj = KEYS[2 + i], base = tonumber(f[1]) or 0, bt = tonumber(f[2]),
-              bi = f[3] or '', asum = tonumber(f[4]) or 0, dirty = false}
-  -- Fold what fell behind the horizon into the base: nothing older can be applied any more.
-  local folded = drop_until(st.adj, cutoff_s)
-  if folded ~= 0 then
-    st.base = st.base + folded
-    st.asum = st.asum - folded
-    st.dirty = true
+  local state = {}
+  for i = 1, nloc do
+    local loc = ARGV[arg + 1 + i]
+    local f = redis.call('HMGET', pos, 'b:' .. loc, 'bt:' .. loc, 'bi:' .. loc, 'as:' .. loc,
+                         'res:' .. loc, 'com:' .. loc)
+    local st = {loc = loc, adj = KEYS[key + 1 + i], base = tonumber(f[1]) or 0,
+                bt = tonumber(f[2]), bi = f[3] or '', asum = tonumber(f[4]) or 0,
+                res = tonumber(f[5]) or 0, com = tonumber(f[6]) or 0, dirty = false}
+    -- Fold what fell behind the horizon into the base: nothing older can be applied any more.
+    local folded = drop_until(st.adj, cutoff_s)
+    if folded ~= 0 then
+      st.base = st.base + folded
+      st.asum = st.asum - folded
+      st.dirty = true
+    end
+    state[i] = st
   end
-  state[i] = st
-end
 
-local out = {}
-local off = 2 + nloc
-local n = (#ARGV - off) / 5
-for e = 0, n - 1 do
-  local k = off + e * 5
-  local st = state[tonumber(ARGV[k + 1])]
-  local kind, ts_s, id, qty_s = ARGV[k + 2], ARGV[k + 3], ARGV[k + 4], ARGV[k + 5]
-  local ts = tonumber(ts_s)
-  local code
-  if redis.call('ZSCORE', ids, id) then
-    code = 1
-  elseif ts <= cutoff then
-    code = 2
-  else
-    redis.call('ZADD', ids, ts_s, id)
-    if kind == 's' then
-      if st.bt and (ts < st.bt or (ts == st.bt and bytes_less(id, st.bi))) then
+  local codes = {}
+  local off = arg + 1 + nloc
+  for e = 0, nev - 1 do
+    local k = off + e * 5
+    local st = state[tonumber(ARGV[k + 1])]
+    local kind, ts_s, id, qty_s = ARGV[k + 2], ARGV[k + 3], ARGV[k + 4], ARGV[k + 5]
+    local ts = tonumber(ts_s)
+    local code
+    if redis.call('ZSCORE', ids, id) then
+      code = 1
+    elseif ts <= cutoff then
+      code = 2
+    else
+      redis.call('ZADD', ids, ts_s, id)
+      if kind == 's' then
+        if st.bt and (ts < st.bt or (ts == st.bt and bytes_less(id, st.bi))) then
+          code = 2
+        else
+          st.asum = st.asum - drop_until(st.adj, ts_s)
+          st.base, st.bt, st.bi = tonumber(qty_s), ts, id
+          st.dirty = true
+          code = 0
+        end
+      elseif st.bt and ts <= st.bt then
         code = 2
       else
-        st.asum = st.asum - drop_until(st.adj, ts_s)
-        st.base, st.bt, st.bi = tonumber(qty_s), ts, id
+        redis.call('ZADD', st.adj, ts_s, qty_s .. '|' .. id)
+        st.asum = st.asum + tonumber(qty_s)
         st.dirty = true
         code = 0
       end
-    elseif st.bt and ts <= st.bt then
-      code = 2
-    else
-      redis.call('ZADD', st.adj, ts_s, qty_s .. '|' .. id)
-      st.asum = st.asum + tonumber(qty_s)
-      st.dirty = true
-      code = 0
+    end
+    codes[e + 1] = code
+  end
+
+  local short = {}
+  for i = 1, nloc do
+    local st = state[i]
+    if st.dirty then
+      local loc = st.loc
+      local on_hand = st.base + st.asum
+      -- Holds are never dropped when stock falls below them: report the shortfall instead.
+      local gap = st.res + st.com - on_hand
+      if gap > 0 and st.res > 0 then
+        table.insert(short, loc); table.insert(short, string.format('%d', gap))
+      end
+      local fields = {'b:' .. loc, string.format('%d', st.base), 'as:' .. loc,
+                      string.format('%d', st.asum), 'oh:' .. loc, string.format('%d', on_hand)}
+      if st.bt then
+        table.insert(fields, 'bt:' .. loc); table.insert(fields, string.format('%d', st.bt))
+        table.insert(fields, 'bi:' .. loc); table.insert(fields, st.bi)
+      end
+      redis.call('HSET', pos, unpack(fields))
     end
   end
-  out[e + 1] = code
+  return {codes, short}, key + 2 + nloc, off + nev * 5 + 1
 end
 
-local short = {}
-for i = 1, nloc do
-  local st = state[i]
-  if st.dirty then
-    local loc = st.loc
-    -- Holds are never dropped when stock falls below them: report the shortfall instead.
-    local held = redis.call('HMGET', pos, 'res:' .. loc, 'com:' .. loc)
-    local gap = (tonumber(held[1]) or 0) + (tonumber(held[2]) or 0) - (st.base + st.asum)
-    if gap > 0 and (tonumber(held[1]) or 0) > 0 then
-      table.insert(short, loc); table.insert(short, string.format('%d', gap))
-    end
-    local fields = {'b:' .. loc, string.format('%d', st.base), 'as:' .. loc, string.format('%d', st.asum),
-                    'oh:' .. loc, string.format('%d', st.base + st.asum)}
-    if st.bt then
-      table.insert(fields, 'bt:' .. loc); table.insert(fields, string.format('%d', st.bt))
-      table.insert(fields, 'bi:' .. loc); table.insert(fields, st.bi)
-    end
-    redis.call('HSET', pos, unpack(fields))
-  end
+local out = {}
+local key, arg = 1, 2
+while arg <= #ARGV do
+  local result
+  result, key, arg = apply_group(key, arg)
+  table.insert(out, result)
 end
-return {out, short}
+return out

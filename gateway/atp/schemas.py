@@ -70,8 +70,6 @@ class GroupAvailability(msgspec.Struct, frozen=True, kw_only=True):
     locations: list[LocationAvailability]
 
 
-
-
 class AvailabilityResponse(msgspec.Struct, frozen=True, kw_only=True):
     items: list[PositionAvailability] | list[GroupAvailability]
 
