@@ -1,14 +1,15 @@
 """Bearer API keys with roles; never logged, and found in time independent of the key.
 
-A presented key is hashed (SHA-256) and looked up by digest. How long the lookup takes depends on
-the digest, which an attacker cannot steer towards a secret prefix, so, like a constant-time
-comparison, timing reveals nothing about how much of a key was right; and it costs one hash per
-request rather than one comparison per configured key.
+A presented key is hashed (SHA-256) and looked up by digest; the digest found is then compared in
+constant time. The lookup's timing depends on the digest, which an attacker cannot steer towards a
+secret prefix, so timing reveals nothing about how much of a key was right; and it costs one hash
+per request rather than one comparison per configured key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
@@ -26,15 +27,16 @@ class Authenticator:
         roles: dict[bytes, set[str]] = {}
         for k in api_keys:
             roles.setdefault(_digest(k.key), set()).add(k.role)
-        self._roles = {digest: frozenset(r) for digest, r in roles.items()}
+        self._roles = {digest: (digest, frozenset(r)) for digest, r in roles.items()}
 
     def roles_of(self, header: str | None) -> frozenset[str]:
         if not header or not header.startswith(_BEARER):
             raise Unauthorized("send 'Authorization: Bearer <key>'")
-        roles = self._roles.get(_digest(header[len(_BEARER) :].strip()))
-        if roles is None:
+        digest = _digest(header[len(_BEARER) :].strip())
+        found = self._roles.get(digest)
+        if found is None or not hmac.compare_digest(found[0], digest):
             raise Unauthorized("unknown API key")
-        return roles
+        return found[1]
 
     def require(self, header: str | None, role: str) -> None:
         if role not in self.roles_of(header):
