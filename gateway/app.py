@@ -82,13 +82,17 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     config = LocationConfig(app[PG_POOL], app[REDIS], app[BATCHER])
     app[LOCATION_CONFIG] = config
     await config.restore()
-    app[RESERVATIONS_SERVICE] = ReservationService(
+    reservations = ReservationService(
         ScriptRegistry(app[REDIS], "gateway.reservation", app[BATCHER]),
         app[BATCHER],
         cluster=settings.redis_cluster,
         max_ttl_seconds=settings.reservation_max_ttl,
     )
-    yield
+    app[RESERVATIONS_SERVICE] = reservations
+    try:
+        yield
+    finally:
+        await reservations.close()
 
 
 async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -1,24 +1,40 @@
--- Reserve on a single Redis node: idempotency check, every line, record and expiry, atomically.
--- KEYS[1] record  KEYS[2] expiry index  KEYS[3] location safety-stock defaults
--- KEYS[4..] (position, holds) per SKU
--- ARGV[1] reservation id  ARGV[2] body fingerprint  ARGV[3] ttl ms  ARGV[4] lines JSON
--- ARGV[5] SKUs JSON  ARGV[6] seconds a refused record is kept (replays answer the same 409)
--- returns {'held', answer, expires ms} | {'short', shortfalls} | {'replay', status, answer, exp}
---       | {'conflict'}
-local rec, idx, rid = KEYS[1], KEYS[2], ARGV[1]
-local seen = redis.call('HMGET', rec, 'fp', 'st', 'resp', 'exp')
-if seen[1] then
-  if seen[1] ~= ARGV[2] then return {'conflict'} end
-  return {'replay', seen[2], seen[3], seen[4] or ''}
+-- Reserve on a single Redis node: idempotency check, every line, record and expiry, atomically,
+-- for each of one or more reservations (the gateway merges those of one event-loop tick).
+-- Each reservation is all or nothing on its own; they are taken in the order given.
+-- ARGV[1] number of reservations; then per reservation 7 values: reservation id, body
+-- fingerprint, ttl ms, lines JSON, SKUs JSON, seconds a refused record is kept (replays answer
+-- the same 409), and its number of keys
+-- KEYS, per reservation: record, expiry index, location safety-stock defaults, then
+-- (position, holds) per SKU
+-- returns, per reservation, {'held', answer, expires ms} | {'short', shortfalls}
+--       | {'replay', status, answer, exp} | {'conflict'}
+local now = now_ms()
+
+local function reserve_one(k, a)
+  local rec, idx, rid, fp = KEYS[k], KEYS[k + 1], ARGV[a], ARGV[a + 1]
+  local seen = redis.call('HMGET', rec, 'fp', 'st', 'resp', 'exp')
+  if seen[1] then
+    if seen[1] ~= fp then return {'conflict'} end
+    return {'replay', seen[2], seen[3], seen[4] or ''}
+  end
+  local ok, out = hold_lines(rid, cjson.decode(ARGV[a + 3]), k + 3, KEYS[k + 2])
+  local answer = cjson.encode(out)
+  if not ok then
+    redis.call('HSET', rec, 'st', 'rejected', 'fp', fp, 'resp', answer)
+    redis.call('EXPIRE', rec, ARGV[a + 5])
+    return {'short', answer}
+  end
+  local exp = fmt(now + tonumber(ARGV[a + 2]))
+  redis.call('HSET', rec, 'st', 'held', 'fp', fp, 'resp', answer, 'exp', exp, 'skus', ARGV[a + 4])
+  redis.call('ZADD', idx, exp, rid)
+  return {'held', answer, exp}
 end
-local ok, out = hold_lines(rid, cjson.decode(ARGV[4]), 4, KEYS[3])
-local answer = cjson.encode(out)
-if not ok then
-  redis.call('HSET', rec, 'st', 'rejected', 'fp', ARGV[2], 'resp', answer)
-  redis.call('EXPIRE', rec, ARGV[6])
-  return {'short', answer}
+
+local out = {}
+local k, a = 1, 2
+for i = 1, tonumber(ARGV[1]) do
+  out[i] = reserve_one(k, a)
+  k = k + tonumber(ARGV[a + 6])
+  a = a + 7
 end
-local exp = fmt(now_ms() + tonumber(ARGV[3]))
-redis.call('HSET', rec, 'st', 'held', 'fp', ARGV[2], 'resp', answer, 'exp', exp, 'skus', ARGV[5])
-redis.call('ZADD', idx, exp, rid)
-return {'held', answer, exp}
+return out
