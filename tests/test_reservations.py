@@ -269,3 +269,31 @@ async def test_unknown_reservation(client: Client) -> None:
         )
         assert resp.status == 404, (method, path)
         assert_problem(await resp.json(), 404, "not_found")
+
+
+async def test_reservations_of_one_tick_stay_independent(
+    client: Client, redis: aioredis.Redis
+) -> None:
+    # Requests answered in the same tick share one script call; each must still be all or nothing
+    # on its own and be served in arrival order.
+    await stock(client, A__L1=5, B__L1=100)
+    lines_for = {
+        i: [
+            {"sku": "A", "location": "L1", "quantity": 1},
+            {"sku": "B", "location": "L1", "quantity": 1},
+        ]
+        for i in range(12)
+    }
+    lines_for[3] = [
+        {"sku": "B", "location": "L1", "quantity": 1000}
+    ]  # short: must not disturb others
+    responses = await asyncio.gather(
+        *(reserve(client, f"t{i}", lines) for i, lines in lines_for.items())
+    )
+    statuses = [r.status for r in responses]
+    assert statuses.count(201) == 5
+    assert statuses[3] == 409
+    items = (await availability(client, sku=["A", "B"], location="L1"))["items"]
+    assert [i["reserved"] for i in items] == [5, 5]
+    held = [f"t{i}" for i, s in enumerate(statuses) if s == 201]
+    assert sorted(await redis.hkeys(keys.holds("A"))) == sorted(held)
