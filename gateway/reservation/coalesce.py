@@ -13,8 +13,10 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from gateway.atp.ports import ScriptRunner
+from gateway.errors import Overloaded
 
 MAX_PER_CALL: Final = 32
+MAX_PENDING: Final = 10_000
 _SCRIPT: Final = "reserve.lua"
 # Measured: ~8 µs of Redis a reservation plus ~8 µs a line, against ~1 µs a plain read.
 _COST_PER_RESERVATION: Final = 8
@@ -36,6 +38,8 @@ class ReserveCoalescer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def reserve(self, keys: list[str], values: list[Any], lines: int) -> Any:
+        if len(self._pending) >= MAX_PENDING:
+            raise Overloaded("too many reservations waiting for Redis", retry_after=1)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._flush)
