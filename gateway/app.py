@@ -26,7 +26,6 @@ from gateway.http.auth import Authenticator
 from gateway.http.guard import Guard
 from gateway.http.state import (
     APPLIER,
-    AUTH,
     AVAILABILITY,
     BATCHER,
     LIFECYCLE,
@@ -130,7 +129,6 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app[LIFECYCLE] = lifecycle
-    app[AUTH] = auth
     app.cleanup_ctx.extend([_redis_ctx, _postgres_ctx, _services_ctx, _sweeper_ctx, _kafka_ctx])
     app.on_startup.append(_freeze_gc)  # after the cleanup contexts: they run first
     app.on_shutdown.append(_on_shutdown)

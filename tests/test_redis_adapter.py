@@ -97,3 +97,27 @@ async def test_heavy_commands_go_out_in_slices(port: RedisPort) -> None:
         runner.cancel()
         with pytest.raises(asyncio.CancelledError):
             await runner
+
+
+async def test_lean_connection_authenticates_and_selects_db() -> None:
+    import shutil
+
+    from gateway.adapters.resp import RespConnection
+    from gateway.devservices import _spawn_redis, _wait_for, free_port
+
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    port = free_port()
+    proc = _spawn_redis(binary, port, "--requirepass", "s3cret")
+    try:
+        await asyncio.to_thread(_wait_for, "127.0.0.1", port, proc, "redis-server")
+        good = RespConnection(f"redis://:s3cret@127.0.0.1:{port}/3")
+        assert await good.execute([("SET", "k", "v"), ("GET", "k")]) == [b"OK", b"v"]
+        assert b" db=3 " in (await good.execute([("CLIENT", "INFO")]))[0]
+        await good.close()
+        bad = RespConnection(f"redis://:wrong@127.0.0.1:{port}/0")
+        with pytest.raises(ConnectionError, match="setup failed"):
+            await bad.execute([("PING",)])
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 5)

@@ -87,7 +87,11 @@ class RespConnection:
                 )
             setup: list[tuple[Any, ...]] = []
             if params.get("password"):
-                setup.append(("AUTH", params.get("username") or "default", params["password"]))
+                # The one-argument form also works on servers without ACLs (Redis < 6).
+                user = params.get("username")
+                setup.append(
+                    ("AUTH", user, params["password"]) if user else ("AUTH", params["password"])
+                )
             if params.get("db"):
                 setup.append(("SELECT", params["db"]))
             if setup:

@@ -12,14 +12,12 @@ from gateway.adapters.redis import RedisPort
 from gateway.atp.availability import AvailabilityReader
 from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
-from gateway.http.auth import Authenticator
 from gateway.lifecycle import Lifecycle
 from gateway.reservation.service import ReservationService
 from gateway.settings import Settings
 
 SETTINGS: Final = web.AppKey("settings", Settings)
 LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
-AUTH: Final = web.AppKey("auth", Authenticator)
 REDIS: Final = web.AppKey("redis", RedisPort)
 BATCHER: Final = web.AppKey("batcher", CommandBatcher)
 PG_POOL: Final = web.AppKey("pg_pool", asyncpg.Pool)
