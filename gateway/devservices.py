@@ -159,15 +159,21 @@ def start_redis_cluster(masters: int = 3) -> tuple[str, list[subprocess.Popen[by
         capture_output=True,
         timeout=30,
     )
+    # Each node learns the slot map by gossip on its own: a client may reach any of them
+    # first, so the cluster is ready only when every node says so.
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        info = subprocess.run(
-            [cli, "-p", str(ports[0]), "cluster", "info"], capture_output=True, text=True
-        ).stdout
-        if "cluster_state:ok" in info:
+        if all(_cluster_ok(cli, port) for port in ports):
             return f"redis://127.0.0.1:{ports[0]}/0", procs
         time.sleep(0.1)
     raise ServiceMissing("the local Redis Cluster did not reach cluster_state:ok")
+
+
+def _cluster_ok(cli: str, port: int) -> bool:
+    info = subprocess.run(
+        [cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True, timeout=5
+    ).stdout
+    return "cluster_state:ok" in info
 
 
 def ensure_redis(url: str) -> str:
