@@ -13,6 +13,11 @@ REDIS_BATCH_SIZE: Final = Histogram(
     "Distinct Redis commands sent in one coalesced read batch",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
 )
+RESERVATIONS_PER_CALL: Final = Histogram(
+    "gateway_reservation_script_batch",
+    "Reservations made by one reserve script call (those of one tick share calls)",
+    buckets=(1, 2, 4, 8, 16, 32),
+)
 STOCK_EVENTS: Final = Counter(
     "gateway_stock_events_total",
     "Stock events processed, by where they came from and what became of them",

@@ -297,3 +297,25 @@ async def test_reservations_of_one_tick_stay_independent(
     assert [i["reserved"] for i in items] == [5, 5]
     held = [f"t{i}" for i, s in enumerate(statuses) if s == 201]
     assert sorted(await redis.hkeys(keys.holds("A"))) == sorted(held)
+
+
+async def test_reservations_survive_a_flushed_script_cache(
+    client: Client, redis: aioredis.Redis
+) -> None:
+    # Full calls are written at once, outside the batcher: a Redis that lost its scripts
+    # (restart, failover) must still hold each reservation exactly once.
+    await stock(client, F__L1=100)
+    assert (
+        await reserve(client, "warm", [{"sku": "F", "location": "L1", "quantity": 1}])
+    ).status == 201
+    await redis.script_flush()
+    responses = await asyncio.gather(
+        *(
+            reserve(client, f"f{i}", [{"sku": "F", "location": "L1", "quantity": 1}])
+            for i in range(40)  # several calls' worth, in one tick
+        )
+    )
+    assert [r.status for r in responses] == [201] * 40
+    item = (await availability(client, sku="F", location="L1"))["items"][0]
+    assert item["reserved"] == 41
+    assert await redis.hlen(keys.holds("F")) == 41

@@ -105,7 +105,7 @@ class RedisPort:
             return await batcher.call_many(batch, dedupe=False, raise_on_error=False, cost=cost)
 
         replies = await send(commands)
-        missing = [i for i, r in enumerate(replies) if _is_noscript(r)]
+        missing = [i for i, r in enumerate(replies) if is_noscript(r)]
         if missing:
             # The server lost its script cache: load once, then run only what did not run.
             await self.execute([("SCRIPT", "LOAD", script.text)])
@@ -117,6 +117,17 @@ class RedisPort:
                 raise reply
         return replies
 
+    def script_now(
+        self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int | bytes]
+    ) -> asyncio.Future[list[Any]] | None:
+        """Write one script call at once on the lean connection and return the future of its
+        one-element reply list (an error reply, NOSCRIPT included, as an exception in it).
+        None where that cannot be done now (a cluster, TLS, a connection not yet open): use
+        :meth:`run_script`."""
+        if self._fast is None:
+            return None
+        return self._fast.send_now([("EVALSHA", script.sha, len(keys), *keys, *args)])
+
     async def ping(self) -> bool:
         return bool(await self.client.ping())
 
@@ -126,7 +137,7 @@ class RedisPort:
         await self.client.aclose()
 
 
-def _is_noscript(reply: Any) -> bool:
+def is_noscript(reply: Any) -> bool:
     return isinstance(reply, NoScriptError) or (
         isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
     )
@@ -146,7 +157,20 @@ class ScriptRegistry:
     async def run(
         self, name: str, calls: Sequence[ScriptCall], cost: int | None = None
     ) -> list[Any]:
+        return await self._port.run_script(self._script(name), calls, self._batcher, cost)
+
+    def run_now(
+        self, name: str, keys: Sequence[str], args: Sequence[str | int | bytes]
+    ) -> asyncio.Future[list[Any]] | None:
+        """Start one call of ``name`` at once (see :meth:`RedisPort.script_now`), or None."""
+        return self._port.script_now(self._script(name), keys, args)
+
+    @staticmethod
+    def must_rerun(reply: Any) -> bool:
+        return is_noscript(reply)
+
+    def _script(self, name: str) -> LuaScript:
         script = self._scripts.get(name)
         if script is None:
             script = self._scripts[name] = self._port.script(self._package, name)
-        return await self._port.run_script(script, calls, self._batcher, cost)
+        return script

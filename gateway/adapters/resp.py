@@ -3,8 +3,9 @@
 redis-py spends 100-200 µs of Python per call; the availability path sends thousands of tiny
 reads a second. This connection packs a whole batch with ``hiredis.pack_command``, writes it in
 one syscall and parses replies with ``hiredis.Reader`` (both C), matching replies to waiters in
-FIFO order: Redis answers one connection's commands in order. It carries reads only; scripts
-and writes use redis-py, which handles NOSCRIPT, clusters and retries.
+FIFO order: Redis answers one connection's commands in order. Batches come from the command
+batcher; reservation scripts may also be written at once (:meth:`RespConnection.send_now`) so
+Redis starts on them while the gateway still works on the rest of the tick.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class _Protocol(asyncio.Protocol):
                 reply = self._reader.gets()
                 if reply is False:
                     return
+                if isinstance(reply, hiredis.ReplyError):
+                    reply = ResponseError(str(reply))
                 replies.append(reply)
             self._waiters.popleft()
             if not future.done():
@@ -96,7 +99,7 @@ class RespConnection:
                 setup.append(("SELECT", params["db"]))
             if setup:
                 replies = await protocol.send(_pack(setup), len(setup))
-                errors = [r for r in replies if isinstance(r, hiredis.ReplyError)]
+                errors = [r for r in replies if isinstance(r, ResponseError)]
                 if errors:
                     protocol.close()
                     raise ConnectionError(f"redis connection setup failed: {errors[0]}")
@@ -110,8 +113,16 @@ class RespConnection:
                 protocol = self._protocol
                 if protocol is None or protocol.lost is not None:
                     protocol = self._protocol = await self._connect()
-        replies = await protocol.send(_pack(commands), len(commands))
-        return [ResponseError(str(r)) if isinstance(r, hiredis.ReplyError) else r for r in replies]
+        return await protocol.send(_pack(commands), len(commands))
+
+    def send_now(self, commands: Sequence[Sequence[Any]]) -> asyncio.Future[list[Any]] | None:
+        """Write the commands at once, in this step of the caller, and return the future of
+        their replies (error replies as exceptions in place); None while not connected, when
+        :meth:`execute` must open the connection first."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None:
+            return None
+        return protocol.send(_pack(commands), len(commands))
 
     async def close(self) -> None:
         if self._protocol is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -23,6 +24,18 @@ class ScriptRunner(Protocol):
         calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
         cost: int | None = None,
     ) -> list[Any]: ...
+
+
+class ImmediateScriptRunner(ScriptRunner, Protocol):
+    """A script runner that can also write one call at once, within the caller's step."""
+
+    def run_now(
+        self, name: str, keys: Sequence[str], args: Sequence[Any]
+    ) -> asyncio.Future[list[Any]] | None: ...
+
+    def must_rerun(self, reply: Any) -> bool:
+        """Whether a reply of ``run_now`` says the script did not run and ``run`` must retry."""
+        ...
 
 
 class CommandWriter(Protocol):

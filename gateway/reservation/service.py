@@ -21,7 +21,7 @@ from typing import Any, Final
 import msgspec
 
 from gateway.atp import keys as atp_keys
-from gateway.atp.ports import CommandSender, ScriptRunner
+from gateway.atp.ports import CommandSender, ImmediateScriptRunner
 from gateway.errors import Conflict, NotFound, ValidationFailed
 from gateway.reservation import keys
 from gateway.reservation.coalesce import ReserveCoalescer
@@ -95,7 +95,7 @@ def _shortfalls(answer: Any) -> list[dict[str, Any]]:
 class ReservationService:
     def __init__(
         self,
-        scripts: ScriptRunner,
+        scripts: ImmediateScriptRunner,
         redis: CommandSender,
         *,
         cluster: bool,
