@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import gc
 from collections.abc import AsyncIterator
-from typing import Final
 
 import structlog
 from aiohttp import web
@@ -23,6 +22,7 @@ from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
 from gateway.http import atp_routes, health, ops_routes, reservation_routes
 from gateway.http.auth import Authenticator
+from gateway.http.codec import MAX_BODY
 from gateway.http.guard import Guard
 from gateway.http.state import (
     APPLIER,
@@ -42,7 +42,6 @@ from gateway.settings import Settings
 from gateway.supervisor import supervised
 
 log = structlog.get_logger(__name__)
-MAX_BODY: Final = 1024 * 1024
 
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:

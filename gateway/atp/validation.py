@@ -43,10 +43,15 @@ def malformed_json_is_invalid() -> Iterator[None]:
     """Bad JSON, or JSON nested deeper than msgspec recurses, is a 422 like any bad field."""
     try:
         yield
-    except msgspec.DecodeError as exc:
-        raise ValidationFailed([_err("", f"malformed JSON: {exc}")]) from None
-    except RecursionError:
-        raise ValidationFailed([_err("", "malformed JSON: nested too deeply")]) from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise malformed_json(exc) from None
+
+
+def malformed_json(exc: msgspec.DecodeError | RecursionError) -> ValidationFailed:
+    """The 422 for a body that is not JSON, or nests deeper than msgspec recurses."""
+    if isinstance(exc, RecursionError):
+        return ValidationFailed([_err("", "malformed JSON: nested too deeply")])
+    return ValidationFailed([_err("", f"malformed JSON: {exc}")])
 
 
 def decode_event(data: bytes | str) -> StockEvent:

@@ -7,7 +7,7 @@ from aiohttp import web
 from gateway.atp.schemas import AvailabilityResponse
 from gateway.atp.validation import decode_batch
 from gateway.http.availability_query import parse_query
-from gateway.http.codec import json_response
+from gateway.http.codec import json_response, read_body
 from gateway.http.guard import requires
 from gateway.http.state import APPLIER, AVAILABILITY
 from gateway.metrics import STOCK_EVENTS
@@ -18,7 +18,7 @@ routes = web.RouteTableDef()
 @routes.post("/v1/stock-events")
 @requires("feed")
 async def post_stock_events(request: web.Request) -> web.Response:
-    events = decode_batch(await request.read())
+    events = decode_batch(await read_body(request))
     result = await request.app[APPLIER].apply(events)
     STOCK_EVENTS.labels("http", "applied").inc(result.applied)
     STOCK_EVENTS.labels("http", "duplicate").inc(result.duplicate)

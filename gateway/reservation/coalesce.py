@@ -49,11 +49,13 @@ class ReserveCoalescer:
         self._waiting = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def reserve(self, keys: list[str], values: list[Any], lines: int) -> Any:
-        """Run one reservation (its keys, and its 7 values) in a shared call; its reply."""
+    def submit(self, keys: list[str], values: list[Any], lines: int) -> asyncio.Future[Any]:
+        """Put one reservation (its keys and its 7 values) in a shared call; the future of its
+        reply. Not a coroutine: the caller awaits the future itself, one frame less to resume."""
         if self._waiting >= MAX_PENDING:
             raise Overloaded("too many reservations waiting for Redis", retry_after=1)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting += 1
         self._pending.append(((keys, values), future))
         self._pending_cost += _cost(lines)
         if self._pending_cost >= MAX_CALL_COST or len(self._pending) >= MAX_PER_CALL:
@@ -62,11 +64,7 @@ class ReserveCoalescer:
             # What is left at the end of the tick goes then, whatever its size.
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._end_of_tick)
-        self._waiting += 1
-        try:
-            return await future
-        finally:
-            self._waiting -= 1
+        return future
 
     def _end_of_tick(self) -> None:
         self._flush_scheduled = False
@@ -98,11 +96,11 @@ class ReserveCoalescer:
         sent: asyncio.Future[list[Any]],
     ) -> None:
         if sent.cancelled():
-            _cancel(group)
+            self._cancel(group)
             return
         error = sent.exception()
         if error is not None:
-            _fail(group, DependencyDown(f"redis: {error}", dependency="redis"))
+            self._fail(group, DependencyDown(f"redis: {error}", dependency="redis"))
             return
         (reply,) = sent.result()
         if self._scripts.must_rerun(reply):
@@ -111,9 +109,9 @@ class ReserveCoalescer:
             self._start_task(group, keys, args, cost)
         elif isinstance(reply, Exception):
             # A script that failed half-way may have written: never run it again.
-            _fail(group, reply)
+            self._fail(group, reply)
         else:
-            _deliver(group, reply)
+            self._deliver(group, reply)
 
     def _start_task(
         self, group: list[_Waiter], keys: list[str], args: list[Any], cost: int
@@ -128,31 +126,31 @@ class ReserveCoalescer:
         try:
             (reply,) = await self._scripts.run(_SCRIPT, [(keys, args)], cost)
         except asyncio.CancelledError:
-            _cancel(group)
+            self._cancel(group)
             raise
         except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
-            _fail(group, exc)
+            self._fail(group, exc)
             return
-        _deliver(group, reply)
+        self._deliver(group, reply)
+
+    def _deliver(self, group: list[_Waiter], replies: list[Any]) -> None:
+        self._waiting -= len(group)
+        for (_, future), reply in zip(group, replies, strict=True):
+            if not future.done():  # its request may have been cancelled
+                future.set_result(reply)
+
+    def _fail(self, group: list[_Waiter], error: BaseException) -> None:
+        self._waiting -= len(group)
+        for _, future in group:
+            if not future.done():
+                future.set_exception(error)
+
+    def _cancel(self, group: list[_Waiter]) -> None:
+        self._waiting -= len(group)
+        for _, future in group:
+            future.cancel()
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _deliver(group: list[_Waiter], replies: list[Any]) -> None:
-    for (_, future), reply in zip(group, replies, strict=True):
-        if not future.done():  # its request may have been cancelled
-            future.set_result(reply)
-
-
-def _fail(group: list[_Waiter], error: BaseException) -> None:
-    for _, future in group:
-        if not future.done():
-            future.set_exception(error)
-
-
-def _cancel(group: list[_Waiter]) -> None:
-    for _, future in group:
-        future.cancel()

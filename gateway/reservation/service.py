@@ -132,8 +132,8 @@ class ReservationService:
             _json.encode(skus),
             _RETENTION,
         ]
-        reply = await self._coalescer.reserve(call_keys, values, len(lines))
-        return self._outcome(rid, [_text(r) for r in reply])
+        reply = await self._coalescer.submit(call_keys, values, len(lines))
+        return self._outcome(rid, reply)
 
     def _check(self, request: ReservationRequest, ttl: int) -> None:
         errors: list[dict[str, Any]] = []
@@ -228,8 +228,8 @@ class ReservationService:
             )
         return skus, lines
 
-    def _outcome(self, rid: str, reply: Sequence[str]) -> Outcome:
-        kind = reply[0]
+    def _outcome(self, rid: str, reply: Sequence[str | bytes]) -> Outcome:
+        kind = _text(reply[0])
         if kind == "held":
             return Outcome(
                 Reservation(
@@ -248,7 +248,7 @@ class ReservationService:
                 f"reservation {rid!r} was already made with a different body",
             )
         # A replay: answer what the first call answered, with the status as it is now.
-        status, answer, exp = reply[1], reply[2], reply[3]
+        status, answer, exp = _text(reply[1]), reply[2], _text(reply[3])
         if status == "rejected":
             return Outcome(shortfalls=_shortfalls(answer))
         return Outcome(
