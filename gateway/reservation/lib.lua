@@ -17,9 +17,11 @@ local function fmt(n)
 end
 
 -- Hold the lines of one or more SKUs, all or nothing. pairs_from: index in KEYS of the first
--- position key; lines: decoded JSON, each {n = line number, k = pair index, s = sku,
--- q = quantity, l = label, g = 1 for a group, m = {{location, default safety stock?}, ...}}.
--- Returns true, allocations ({sku, location, quantity} list) or false, shortfalls.
+-- position key; lines: decoded JSON, each an array {line number, pair index, sku, quantity,
+-- label (location or group), 1 for a group else 0, {{location, default safety stock?}, ...}}
+-- (arrays, not objects: cheaper to encode, send and decode).
+-- Returns true, allocations ({n, sku, location, quantity} list, in line order) or false,
+-- shortfalls.
 -- ss_key: on a single node, the hash of location safety-stock defaults, read here (a member's
 -- default then need not be sent); on a cluster it lives in another slot and the caller sends
 -- each member's default instead.
@@ -44,11 +46,11 @@ local function hold_lines(rid, lines, pairs_from, ss_key)
   local allocations, short = {}, {}
   local plan = {}
   for _, line in ipairs(lines) do
-    local pos = KEYS[pairs_from + 2 * (line.k - 1)]
-    local q = line.q
+    local n, k, sku, q, members = line[1], line[2], line[3], line[4], line[7]
+    local pos = KEYS[pairs_from + 2 * (k - 1)]
     local cands = {}
     local total = 0
-    for i, member in ipairs(line.m) do
+    for i, member in ipairs(members) do
       local a = avail(pos, member[1], member[2])
       if a > 0 then
         total = total + a
@@ -77,17 +79,18 @@ local function hold_lines(rid, lines, pairs_from, ss_key)
       end
       for _, c in ipairs(chosen) do
         taken[pos .. '|' .. c.loc] = (taken[pos .. '|' .. c.loc] or 0) + c.q
-        table.insert(plan, {k = line.k, loc = c.loc, q = c.q})
-        table.insert(allocations, {n = line.n, sku = line.s, location = c.loc, quantity = c.q})
+        table.insert(plan, {k = k, loc = c.loc, q = c.q})
+        table.insert(allocations, {n = n, sku = sku, location = c.loc, quantity = c.q})
       end
     end
   end
   if #short > 0 then
     local out = {}
     for _, s in ipairs(short) do
-      local entry = {n = s.line.n, sku = s.line.s, requested = s.line.q,
+      local line = s.line
+      local entry = {n = line[1], sku = line[3], requested = line[4],
                      available = math.max(0, s.available)}
-      if s.line.g == 1 then entry.location_group = s.line.l else entry.location = s.line.l end
+      if line[6] == 1 then entry.location_group = line[5] else entry.location = line[5] end
       table.insert(out, entry)
     end
     return false, out

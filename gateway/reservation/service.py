@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -69,22 +68,24 @@ def _text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-class _Allocated(msgspec.Struct, frozen=True):
-    n: int
+class _Line(msgspec.Struct, array_like=True):
+    """One request line as the scripts take it (see ``lib.lua``), encoded as a JSON array."""
+
+    n: int  # its position in the request
+    k: int  # which (position, holds) key pair of the call: the SKU's
     sku: str
-    location: str
     quantity: int
+    label: str  # the location or group asked for
+    group: int  # 1 when ``label`` is a group
+    members: list[list[str | int]]  # [location] or, on a cluster, [location, default ss]
 
 
-_allocated_decoder: Final = msgspec.json.Decoder(list[_Allocated])
+# Allocations are stored in line order (with their line number ``n``, which HeldLine ignores).
+_held_decoder: Final = msgspec.json.Decoder(list[HeldLine])
 
 
 def _held_lines(answer: Any) -> list[HeldLine]:
-    # Lines come back in request order from one script; a cluster saga gathers them per SKU.
-    entries = _allocated_decoder.decode(answer)
-    if any(a.n > b.n for a, b in itertools.pairwise(entries)):
-        entries.sort(key=lambda e: e.n)
-    return [HeldLine(sku=e.sku, location=e.location, quantity=e.quantity) for e in entries]
+    return _held_decoder.decode(answer)
 
 
 def _shortfalls(answer: Any) -> list[dict[str, Any]]:
@@ -115,9 +116,11 @@ class ReservationService:
 
     async def reserve(self, request: ReservationRequest) -> Outcome:
         ttl = request.ttl_seconds if request.ttl_seconds is not None else DEFAULT_TTL_SECONDS
-        self._check(request, ttl)
+        groups = self._check(request, ttl)
         fingerprint = self._fingerprint(request, ttl)
-        skus, lines = await self._plan(request)
+        members = await self._group_members(groups) if groups else {}
+        default_ss = await self._default_safety_stock(request, members) if self._cluster else {}
+        skus, lines = _plan(request, members, default_ss)
         rid = request.reservation_id
         if self._cluster:
             return await self._reserve_saga(rid, fingerprint, ttl, skus, lines)
@@ -135,11 +138,13 @@ class ReservationService:
         reply = await self._coalescer.submit(call_keys, values, len(lines))
         return self._outcome(rid, reply)
 
-    def _check(self, request: ReservationRequest, ttl: int) -> None:
+    def _check(self, request: ReservationRequest, ttl: int) -> set[str]:
+        """What the schema cannot say; returns the location groups the lines name."""
         errors: list[dict[str, Any]] = []
+        groups: set[str] = set()
         if ttl > self._max_ttl:
             errors.append({"field": "ttl_seconds", "message": f"must be at most {self._max_ttl}"})
-        seen: set[tuple[str, str, str]] = set()
+        seen: set[tuple[str, str | None, str | None]] = set()
         for i, line in enumerate(request.lines):
             if (line.location is None) == (line.location_group is None):
                 errors.append(
@@ -149,8 +154,9 @@ class ReservationService:
                     }
                 )
                 continue
-            target = ("L", line.location) if line.location else ("G", line.location_group)
-            key = (line.sku, *target)
+            if line.location_group is not None:
+                groups.add(line.location_group)
+            key = (line.sku, line.location, line.location_group)
             if key in seen:
                 errors.append(
                     {
@@ -158,9 +164,10 @@ class ReservationService:
                         "message": "this sku appears twice for one location or group",
                     }
                 )
-            seen.add(key)  # type: ignore[arg-type]
+            seen.add(key)
         if errors:
             raise ValidationFailed(errors)
+        return groups
 
     @staticmethod
     def _fingerprint(request: ReservationRequest, ttl: int) -> str:
@@ -173,60 +180,34 @@ class ReservationService:
         )
         return hashlib.blake2b(canonical, digest_size=16).hexdigest()
 
-    async def _plan(self, request: ReservationRequest) -> tuple[list[str], list[dict[str, Any]]]:
-        """Resolve groups and location safety stock, and lay the lines out per SKU."""
-        groups = sorted({ln.location_group for ln in request.lines if ln.location_group})
-        direct = {ln.location for ln in request.lines if ln.location}
-        replies = (
-            await self._redis.call_many([("GET", atp_keys.location_group(g)) for g in groups])
-            if groups
-            else []
-        )
+    async def _group_members(self, groups: set[str]) -> dict[str, list[str]]:
+        names = sorted(groups)
+        replies = await self._redis.call_many([("GET", atp_keys.location_group(g)) for g in names])
         members: dict[str, list[str]] = {}
         errors = []
-        for group, raw in zip(groups, replies, strict=True):
+        for group, raw in zip(names, replies, strict=True):
             if raw is None:
                 errors.append({"field": "location_group", "message": f"unknown group {group!r}"})
             else:
                 members[group] = _text(raw).split(",")
         if errors:
             raise ValidationFailed(errors)
-        default_ss: dict[str, int] = {}
-        if self._cluster:
-            # The defaults live in another slot than the SKUs: read them here and send them along.
-            # (On a single node the script reads them itself, atomically with the check.)
-            locations = sorted(direct.union(*members.values()) - {None})
-            (defaults,) = await self._redis.call_many(
-                [("HMGET", atp_keys.LOCATION_SAFETY_STOCK, *locations)]
-            )
-            default_ss = {
-                loc: int(v) if v is not None else 0
-                for loc, v in zip(locations, defaults, strict=True)
-            }
-        skus: list[str] = []
-        index: dict[str, int] = {}
-        lines = []
-        for n, line in enumerate(request.lines):
-            if line.sku not in index:
-                index[line.sku] = len(skus) + 1
-                skus.append(line.sku)
-            if line.location_group:
-                label, group_flag, locs = line.location_group, 1, members[line.location_group]
-            else:
-                assert line.location is not None
-                label, group_flag, locs = line.location, 0, [line.location]
-            lines.append(
-                {
-                    "n": n,
-                    "k": index[line.sku],
-                    "s": line.sku,
-                    "q": line.quantity,
-                    "l": label,
-                    "g": group_flag,
-                    "m": [[loc, default_ss[loc]] if default_ss else [loc] for loc in locs],
-                }
-            )
-        return skus, lines
+        return members
+
+    async def _default_safety_stock(
+        self, request: ReservationRequest, members: dict[str, list[str]]
+    ) -> dict[str, int]:
+        """Cluster only: the defaults live in another slot than the SKUs, so they are read here
+        and sent along. (On a single node the script reads them itself, atomically with the
+        check.)"""
+        direct = {ln.location for ln in request.lines if ln.location}
+        locations = sorted(direct.union(*members.values()))
+        (defaults,) = await self._redis.call_many(
+            [("HMGET", atp_keys.LOCATION_SAFETY_STOCK, *locations)]
+        )
+        return {
+            loc: int(v) if v is not None else 0 for loc, v in zip(locations, defaults, strict=True)
+        }
 
     def _outcome(self, rid: str, reply: Sequence[str | bytes]) -> Outcome:
         kind = _text(reply[0])
@@ -262,7 +243,7 @@ class ReservationService:
         )
 
     async def _reserve_saga(
-        self, rid: str, fingerprint: str, ttl: int, skus: list[str], lines: list[dict[str, Any]]
+        self, rid: str, fingerprint: str, ttl: int, skus: list[str], lines: list[_Line]
     ) -> Outcome:
         record = _record_keys(rid)
         begin_args = [rid, fingerprint, str(CLUSTER_LEASE_MS), _json.encode(skus).decode()]
@@ -275,7 +256,12 @@ class ReservationService:
         per_sku = [
             (
                 [atp_keys.position(sku), keys.holds(sku)],
-                [rid, _json.encode([{**ln, "k": 1} for ln in lines if ln["s"] == sku]).decode()],
+                [
+                    rid,
+                    _json.encode(
+                        [msgspec.structs.replace(ln, k=1) for ln in lines if ln.sku == sku]
+                    ).decode(),
+                ],
             )
             for sku in skus
         ]
@@ -292,7 +278,11 @@ class ReservationService:
                 [(record, [rid, "finish", "rejected", answer, "0", str(RETENTION_SECONDS)])],
             )
             return Outcome(shortfalls=_shortfalls(answer))
-        answer = _json.encode([e for r in results for e in _lines_decoder.decode(r[1])]).decode()
+        # Stored in line order, as a single node's script stores them.
+        allocations = sorted(
+            (e for r in results for e in _lines_decoder.decode(r[1])), key=lambda e: e["n"]
+        )
+        answer = _json.encode(allocations).decode()
         (done,) = await self._scripts.run(
             "cluster_mark.lua",
             [(record, [rid, "finish", "held", answer, str(ttl * 1000), str(RETENTION_SECONDS)])],
@@ -304,7 +294,7 @@ class ReservationService:
         return self._outcome(rid, ["held", answer, done[1]])
 
     async def _await_pending(
-        self, rid: str, fingerprint: str, ttl: int, skus: list[str], lines: list[dict[str, Any]]
+        self, rid: str, fingerprint: str, ttl: int, skus: list[str], lines: list[_Line]
     ) -> Outcome:
         """Another request with the same id and body is mid-saga: answer what it answers."""
         async with asyncio.timeout(_PENDING_WAIT):
@@ -399,6 +389,39 @@ class ReservationService:
             "cluster_mark.lua", [(record, [rid, "done", "", "", "0", str(RETENTION_SECONDS)])]
         )
         return _text(done[0])
+
+
+def _plan(
+    request: ReservationRequest, members: dict[str, list[str]], default_ss: dict[str, int]
+) -> tuple[list[str], list[_Line]]:
+    """Lay the lines out per SKU: the SKUs in first-seen order, each line with its SKU's index."""
+    skus: list[str] = []
+    index: dict[str, int] = {}
+    lines = []
+    for n, line in enumerate(request.lines):
+        k = index.get(line.sku)
+        if k is None:
+            skus.append(line.sku)
+            k = index[line.sku] = len(skus)
+        if line.location_group:
+            label, group, locations = line.location_group, 1, members[line.location_group]
+        else:
+            assert line.location is not None
+            label, group, locations = line.location, 0, [line.location]
+        lines.append(
+            _Line(
+                n,
+                k,
+                line.sku,
+                line.quantity,
+                label,
+                group,
+                [[loc, default_ss[loc]] for loc in locations]
+                if default_ss
+                else [[loc] for loc in locations],
+            )
+        )
+    return skus, lines
 
 
 def _record_keys(rid: str) -> list[str]:
