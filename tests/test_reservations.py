@@ -245,6 +245,11 @@ async def test_snapshot_below_reserved_keeps_holds(client: Client, redis: aiored
             "lines": [{"sku": f"S{i}", "location": "L", "quantity": 1} for i in range(101)],
         },
         {"reservation_id": "x", "lines": [{"sku": "A", "location_group": "nope", "quantity": 1}]},
+        {"reservation_id": "x", "lines": [{"sku": "A/B", "location": "L", "quantity": 1}]},
+        {"reservation_id": "x", "lines": [{"sku": "A", "location": "L\n", "quantity": 1}]},
+        {"reservation_id": "x", "lines": [{"sku": "A", "location_group": "G G", "quantity": 1}]},
+        {"reservation_id": "x", "lines": [{"sku": "Ä", "location": "L", "quantity": 1}]},
+        {"reservation_id": "x", "lines": [{"sku": "A" * 65, "location": "L", "quantity": 1}]},
     ],
 )
 async def test_bad_reservations_change_nothing(

@@ -15,6 +15,17 @@ MAX_QUANTITY: Final = 10**12
 MAX_EVENTS: Final = 1000
 
 Code = Annotated[str, msgspec.Meta(pattern=CODE_PATTERN, min_length=1, max_length=64)]
+# The same rule in two parts, for structs with many codes (a 100-line cart): msgspec checks the
+# length, ``is_code`` the characters, ~10x cheaper than a regex per field.
+CodeLength = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+_CODE_CHARS: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
+
+
+def is_code(text: str) -> bool:
+    """Whether every character of ``text`` is one CODE_PATTERN allows (the length aside)."""
+    return not text.strip(_CODE_CHARS)
+
+
 EventId = Annotated[str, msgspec.Meta(pattern=EVENT_ID_PATTERN, min_length=1, max_length=128)]
 Quantity = Annotated[int, msgspec.Meta(ge=-MAX_QUANTITY, le=MAX_QUANTITY)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0, le=MAX_QUANTITY)]

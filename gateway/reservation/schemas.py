@@ -6,7 +6,7 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from gateway.atp.schemas import Code
+from gateway.atp.schemas import CODE_PATTERN, CodeLength, is_code
 
 MAX_LINES: Final = 100
 MAX_LINE_QUANTITY: Final = 1_000_000_000
@@ -20,10 +20,20 @@ Status = Literal["held", "confirmed", "released", "expired"]
 
 
 class LineRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    sku: Code
+    sku: CodeLength
     quantity: Annotated[int, msgspec.Meta(ge=1, le=MAX_LINE_QUANTITY)]
-    location: Code | None = None
-    location_group: Code | None = None
+    location: CodeLength | None = None
+    location_group: CodeLength | None = None
+
+    def __post_init__(self) -> None:
+        # CODE_PATTERN's characters (msgspec checked the length); a ValueError here becomes
+        # msgspec's ValidationError at this line's path.
+        if not is_code(self.sku):
+            raise ValueError(f"sku must match {CODE_PATTERN}")
+        if self.location is not None and not is_code(self.location):
+            raise ValueError(f"location must match {CODE_PATTERN}")
+        if self.location_group is not None and not is_code(self.location_group):
+            raise ValueError(f"location_group must match {CODE_PATTERN}")
 
 
 class ReservationRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
