@@ -4,9 +4,12 @@ Per-request HTTP counters live in ``gateway.http.request_metrics`` (cheaper on t
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
 
 REDIS_BATCH_SIZE: Final = Histogram(
     "gateway_redis_batch_commands",
@@ -41,10 +44,36 @@ DEPENDENCY_UP: Final = Gauge(
     "1 when the last readiness check reached the dependency",
     ["dependency"],
 )
-RESERVATIONS: Final = Counter(
+
+
+class Tally(Collector):
+    """A counter family of one label, counted in a plain dict and exported at scrape time.
+
+    prometheus-client's Counter takes a lock per ``inc``; this one is bumped on every
+    reservation, on the event loop's thread. The values named up front show as 0 from the start.
+    """
+
+    def __init__(self, name: str, documentation: str, label: str, values: Sequence[str]) -> None:
+        self._name, self._documentation, self._label = name, documentation, label
+        self._counts: dict[str, int] = dict.fromkeys(values, 0)
+        REGISTRY.register(self)
+
+    def inc(self, value: str, amount: int = 1) -> None:
+        self._counts[value] = self._counts.get(value, 0) + amount
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=[self._label])
+        for value, count in list(self._counts.items()):  # a copy: a scrape may run in a thread
+            family.add_metric([value], count)
+        yield family
+
+
+RESERVATIONS: Final = Tally(
     "gateway_reservations_total",
-    "Reservation outcomes: held, refused (insufficient stock), released, expired, confirmed",
-    ["outcome"],
+    "Reservation outcomes: held, refused (insufficient stock), replayed (a retry answered the "
+    "first outcome again), released, expired, confirmed",
+    "outcome",
+    ("held", "refused", "replayed", "released", "expired", "confirmed"),
 )
 STOCK_SHORTFALL: Final = Counter(
     "gateway_stock_shortfall_events_total",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import pytest
@@ -324,3 +325,30 @@ async def test_reservations_survive_a_flushed_script_cache(
     item = (await availability(client, sku="F", location="L1"))["items"][0]
     assert item["reserved"] == 41
     assert await redis.hlen(keys.holds("F")) == 41
+
+
+def _outcomes(text: str) -> dict[str, float]:
+    found = re.findall(r'^gateway_reservations_total\{outcome="(\w+)"\} (\S+)$', text, re.M)
+    return {outcome: float(value) for outcome, value in found}
+
+
+async def test_outcomes_are_counted(client: Client) -> None:
+    before = _outcomes(await (await client.get("/metrics")).text())
+    assert set(before) == {"held", "refused", "replayed", "released", "expired", "confirmed"}
+    await stock(client, M__L1=1)
+    line = [{"sku": "M", "location": "L1", "quantity": 1}]
+    assert (await reserve(client, "m1", line)).status == 201
+    assert (await reserve(client, "m1", line)).status == 201  # a replay holds nothing new
+    assert (await reserve(client, "m2", line)).status == 409
+    assert (await reserve(client, "m2", line)).status == 409
+    await client.delete("/v1/reservations/m1", headers=auth("storefront"))
+    after = _outcomes(await (await client.get("/metrics")).text())
+    delta = {k: after[k] - before[k] for k in before}
+    assert delta == {
+        "held": 1,
+        "refused": 1,
+        "replayed": 2,
+        "released": 1,
+        "expired": 0,
+        "confirmed": 0,
+    }

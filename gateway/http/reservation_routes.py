@@ -19,8 +19,6 @@ from gateway.reservation.schemas import (
 )
 
 routes = web.RouteTableDef()
-# Labelled children looked up once: ``labels()`` costs a lock and a dict lookup per call.
-_HELD, _REFUSED, _RELEASED = (RESERVATIONS.labels(o) for o in ("held", "refused", "released"))
 _ID: Final = re.compile(RESERVATION_ID_PATTERN)
 # aiohttp's default {name} excludes braces, which ids may contain.
 _PATH_ID: Final = "{reservation_id:[^/]+}"
@@ -41,14 +39,15 @@ def _rid(request: web.Request) -> str:
 async def post_reservation(request: web.Request) -> web.Response:
     body = await read_json(request, ReservationRequest)
     outcome = await request.app[RESERVATIONS_SERVICE].reserve(body)
+    RESERVATIONS.inc(
+        "replayed" if outcome.replayed else "held" if outcome.reservation else "refused"
+    )
     if outcome.reservation is None:
-        _REFUSED.inc()
         raise InsufficientStock(
             "not every line fits into what is available; nothing was held",
             reservation_id=body.reservation_id,
             lines=outcome.shortfalls,
         )
-    _HELD.inc()
     return json_response(outcome.reservation, status=201)
 
 
@@ -62,7 +61,7 @@ async def get_reservation(request: web.Request) -> web.Response:
 @requires("storefront")
 async def delete_reservation(request: web.Request) -> web.Response:
     reservation = await request.app[RESERVATIONS_SERVICE].release(_rid(request))
-    _RELEASED.inc()
+    RESERVATIONS.inc("released")
     return json_response(reservation)
 
 

@@ -51,7 +51,7 @@ async def sweep_once(service: ReservationService, redis: CommandSender) -> int:
             log.warning("expire_failed", reservation_id=rid, error=repr(result))
         elif result == "expired":
             expired += 1
-    RESERVATIONS.labels("expired").inc(expired)
+    RESERVATIONS.inc("expired", expired)
     return expired
 
 

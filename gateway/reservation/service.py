@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgspec
 
@@ -42,13 +41,12 @@ _json = msgspec.json.Encoder()
 _lines_decoder: Final = msgspec.json.Decoder(list[dict[str, Any]])
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What a reservation call answers: a reservation, or a refusal with its shortfalls."""
 
     reservation: Reservation | None = None
     shortfalls: list[dict[str, Any]] | None = None
-    created: bool = False
+    replayed: bool = False  # the answer of an earlier request with this id and body
 
 
 _iso_second: list[Any] = [None, ""]
@@ -219,7 +217,6 @@ class ReservationService:
                     expires_at=_iso(reply[2]),
                     lines=_held_lines(reply[1]),
                 ),
-                created=True,
             )
         if kind == "short":
             return Outcome(shortfalls=_shortfalls(reply[1]))
@@ -231,7 +228,7 @@ class ReservationService:
         # A replay: answer what the first call answered, with the status as it is now.
         status, answer, exp = _text(reply[1]), reply[2], _text(reply[3])
         if status == "rejected":
-            return Outcome(shortfalls=_shortfalls(answer))
+            return Outcome(shortfalls=_shortfalls(answer), replayed=True)
         return Outcome(
             Reservation(
                 reservation_id=rid,
@@ -239,7 +236,7 @@ class ReservationService:
                 expires_at=_iso(exp),
                 lines=_held_lines(answer),
             ),
-            created=True,
+            replayed=True,
         )
 
     async def _reserve_saga(
