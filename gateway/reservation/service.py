@@ -11,6 +11,7 @@ crashed request left behind.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -124,7 +125,7 @@ class ReservationService:
             return await self._reserve_saga(rid, fingerprint, ttl, skus, lines)
         call_keys = [*_record_keys(rid), atp_keys.LOCATION_SAFETY_STOCK]
         for sku in skus:
-            call_keys += (atp_keys.position(sku), keys.holds(sku))
+            call_keys += _sku_keys(sku)
         values = [
             rid,
             fingerprint,
@@ -400,25 +401,27 @@ def _plan(
         if k is None:
             skus.append(line.sku)
             k = index[line.sku] = len(skus)
-        if line.location_group:
-            label, group, locations = line.location_group, 1, members[line.location_group]
-        else:
-            assert line.location is not None
-            label, group, locations = line.location, 0, [line.location]
-        lines.append(
-            _Line(
-                n,
-                k,
-                line.sku,
-                line.quantity,
-                label,
-                group,
+        location = line.location
+        if location is None:
+            assert line.location_group is not None
+            label, group = line.location_group, 1
+            locations = members[label]
+            candidates: list[list[str | int]] = (
                 [[loc, default_ss[loc]] for loc in locations]
                 if default_ss
-                else [[loc] for loc in locations],
+                else [[loc] for loc in locations]
             )
-        )
+        else:  # the common case, without a comprehension (a function call each in 3.11)
+            label, group = location, 0
+            candidates = [[location, default_ss[location]]] if default_ss else [[location]]
+        lines.append(_Line(n, k, line.sku, line.quantity, label, group, candidates))
     return skus, lines
+
+
+@functools.lru_cache(maxsize=65_536)
+def _sku_keys(sku: str) -> tuple[str, str]:
+    """A SKU's (position, holds) keys: a hot SKU's are built once, not on every reservation."""
+    return atp_keys.position(sku), keys.holds(sku)
 
 
 def _record_keys(rid: str) -> list[str]:
