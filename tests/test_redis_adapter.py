@@ -13,7 +13,8 @@ import redis.asyncio as aioredis
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.atp.events import EventApplier
-from gateway.errors import DependencyDown, Overloaded
+from gateway.errors import DependencyDown, Overloaded, ShuttingDown
+from gateway.reservation.coalesce import ReserveCoalescer
 from tests.test_horizon import _ev
 
 
@@ -121,3 +122,33 @@ async def test_lean_connection_authenticates_and_selects_db() -> None:
     finally:
         proc.terminate()
         await asyncio.to_thread(proc.wait, 5)
+
+
+async def test_closing_the_coalescer_ends_every_waiter(redis_url: str) -> None:
+    # Without the lean connection every call waits on the general path, as a task; closing
+    # before those tasks ever ran must still end each reservation's wait, and refuse new ones.
+    port = RedisPort(aioredis.Redis.from_url(redis_url), None)
+    coalescer = ReserveCoalescer(ScriptRegistry(port, "gateway.reservation"))
+    try:
+        futures = [coalescer.submit([f"k{i}"], ["v"] * 7, 1) for i in range(40)]
+        await asyncio.sleep(0)  # the end-of-tick flush starts the last call's task
+        await coalescer.close()
+        assert all(f.cancelled() for f in futures)
+        assert coalescer._waiting == 0
+        with pytest.raises(ShuttingDown):
+            coalescer.submit(["k"], ["v"] * 7, 1)
+    finally:
+        await port.close()
+
+
+async def test_stopping_the_batcher_ends_every_waiter(port: RedisPort) -> None:
+    batcher = CommandBatcher(port.execute, slice_cost=4)
+    runner = asyncio.create_task(batcher.run())
+    waiting = [asyncio.ensure_future(batcher.call("PING", str(i))) for i in range(40)]
+    await asyncio.sleep(0)  # the callers queue their commands
+    await asyncio.sleep(0)  # the runner starts slices (tasks that have not run yet)
+    runner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await runner
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)

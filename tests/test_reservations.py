@@ -352,3 +352,59 @@ async def test_outcomes_are_counted(client: Client) -> None:
         "expired": 0,
         "confirmed": 0,
     }
+
+
+async def test_any_id_is_a_record_never_an_index(client: Client) -> None:
+    # An id spelling another key of its bucket ("expiry" once named the expiry index) must
+    # neither fail nor stop expiry for the reservations around it.
+    await stock(client, X__L1=30)
+    line = [{"sku": "X", "location": "L1", "quantity": 1}]
+    ids = ["expiry", "rsv-expiry", ":expiry", *(f"x{i}" for i in range(20))]
+    answers = await asyncio.gather(*(reserve(client, rid, line, ttl_seconds=1) for rid in ids))
+    assert [a.status for a in answers] == [201] * len(ids)
+    assert (await availability(client, sku="X", location="L1"))["items"][0]["reserved"] == 23
+    await asyncio.sleep(2.3)  # expiry (1 s) plus the sweeper's promise (within 1 s)
+    assert (await availability(client, sku="X", location="L1"))["items"][0]["reserved"] == 0
+
+
+async def test_release_racing_its_reserve_releases_what_it_held(
+    client: Client, redis: aioredis.Redis
+) -> None:
+    # A release reads the reservation's SKUs, then settles by script. If the reservation is
+    # made in between, the script must not mark it released while its holds stay.
+    from gateway.adapters.redis import ScriptRegistry
+    from gateway.http.state import REDIS
+    from gateway.reservation.service import _record_keys
+
+    await stock(client, Y__L1=10)
+    assert (
+        await reserve(client, "race", [{"sku": "Y", "location": "L1", "quantity": 4}])
+    ).status == 201
+    scripts = ScriptRegistry(client.app[REDIS], "gateway.reservation")
+    stale = [_record_keys("race"), ["race", "release", "60", ""]]  # read before the reserve
+    ((status,),) = await scripts.run("settle.lua", [(stale[0], stale[1])])
+    assert status == b"retry"
+    assert await redis.hget(keys.holds("Y"), "race") == "L1=4"
+    rel = await client.delete("/v1/reservations/race", headers=auth("storefront"))
+    assert (await rel.json())["status"] == "released"
+    assert (await availability(client, sku="Y", location="L1"))["items"][0]["reserved"] == 0
+    assert await redis.hget(keys.holds("Y"), "race") is None
+
+
+async def test_a_failing_reservation_does_not_fail_its_call(
+    client: Client, redis: aioredis.Redis
+) -> None:
+    # Damaged data under one SKU fails that reservation alone (500, nothing held), not the
+    # others Redis ran in the same script call.
+    await stock(client, G1__L1=10, G2__L1=10)
+    await redis.set(atp_keys.position("BROKEN"), "not a hash")
+    answers = await asyncio.gather(
+        reserve(client, "g1", [{"sku": "G1", "location": "L1", "quantity": 1}]),
+        reserve(client, "bad", [{"sku": "BROKEN", "location": "L1", "quantity": 1}]),
+        reserve(client, "g2", [{"sku": "G2", "location": "L1", "quantity": 1}]),
+    )
+    assert [a.status for a in answers] == [201, 500, 201]
+    assert_problem(await answers[1].json(), 500, "internal_error")
+    assert await redis.exists(keys.record("bad")) == 0
+    items = (await availability(client, sku=["G1", "G2"], location="L1"))["items"]
+    assert [i["reserved"] for i in items] == [1, 1]

@@ -44,7 +44,7 @@ class CommandBatcher:
         self._pending: list[_Entry] = []
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(in_flight)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], list[_Entry]] = {}
 
     async def call_many(
         self,
@@ -91,11 +91,15 @@ class CommandBatcher:
                     self._slots.release()
                     continue
                 task = asyncio.create_task(self._send(batch))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._tasks[task] = batch
+                task.add_done_callback(self._tasks.pop)
         finally:
-            for task in self._tasks:
+            # A task cancelled before its first step never reaches its own handlers: its
+            # waiters are cancelled here, with those that never left the queue.
+            for task, batch in list(self._tasks.items()):
                 task.cancel()
+                for entry in batch:
+                    entry[1].cancel()
             for entry in self._pending:
                 entry[1].cancel()
 

@@ -15,142 +15,173 @@ gateway sat idle while Redis ran the whole tick's scripts.
 from __future__ import annotations
 
 import asyncio
-import functools
 from typing import Any, Final
 
 from gateway.atp.ports import ImmediateScriptRunner
-from gateway.errors import DependencyDown, Overloaded
+from gateway.errors import DependencyDown, GatewayError, Overloaded, ShuttingDown, Unavailable
 from gateway.metrics import RESERVATIONS_PER_CALL
 
 MAX_PER_CALL: Final = 32
 # Reservations waiting for a call or in one; beyond it new ones are refused (503, retry).
 MAX_PENDING: Final = 10_000
 _SCRIPT: Final = "reserve.lua"
-# Measured: ~8 µs of Redis a reservation plus ~8 µs a line, against ~1 µs a plain read.
+# Measured: ~8 µs of Redis a reservation plus ~8 µs a location checked, against ~1 µs a read.
 _COST_PER_RESERVATION: Final = 8
-_COST_PER_LINE: Final = 8
+_COST_PER_LOCATION: Final = 8
 
 # Redis work a call may ask for, in plain reads (~1 µs each): about 150 µs.
 MAX_CALL_COST: Final = 150
-Call = tuple[list[str], list[Any]]  # one reservation's keys and its 7 values
-_Waiter = tuple[Call, "asyncio.Future[Any]"]
 
 
-def _cost(lines: int) -> int:
-    return _COST_PER_RESERVATION + _COST_PER_LINE * lines
+class _Call:
+    """One script call in the making: its reservations' waiters, keys and arguments."""
+
+    __slots__ = ("args", "cost", "futures", "keys", "settled")
+
+    def __init__(self) -> None:
+        self.futures: list[asyncio.Future[Any]] = []
+        self.keys: list[str] = []
+        self.args: list[Any] = [0]  # ARGV[1]: how many reservations
+        self.cost = 0
+        self.settled = False
+
+    def add(self, keys: list[str], values: list[Any], cost: int) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.futures.append(future)
+        self.keys += keys
+        self.args += (*values, len(keys))
+        self.args[0] += 1
+        self.cost += cost
+        return future
 
 
 class ReserveCoalescer:
     def __init__(self, scripts: ImmediateScriptRunner) -> None:
         self._scripts = scripts
-        self._pending: list[_Waiter] = []
-        self._pending_cost = 0
-        self._flush_scheduled = False
+        self._open: _Call | None = None
         self._waiting = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._tasks: dict[asyncio.Task[None], _Call] = {}
 
-    def submit(self, keys: list[str], values: list[Any], lines: int) -> asyncio.Future[Any]:
-        """Put one reservation (its keys and its 7 values) in a shared call; the future of its
-        reply. Not a coroutine: the caller awaits the future itself, one frame less to resume."""
+    def submit(self, keys: list[str], values: list[Any], locations: int) -> asyncio.Future[Any]:
+        """Put one reservation (its keys, its 7 values, how many locations its lines check) in
+        a shared call; the future of its reply. Not a coroutine: the caller awaits the future
+        itself, one frame less to resume."""
+        if self._closed:
+            raise ShuttingDown("the gateway is shutting down; retry on another", retry_after=1)
         if self._waiting >= MAX_PENDING:
             raise Overloaded("too many reservations waiting for Redis", retry_after=1)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting += 1
-        self._pending.append(((keys, values), future))
-        self._pending_cost += _cost(lines)
-        if self._pending_cost >= MAX_CALL_COST or len(self._pending) >= MAX_PER_CALL:
-            self._flush()
-        elif not self._flush_scheduled:
+        call = self._open
+        if call is None:
+            call = self._open = _Call()
             # What is left at the end of the tick goes then, whatever its size.
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._end_of_tick)
+            asyncio.get_running_loop().call_soon(self._flush, call)
+        future = call.add(keys, values, _COST_PER_RESERVATION + _COST_PER_LOCATION * locations)
+        self._waiting += 1
+        if call.cost >= MAX_CALL_COST or len(call.futures) >= MAX_PER_CALL:
+            self._flush(call)
         return future
 
-    def _end_of_tick(self) -> None:
-        self._flush_scheduled = False
-        self._flush()
-
-    def _flush(self) -> None:
-        group, self._pending = self._pending, []
-        if not group:
+    def _flush(self, call: _Call) -> None:
+        if self._open is not call:
+            return  # sent already, when it filled up
+        self._open = None
+        RESERVATIONS_PER_CALL.observe(len(call.futures))
+        try:
+            sent = self._scripts.run_now(_SCRIPT, call.keys, call.args)
+        except Exception as exc:  # noqa: BLE001 - a failed write fails its waiters, no one else
+            self._fail(call, exc)
             return
-        RESERVATIONS_PER_CALL.observe(len(group))
-        cost, self._pending_cost = self._pending_cost, 0
-        keys: list[str] = []
-        args: list[Any] = [len(group)]
-        for (call_keys, values), _ in group:
-            keys += call_keys
-            args += (*values, len(call_keys))
-        sent = self._scripts.run_now(_SCRIPT, keys, args)
         if sent is None:
-            self._start_task(group, keys, args, cost)
+            self._start_task(call)
         else:
-            sent.add_done_callback(functools.partial(self._sent, group, keys, args, cost))
+            sent.add_done_callback(lambda done: self._sent(call, done))
 
-    def _sent(
-        self,
-        group: list[_Waiter],
-        keys: list[str],
-        args: list[Any],
-        cost: int,
-        sent: asyncio.Future[list[Any]],
-    ) -> None:
+    def _sent(self, call: _Call, sent: asyncio.Future[list[Any]]) -> None:
         if sent.cancelled():
-            self._cancel(group)
+            self._cancel(call)
             return
         error = sent.exception()
         if error is not None:
-            self._fail(group, DependencyDown(f"redis: {error}", dependency="redis"))
+            self._fail(call, error)
             return
         (reply,) = sent.result()
         if self._scripts.must_rerun(reply):
             # The script never ran (a restarted Redis lost it): the general path loads it and
             # runs the call again.
-            self._start_task(group, keys, args, cost)
+            self._start_task(call)
         elif isinstance(reply, Exception):
-            # A script that failed half-way may have written: never run it again.
-            self._fail(group, reply)
+            # Redis refused the call (BUSY, LOADING, OOM...): never run again what may have
+            # started; every waiter hears of it.
+            self._fail(call, reply)
         else:
-            self._deliver(group, reply)
+            self._deliver(call, reply)
 
-    def _start_task(
-        self, group: list[_Waiter], keys: list[str], args: list[Any], cost: int
-    ) -> None:
-        task = asyncio.create_task(self._send(group, keys, args, cost))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _start_task(self, call: _Call) -> None:
+        if self._closed:
+            self._cancel(call)
+            return
+        task = asyncio.create_task(self._send(call))
+        self._tasks[task] = call
+        task.add_done_callback(self._task_done)
 
-    async def _send(
-        self, group: list[_Waiter], keys: list[str], args: list[Any], cost: int
-    ) -> None:
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        call = self._tasks.pop(task)
+        # A task cancelled before its first step never reached its own handlers.
+        if task.cancelled():
+            self._cancel(call)
+
+    async def _send(self, call: _Call) -> None:
         try:
-            (reply,) = await self._scripts.run(_SCRIPT, [(keys, args)], cost)
+            (reply,) = await self._scripts.run(_SCRIPT, [(call.keys, call.args)], call.cost)
         except asyncio.CancelledError:
-            self._cancel(group)
+            self._cancel(call)
             raise
         except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
-            self._fail(group, exc)
+            self._fail(call, exc)
             return
-        self._deliver(group, reply)
+        self._deliver(call, reply)
 
-    def _deliver(self, group: list[_Waiter], replies: list[Any]) -> None:
-        self._waiting -= len(group)
-        for (_, future), reply in zip(group, replies, strict=True):
-            if not future.done():  # its request may have been cancelled
-                future.set_result(reply)
+    def _settle(self, call: _Call) -> bool:
+        if call.settled:
+            return False
+        call.settled = True
+        self._waiting -= len(call.futures)
+        return True
 
-    def _fail(self, group: list[_Waiter], error: BaseException) -> None:
-        self._waiting -= len(group)
-        for _, future in group:
-            if not future.done():
-                future.set_exception(error)
+    def _deliver(self, call: _Call, replies: list[Any]) -> None:
+        if self._settle(call):
+            for future, reply in zip(call.futures, replies, strict=True):
+                if not future.done():  # its request may have been cancelled
+                    future.set_result(reply)
 
-    def _cancel(self, group: list[_Waiter]) -> None:
-        self._waiting -= len(group)
-        for _, future in group:
-            future.cancel()
+    def _fail(self, call: _Call, error: BaseException) -> None:
+        if self._settle(call):
+            for future in call.futures:
+                if not future.done():
+                    # One exception each: a shared one would collect every raiser's traceback.
+                    future.set_exception(_unavailable(error))
+
+    def _cancel(self, call: _Call) -> None:
+        if self._settle(call):
+            for future in call.futures:
+                future.cancel()
 
     async def close(self) -> None:
-        for task in self._tasks:
+        """Refuse new reservations and cancel the calls that wait on the general path (those
+        written already end with the connection)."""
+        self._closed = True
+        if self._open is not None:
+            call, self._open = self._open, None
+            self._cancel(call)
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _unavailable(error: BaseException) -> GatewayError:
+    """Redis failing a call is a 503 the client may retry, whatever form the failure took."""
+    if isinstance(error, Unavailable):
+        return type(error)(error.detail, **error.extra)
+    return DependencyDown(f"redis: {error}", dependency="redis")

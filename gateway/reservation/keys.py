@@ -25,7 +25,9 @@ def record(reservation_id: str, bucket_of_id: int | None = None) -> str:
 
 
 def expiry_index(n: int) -> str:
-    return f"{PREFIX}:rsv:{{rsv{n}}}:expiry"
+    # Outside the records' namespace: under ``rsv:`` a reservation named "expiry" would be
+    # the index itself.
+    return f"{PREFIX}:rsv-expiry:{{rsv{n}}}"
 
 
 def holds(sku: str) -> str:

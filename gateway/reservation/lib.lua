@@ -4,8 +4,9 @@
 -- Data: per SKU (hash tag {sku}) the position hash atp:{sku}:p with fields res:<loc> (reserved),
 -- com:<loc> (committed), oh:<loc> (on hand), ss:<loc> (SKU safety stock), and the holds hash
 -- atp:{sku}:h, field <reservation id> = "<loc>=<qty>;<loc>=<qty>..." (what that reservation
--- holds of the SKU). Per reservation the record hash rsv:{bN}:<id> (st status, fp body
--- fingerprint, exp expiry ms, skus JSON, resp answer JSON) and the expiry index rsv:{bN}:exp.
+-- holds of the SKU). Per reservation the record hash atp:rsv:{rsvN}:<id> (st status, fp body
+-- fingerprint, exp expiry ms, skus JSON, resp answer JSON) and, per bucket N, the expiry index
+-- atp:rsv-expiry:{rsvN}.
 
 local function now_ms()
   local t = redis.call('TIME')

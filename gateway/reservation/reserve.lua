@@ -7,7 +7,9 @@
 -- KEYS, per reservation: record, expiry index, location safety-stock defaults, then
 -- (position, holds) per SKU
 -- returns, per reservation, {'held', answer, expires ms} | {'short', shortfalls}
---       | {'replay', status, answer, exp} | {'conflict'}
+--       | {'replay', status, answer, exp} | {'conflict'} | {'error', message}
+-- A reservation whose step raises (damaged data, a defect) answers 'error' alone; the others
+-- of the call go on.
 local now = now_ms()
 
 local function reserve_one(k, a)
@@ -17,6 +19,9 @@ local function reserve_one(k, a)
     if seen[1] ~= fp then return {'conflict'} end
     return {'replay', seen[2], seen[3], seen[4] or ''}
   end
+  -- Reads fail on a key of the wrong type before anything is written; the index is written
+  -- last, so it is read here first.
+  redis.call('ZSCORE', idx, rid)
   local ok, out = hold_lines(rid, cjson.decode(ARGV[a + 3]), k + 3, KEYS[k + 2])
   local answer = cjson.encode(out)
   if not ok then
@@ -33,7 +38,8 @@ end
 local out = {}
 local k, a = 1, 2
 for i = 1, tonumber(ARGV[1]) do
-  out[i] = reserve_one(k, a)
+  local ok, reply = pcall(reserve_one, k, a)
+  out[i] = ok and reply or {'error', tostring(reply)}
   k = k + tonumber(ARGV[a + 6])
   a = a + 7
 end

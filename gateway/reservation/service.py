@@ -21,7 +21,13 @@ import msgspec
 
 from gateway.atp import keys as atp_keys
 from gateway.atp.ports import CommandSender, ImmediateScriptRunner
-from gateway.errors import Conflict, NotFound, ValidationFailed
+from gateway.errors import (
+    Conflict,
+    GatewayError,
+    NotFound,
+    Unavailable,
+    ValidationFailed,
+)
 from gateway.reservation import keys
 from gateway.reservation.coalesce import ReserveCoalescer
 from gateway.reservation.schemas import (
@@ -36,6 +42,8 @@ RETENTION_SECONDS: Final = 24 * 3600
 # A cluster reservation whose request died is released by the sweeper after this.
 CLUSTER_LEASE_MS: Final = 30_000
 _RETENTION: Final = str(RETENTION_SECONDS)
+# A settle retried this often is racing something that keeps changing the record.
+_SETTLE_ATTEMPTS: Final = 5
 _PENDING_POLL: Final = 0.02
 _PENDING_WAIT: Final = 5.0
 _json = msgspec.json.Encoder()
@@ -134,7 +142,9 @@ class ReservationService:
             _json.encode(skus),
             _RETENTION,
         ]
-        reply = await self._coalescer.submit(call_keys, values, len(lines))
+        # Without groups each line checks one location.
+        locations = sum(len(line.members) for line in lines) if groups else len(lines)
+        reply = await self._coalescer.submit(call_keys, values, locations)
         return self._outcome(rid, reply)
 
     def _check(self, request: ReservationRequest, ttl: int) -> set[str]:
@@ -221,6 +231,10 @@ class ReservationService:
             )
         if kind == "short":
             return Outcome(shortfalls=_shortfalls(reply[1]))
+        if kind == "error":
+            # This reservation's script step raised: damaged data or a defect, not the client's
+            # doing (a 500, logged); the others of its call went on.
+            raise GatewayError(f"reservation {rid!r} failed in Redis: {_text(reply[1])}")
         if kind == "conflict":
             raise Conflict(
                 "idempotency_conflict",
@@ -354,21 +368,33 @@ class ReservationService:
 
     async def _settle(self, rid: str, action: str) -> str:
         record = _record_keys(rid)
-        ((raw_skus,),) = await self._redis.call_many([("HMGET", keys.record(rid), "skus")])
-        skus: list[str] = msgspec.json.decode(raw_skus) if raw_skus else []
         if self._cluster:
             status = await self._settle_saga(rid, action, record)
         else:
-            call_keys = list(record)
-            for sku in skus:
-                call_keys += (atp_keys.position(sku), keys.holds(sku))
-            (reply,) = await self._scripts.run(
-                "settle.lua", [(call_keys, [rid, action, str(RETENTION_SECONDS)])]
-            )
-            status = _text(reply[0])
+            status = "retry"
+            for _ in range(_SETTLE_ATTEMPTS):
+                status = await self._settle_once(rid, action, record)
+                if status != "retry":
+                    break
+            else:
+                raise Unavailable(f"reservation {rid!r} kept changing; retry", retry_after=1)
         if status == "missing":
             raise NotFound(f"reservation {rid!r} does not exist", reservation_id=rid)
         return status
+
+    async def _settle_once(self, rid: str, action: str, record: list[str]) -> str:
+        # The script needs the SKUs' keys up front, so they are read first; if the reservation
+        # is made between this read and the script (a release racing its own reserve), the
+        # script sees other SKUs than were sent and answers 'retry' rather than lose holds.
+        ((raw_skus,),) = await self._redis.call_many([("HMGET", record[0], "skus")])
+        skus: list[str] = msgspec.json.decode(raw_skus) if raw_skus else []
+        call_keys = list(record)
+        for sku in skus:
+            call_keys += _sku_keys(sku)
+        (reply,) = await self._scripts.run(
+            "settle.lua", [(call_keys, [rid, action, _RETENTION, raw_skus or b""])]
+        )
+        return _text(reply[0])
 
     async def _settle_saga(self, rid: str, action: str, record: list[str]) -> str:
         (mark,) = await self._scripts.run(
