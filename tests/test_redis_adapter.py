@@ -152,3 +152,35 @@ async def test_stopping_the_batcher_ends_every_waiter(port: RedisPort) -> None:
         await runner
     results = await asyncio.gather(*waiting, return_exceptions=True)
     assert all(isinstance(r, asyncio.CancelledError) for r in results)
+
+
+async def test_a_stalled_redis_fails_its_waiters_and_is_replaced() -> None:
+    # A server that stops answering (SIGSTOP: the socket stays open, as on a half-open link)
+    # must fail the waiting commands after the reply timeout, then a new connection serves.
+    import shutil
+    import signal
+
+    from gateway.adapters.resp import RespConnection
+    from gateway.devservices import _spawn_redis, _wait_for, free_port
+
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    port = free_port()
+    proc = _spawn_redis(binary, port)
+    try:
+        await asyncio.to_thread(_wait_for, "127.0.0.1", port, proc, "redis-server")
+        conn = RespConnection(f"redis://127.0.0.1:{port}/0", reply_timeout=0.4)
+        assert await conn.execute([("PING",)]) == [b"PONG"]
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(ConnectionError, match="no reply from redis"):
+                await asyncio.wait_for(conn.execute([("PING",)]), 5)
+            assert asyncio.get_running_loop().time() - started < 1.5
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        assert await conn.execute([("PING",)]) == [b"PONG"]
+        await conn.close()
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 5)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
+import time
 from collections.abc import Sequence
 from typing import Any, Final, cast
 
@@ -22,31 +24,53 @@ from redis.exceptions import ResponseError
 _CONNECT_TIMEOUT: Final = 2.0
 
 
+# Redis answers in micro- to milliseconds. A reply this late means a stalled server or a
+# connection that died without a word (a half-open TCP link): drop it, fail its waiters (503)
+# and open a new one, rather than let requests wait forever.
+REPLY_TIMEOUT: Final = 5.0
+_Waiter = tuple[asyncio.Future[list[Any]], list[Any], int, float]  # future, replies, count, sent
+
+
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, reply_timeout: float = REPLY_TIMEOUT) -> None:
         self._reader = hiredis.Reader()
-        self._waiters: collections.deque[tuple[asyncio.Future[list[Any]], list[Any], int]] = (
-            collections.deque()
-        )
+        self._waiters: collections.deque[_Waiter] = collections.deque()
         self._transport: asyncio.WriteTransport | None = None
+        self._reply_timeout = reply_timeout
+        self._watchdog: asyncio.TimerHandle | None = None
         self.lost: BaseException | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio's, so this is a cast, not a check.
         self._transport = cast(asyncio.WriteTransport, transport)
+        self._watch()
+
+    def _watch(self) -> None:
+        # One timer a connection, not one a command: it looks at the oldest waiter only.
+        self._watchdog = asyncio.get_running_loop().call_later(
+            self._reply_timeout / 4, self._check_replies
+        )
+
+    def _check_replies(self) -> None:
+        if self._waiters and time.monotonic() - self._waiters[0][3] > self._reply_timeout:
+            self.lost = TimeoutError(f"no reply from redis within {self._reply_timeout} s")
+            if self._transport is not None:
+                self._transport.abort()  # connection_lost fails every waiter
+            return
+        self._watch()
 
     def send(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
         if self._transport is None or self.lost is not None:
             raise ConnectionError(f"redis connection lost: {self.lost}")
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._waiters.append((future, [], count))
+        self._waiters.append((future, [], count, time.monotonic()))
         self._transport.write(payload)
         return future
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         while self._waiters:
-            future, replies, count = self._waiters[0]
+            future, replies, count, _ = self._waiters[0]
             while len(replies) < count:
                 reply = self._reader.gets()
                 if reply is False:
@@ -59,7 +83,9 @@ class _Protocol(asyncio.Protocol):
                 future.set_result(replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = exc or ConnectionError("closed by server")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self.lost = self.lost or exc or ConnectionError("closed by server")
         while self._waiters:
             future = self._waiters.popleft()[0]
             if not future.done():
@@ -73,36 +99,41 @@ class _Protocol(asyncio.Protocol):
 class RespConnection:
     """One pipelined connection, opened lazily and reopened after it is lost."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, reply_timeout: float = REPLY_TIMEOUT) -> None:
         self._params: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        self._reply_timeout = reply_timeout
         self._protocol: _Protocol | None = None
         self._connecting = asyncio.Lock()
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         params = self._params
+        factory = functools.partial(_Protocol, self._reply_timeout)
+        setup: list[tuple[Any, ...]] = []
+        if params.get("password"):
+            # The one-argument form also works on servers without ACLs (Redis < 6).
+            user = params.get("username")
+            setup.append(
+                ("AUTH", user, params["password"]) if user else ("AUTH", params["password"])
+            )
+        if params.get("db"):
+            setup.append(("SELECT", params["db"]))
         async with asyncio.timeout(_CONNECT_TIMEOUT):
             if "path" in params:
-                _, protocol = await loop.create_unix_connection(_Protocol, params["path"])
+                _, protocol = await loop.create_unix_connection(factory, params["path"])
             else:
                 _, protocol = await loop.create_connection(
-                    _Protocol, params.get("host", "127.0.0.1"), params.get("port", 6379)
+                    factory, params.get("host", "127.0.0.1"), params.get("port", 6379)
                 )
-            setup: list[tuple[Any, ...]] = []
-            if params.get("password"):
-                # The one-argument form also works on servers without ACLs (Redis < 6).
-                user = params.get("username")
-                setup.append(
-                    ("AUTH", user, params["password"]) if user else ("AUTH", params["password"])
-                )
-            if params.get("db"):
-                setup.append(("SELECT", params["db"]))
-            if setup:
-                replies = await protocol.send(_pack(setup), len(setup))
-                errors = [r for r in replies if isinstance(r, ResponseError)]
-                if errors:
-                    protocol.close()
-                    raise ConnectionError(f"redis connection setup failed: {errors[0]}")
+            try:
+                if setup:
+                    replies = await protocol.send(_pack(setup), len(setup))
+                    errors = [r for r in replies if isinstance(r, ResponseError)]
+                    if errors:
+                        raise ConnectionError(f"redis connection setup failed: {errors[0]}")
+            except BaseException:
+                protocol.close()  # a timeout or a refusal must not leave the socket open
+                raise
         return protocol
 
     async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
