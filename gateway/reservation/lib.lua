@@ -21,11 +21,16 @@ end
 -- position key; lines: decoded JSON, each an array {line number, pair index, sku, quantity,
 -- label (location or group), 1 for a group else 0, {{location, default safety stock?}, ...}}
 -- (arrays, not objects: cheaper to encode, send and decode).
--- Returns true, allocations ({n, sku, location, quantity} list, in line order) or false,
--- shortfalls.
+-- Returns true and the allocations as JSON ([{n, sku, location, quantity}...] in line order)
+-- or false and the shortfalls as JSON.
 -- ss_key: on a single node, the hash of location safety-stock defaults, read here (a member's
 -- default then need not be sent); on a cluster it lives in another slot and the caller sends
 -- each member's default instead.
+local function by_most_available(x, y)
+  if x.a ~= y.a then return x.a > y.a end
+  return x.i < y.i
+end
+
 local function hold_lines(rid, lines, pairs_from, ss_key)
   local taken = {}
   local defaults = {}
@@ -62,10 +67,7 @@ local function hold_lines(rid, lines, pairs_from, ss_key)
       table.insert(short, {line = line, available = total})
     else
       -- Most available first; ties keep the group's order.
-      table.sort(cands, function(x, y)
-        if x.a ~= y.a then return x.a > y.a end
-        return x.i < y.i
-      end)
+      if #cands > 1 then table.sort(cands, by_most_available) end
       local chosen = {}
       if cands[1].a >= q then
         chosen = {{loc = cands[1].loc, q = q}}
@@ -81,7 +83,10 @@ local function hold_lines(rid, lines, pairs_from, ss_key)
       for _, c in ipairs(chosen) do
         taken[pos .. '|' .. c.loc] = (taken[pos .. '|' .. c.loc] or 0) + c.q
         table.insert(plan, {k = k, loc = c.loc, q = c.q})
-        table.insert(allocations, {n = n, sku = sku, location = c.loc, quantity = c.q})
+        -- SKUs and locations are codes ([A-Za-z0-9._:-], checked by the gateway): nothing to
+        -- escape, and formatting by hand skips cjson's float printing of every number.
+        allocations[#allocations + 1] = string.format(
+          '{"n":%d,"sku":"%s","location":"%s","quantity":%d}', n, sku, c.loc, c.q)
       end
     end
   end
@@ -94,12 +99,12 @@ local function hold_lines(rid, lines, pairs_from, ss_key)
       if line[6] == 1 then entry.location_group = line[5] else entry.location = line[5] end
       table.insert(out, entry)
     end
-    return false, out
+    return false, cjson.encode(out)
   end
   local per_pair = {}
   for _, p in ipairs(plan) do
     local pos = KEYS[pairs_from + 2 * (p.k - 1)]
-    redis.call('HINCRBY', pos, 'res:' .. p.loc, p.q)
+    redis.call('HINCRBY', pos, 'res:' .. p.loc, fmt(p.q))
     per_pair[p.k] = (per_pair[p.k] and per_pair[p.k] .. ';' or '') .. p.loc .. '=' .. fmt(p.q)
   end
   -- One call holds all of a SKU's lines, and a reservation id reaches here once (the record
@@ -107,7 +112,7 @@ local function hold_lines(rid, lines, pairs_from, ss_key)
   for k, held in pairs(per_pair) do
     redis.call('HSET', KEYS[pairs_from + 2 * (k - 1) + 1], rid, held)
   end
-  return true, allocations
+  return true, '[' .. table.concat(allocations, ',') .. ']'
 end
 
 -- Undo (release) or convert (confirm) what a reservation holds of the SKUs in KEYS from

@@ -22,8 +22,7 @@ local function reserve_one(k, a)
   -- Reads fail on a key of the wrong type before anything is written; the index is written
   -- last, so it is read here first.
   redis.call('ZSCORE', idx, rid)
-  local ok, out = hold_lines(rid, cjson.decode(ARGV[a + 3]), k + 3, KEYS[k + 2])
-  local answer = cjson.encode(out)
+  local ok, answer = hold_lines(rid, cjson.decode(ARGV[a + 3]), k + 3, KEYS[k + 2])
   if not ok then
     redis.call('HSET', rec, 'st', 'rejected', 'fp', fp, 'resp', answer)
     redis.call('EXPIRE', rec, ARGV[a + 5])
