@@ -31,11 +31,23 @@ local function by_most_available(x, y)
   return x.i < y.i
 end
 
+-- A location's field names in a position hash, built once per script call, not once per line.
+local field_names = {}
+local function fields_of(loc)
+  local names = field_names[loc]
+  if not names then
+    names = {'oh:' .. loc, 'res:' .. loc, 'com:' .. loc, 'ss:' .. loc}
+    field_names[loc] = names
+  end
+  return names
+end
+
 local function hold_lines(rid, lines, pairs_from, ss_key)
   local taken = {}
   local defaults = {}
   local function avail(pos, loc, default_ss)
-    local f = redis.call('HMGET', pos, 'oh:' .. loc, 'res:' .. loc, 'com:' .. loc, 'ss:' .. loc)
+    local names = fields_of(loc)
+    local f = redis.call('HMGET', pos, names[1], names[2], names[3], names[4])
     local ss = tonumber(f[4])
     if not ss then
       if default_ss == nil and ss_key then
@@ -51,42 +63,54 @@ local function hold_lines(rid, lines, pairs_from, ss_key)
   end
   local allocations, short = {}, {}
   local plan = {}
+  local function take(pos, k, n, sku, loc, q)
+    local key = pos .. '|' .. loc
+    taken[key] = (taken[key] or 0) + q
+    plan[#plan + 1] = {k = k, loc = loc, q = q}
+    -- SKUs and locations are codes ([A-Za-z0-9._:-], checked by the gateway): nothing to
+    -- escape, and formatting by hand skips cjson's float printing of every number.
+    allocations[#allocations + 1] = string.format(
+      '{"n":%d,"sku":"%s","location":"%s","quantity":%d}', n, sku, loc, q)
+  end
   for _, line in ipairs(lines) do
     local n, k, sku, q, members = line[1], line[2], line[3], line[4], line[7]
     local pos = KEYS[pairs_from + 2 * (k - 1)]
-    local cands = {}
-    local total = 0
-    for i, member in ipairs(members) do
-      local a = avail(pos, member[1], member[2])
-      if a > 0 then
-        total = total + a
-        table.insert(cands, {loc = member[1], a = a, i = i})
-      end
-    end
-    if total < q then
-      table.insert(short, {line = line, available = total})
-    else
-      -- Most available first; ties keep the group's order.
-      if #cands > 1 then table.sort(cands, by_most_available) end
-      local chosen = {}
-      if cands[1].a >= q then
-        chosen = {{loc = cands[1].loc, q = q}}
+    if #members == 1 then
+      -- A location (or a group of one): nothing to rank or split.
+      local loc = members[1][1]
+      local a = avail(pos, loc, members[1][2])
+      if a < q then
+        short[#short + 1] = {line = line, available = a}
       else
-        local left = q
-        for _, c in ipairs(cands) do
-          if left <= 0 then break end
-          local part = math.min(left, c.a)
-          table.insert(chosen, {loc = c.loc, q = part})
-          left = left - part
+        take(pos, k, n, sku, loc, q)
+      end
+    else
+      local cands = {}
+      local total = 0
+      for i, member in ipairs(members) do
+        local a = avail(pos, member[1], member[2])
+        if a > 0 then
+          total = total + a
+          cands[#cands + 1] = {loc = member[1], a = a, i = i}
         end
       end
-      for _, c in ipairs(chosen) do
-        taken[pos .. '|' .. c.loc] = (taken[pos .. '|' .. c.loc] or 0) + c.q
-        table.insert(plan, {k = k, loc = c.loc, q = c.q})
-        -- SKUs and locations are codes ([A-Za-z0-9._:-], checked by the gateway): nothing to
-        -- escape, and formatting by hand skips cjson's float printing of every number.
-        allocations[#allocations + 1] = string.format(
-          '{"n":%d,"sku":"%s","location":"%s","quantity":%d}', n, sku, c.loc, c.q)
+      if total < q then
+        short[#short + 1] = {line = line, available = total}
+      else
+        -- Most available first; ties keep the group's order. One member that covers the
+        -- whole line takes it; otherwise split in that order.
+        table.sort(cands, by_most_available)
+        if cands[1].a >= q then
+          take(pos, k, n, sku, cands[1].loc, q)
+        else
+          local left = q
+          for _, c in ipairs(cands) do
+            if left <= 0 then break end
+            local part = math.min(left, c.a)
+            take(pos, k, n, sku, c.loc, part)
+            left = left - part
+          end
+        end
       end
     end
   end
@@ -104,7 +128,7 @@ local function hold_lines(rid, lines, pairs_from, ss_key)
   local per_pair = {}
   for _, p in ipairs(plan) do
     local pos = KEYS[pairs_from + 2 * (p.k - 1)]
-    redis.call('HINCRBY', pos, 'res:' .. p.loc, fmt(p.q))
+    redis.call('HINCRBY', pos, fields_of(p.loc)[2], fmt(p.q))
     per_pair[p.k] = (per_pair[p.k] and per_pair[p.k] .. ';' or '') .. p.loc .. '=' .. fmt(p.q)
   end
   -- One call holds all of a SKU's lines, and a reservation id reaches here once (the record
