@@ -23,7 +23,7 @@ from gateway.atp.schemas import StockEvent
 from gateway.errors import Conflict, NotFound
 from gateway.reservation import keys
 from gateway.reservation.expiry import sweep_once
-from gateway.reservation.schemas import LineRequest, ReservationRequest
+from gateway.reservation.schemas import LineRequest, ReservationRequest, lines_of
 from gateway.reservation.service import ReservationService
 
 SKUS = ("A", "B")
@@ -170,7 +170,7 @@ class ReservationMachine(RuleBasedStateMachine):
             assert outcome.shortfalls
         else:
             assert outcome.reservation is not None, (outcome, expected)
-            got = [(ln.sku, ln.location, ln.quantity) for ln in outcome.reservation.lines]
+            got = [(ln.sku, ln.location, ln.quantity) for ln in lines_of(outcome.reservation)]
             assert got == expected
             self.model.reservations[rid] = ("held", expected)
         # A retry answers the same and holds nothing more.

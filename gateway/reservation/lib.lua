@@ -21,8 +21,9 @@ end
 -- position key; lines: decoded JSON, each an array {line number, pair index, sku, quantity,
 -- label (location or group), 1 for a group else 0, {{location, default safety stock?}, ...}}
 -- (arrays, not objects: cheaper to encode, send and decode).
--- Returns true and the allocations as JSON ([{n, sku, location, quantity}...] in line order)
--- or false and the shortfalls as JSON.
+-- Returns true and the allocations as JSON in line order, as the API answers them
+-- ([{sku, location, quantity}...], each with its line number n too when `numbered`: a cluster
+-- saga merges SKUs' answers by it), or false and the shortfalls as JSON.
 -- ss_key: on a single node, the hash of location safety-stock defaults, read here (a member's
 -- default then need not be sent); on a cluster it lives in another slot and the caller sends
 -- each member's default instead.
@@ -42,7 +43,10 @@ local function fields_of(loc)
   return names
 end
 
-local function hold_lines(rid, lines, pairs_from, ss_key)
+local function hold_lines(rid, lines, pairs_from, ss_key, numbered)
+  local allocation = numbered and '{"n":%d,"sku":"%s","location":"%s","quantity":%d}'
+    or '{"sku":"%s","location":"%s","quantity":%d}'
+
   local taken = {}
   local defaults = {}
   local function avail(pos, loc, default_ss)
@@ -69,8 +73,11 @@ local function hold_lines(rid, lines, pairs_from, ss_key)
     plan[#plan + 1] = {k = k, loc = loc, q = q}
     -- SKUs and locations are codes ([A-Za-z0-9._:-], checked by the gateway): nothing to
     -- escape, and formatting by hand skips cjson's float printing of every number.
-    allocations[#allocations + 1] = string.format(
-      '{"n":%d,"sku":"%s","location":"%s","quantity":%d}', n, sku, loc, q)
+    if numbered then
+      allocations[#allocations + 1] = string.format(allocation, n, sku, loc, q)
+    else
+      allocations[#allocations + 1] = string.format(allocation, sku, loc, q)
+    end
   end
   for _, line in ipairs(lines) do
     local n, k, sku, q, members = line[1], line[2], line[3], line[4], line[7]

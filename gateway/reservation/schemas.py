@@ -57,4 +57,15 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     reservation_id: str
     status: Status
     expires_at: str
-    lines: list[HeldLine]
+    # Raw: the JSON of the lines as a fresh hold's script produced it (see lib.lua).
+    lines: list[HeldLine] | msgspec.Raw
+
+
+HELD_LINES: Final = msgspec.json.Decoder(list[HeldLine])
+
+
+def lines_of(reservation: Reservation) -> list[HeldLine]:
+    """A reservation's lines as structs, whether decoded already or still the script's JSON."""
+    if isinstance(reservation.lines, msgspec.Raw):
+        return HELD_LINES.decode(reservation.lines)
+    return reservation.lines

@@ -32,6 +32,7 @@ from gateway.reservation import keys
 from gateway.reservation.coalesce import ReserveCoalescer
 from gateway.reservation.schemas import (
     DEFAULT_TTL_SECONDS,
+    HELD_LINES,
     HeldLine,
     Reservation,
     ReservationRequest,
@@ -87,12 +88,10 @@ class _Line(msgspec.Struct, array_like=True):
     members: list[list[str | int]]  # [location] or, on a cluster, [location, default ss]
 
 
-# Allocations are stored in line order (with their line number ``n``, which HeldLine ignores).
-_held_decoder: Final = msgspec.json.Decoder(list[HeldLine])
-
-
 def _held_lines(answer: Any) -> list[HeldLine]:
-    return _held_decoder.decode(answer)
+    # Stored in line order; records of earlier versions also carry a line number ``n``,
+    # which HeldLine ignores.
+    return HELD_LINES.decode(answer)
 
 
 def _shortfalls(answer: Any) -> list[dict[str, Any]]:
@@ -226,7 +225,8 @@ class ReservationService:
                     reservation_id=rid,
                     status="held",
                     expires_at=_iso(reply[2]),
-                    lines=_held_lines(reply[1]),
+                    # The script's answer is already the API's JSON for these lines.
+                    lines=msgspec.Raw(reply[1]),
                 ),
             )
         if kind == "short":
@@ -290,20 +290,20 @@ class ReservationService:
                 [(record, [rid, "finish", "rejected", answer, "0", str(RETENTION_SECONDS)])],
             )
             return Outcome(shortfalls=_shortfalls(answer))
-        # Stored in line order, as a single node's script stores them.
+        # Stored in line order and as the API answers them, as a single node's script does.
         allocations = sorted(
             (e for r in results for e in _lines_decoder.decode(r[1])), key=lambda e: e["n"]
         )
-        answer = _json.encode(allocations).decode()
+        held_json = _json.encode([{k: v for k, v in e.items() if k != "n"} for e in allocations])
         (done,) = await self._scripts.run(
             "cluster_mark.lua",
-            [(record, [rid, "finish", "held", answer, str(ttl * 1000), str(RETENTION_SECONDS)])],
+            [(record, [rid, "finish", "held", held_json, str(ttl * 1000), str(RETENTION_SECONDS)])],
         )
         done = [_text(r) for r in done]
         if done[0] != "held":
             # The lease ran out and the sweeper released the holds: the request took too long.
             raise Conflict("reservation_expired", f"reservation {rid!r} expired while being made")
-        return self._outcome(rid, ["held", answer, done[1]])
+        return self._outcome(rid, ["held", held_json, done[1]])
 
     async def _await_pending(
         self, rid: str, fingerprint: str, ttl: int, skus: list[str], lines: list[_Line]
