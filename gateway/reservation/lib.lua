@@ -20,7 +20,8 @@ end
 -- Hold the lines of one or more SKUs, all or nothing. pairs_from: index in KEYS of the first
 -- position key; lines: decoded JSON, each an array {line number, pair index, sku, quantity,
 -- label (location or group), 1 for a group else 0, {{location, default safety stock?}, ...}}
--- (arrays, not objects: cheaper to encode, send and decode).
+-- (arrays, not objects: cheaper to encode, send and decode); with null for the members, the
+-- label is the line's one location.
 -- Returns true and the allocations as JSON in line order, as the API answers them
 -- ([{sku, location, quantity}...], each with its line number n too when `numbered`: a cluster
 -- saga merges SKUs' answers by it), or false and the shortfalls as JSON.
@@ -82,10 +83,12 @@ local function hold_lines(rid, lines, pairs_from, ss_key, numbered)
   for _, line in ipairs(lines) do
     local n, k, sku, q, members = line[1], line[2], line[3], line[4], line[7]
     local pos = KEYS[pairs_from + 2 * (k - 1)]
-    if #members == 1 then
+    if members == cjson.null then members = nil end
+    if not members or #members == 1 then
       -- A location (or a group of one): nothing to rank or split.
-      local loc = members[1][1]
-      local a = avail(pos, loc, members[1][2])
+      local loc, default_ss = line[5], nil
+      if members then loc, default_ss = members[1][1], members[1][2] end
+      local a = avail(pos, loc, default_ss)
       if a < q then
         short[#short + 1] = {line = line, available = a}
       else

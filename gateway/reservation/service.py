@@ -85,7 +85,9 @@ class _Line(msgspec.Struct, array_like=True):
     quantity: int
     label: str  # the location or group asked for
     group: int  # 1 when ``label`` is a group
-    members: list[list[str | int]]  # [location] or, on a cluster, [location, default ss]
+    # Each [location] or, on a cluster, [location, default ss]; null (the label is the one
+    # location) for a location line on a single node, the common case.
+    members: list[list[str | int]] | None = None
 
 
 def _held_lines(answer: Any) -> list[HeldLine]:
@@ -142,7 +144,7 @@ class ReservationService:
             _RETENTION,
         ]
         # Without groups each line checks one location.
-        locations = sum(len(line.members) for line in lines) if groups else len(lines)
+        locations = sum(len(ln.members or "-") for ln in lines) if groups else len(lines)
         reply = await self._coalescer.submit(call_keys, values, locations)
         return self._outcome(rid, reply)
 
@@ -432,14 +434,14 @@ def _plan(
             assert line.location_group is not None
             label, group = line.location_group, 1
             locations = members[label]
-            candidates: list[list[str | int]] = (
+            candidates: list[list[str | int]] | None = (
                 [[loc, default_ss[loc]] for loc in locations]
                 if default_ss
                 else [[loc] for loc in locations]
             )
-        else:  # the common case, without a comprehension (a function call each in 3.11)
+        else:
             label, group = location, 0
-            candidates = [[location, default_ss[location]]] if default_ss else [[location]]
+            candidates = [[location, default_ss[location]]] if default_ss else None
         lines.append(_Line(n, k, line.sku, line.quantity, label, group, candidates))
     return skus, lines
 
