@@ -39,6 +39,11 @@ KAFKA_BATCH_SECONDS: Final = Histogram(
     "Time to apply and commit one consumed batch",
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
 )
+RESERVATIONS_DUE: Final = Gauge(
+    "gateway_reservations_due",
+    "Overdue holds the last sweeper pass found (up to 200 a bucket, 3,200 in all): staying near "
+    "the cap means expiry falls behind",
+)
 DEPENDENCY_UP: Final = Gauge(
     "gateway_dependency_up",
     "1 when the last readiness check reached the dependency",

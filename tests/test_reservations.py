@@ -195,6 +195,8 @@ async def test_extend_and_expiry(client: Client) -> None:
     assert_problem(await late.json(), 409, "not_held")
     rel = await client.delete("/v1/reservations/e1", headers=auth("storefront"))
     assert (await rel.json())["status"] == "expired"
+    metrics = await (await client.get("/metrics")).text()
+    assert "\ngateway_reservations_due 0.0\n" in metrics  # the sweeper keeps up
 
 
 async def test_confirm_moves_hold_to_committed(client: Client) -> None:

@@ -13,7 +13,7 @@ from typing import Final
 import structlog
 
 from gateway.atp.ports import CommandSender
-from gateway.metrics import RESERVATIONS
+from gateway.metrics import RESERVATIONS, RESERVATIONS_DUE
 from gateway.reservation import keys
 from gateway.reservation.service import ReservationService
 
@@ -34,6 +34,7 @@ async def sweep_once(service: ReservationService, redis: CommandSender) -> int:
         ]
     )
     due = [rid.decode() for rids in due_lists for rid in rids]
+    RESERVATIONS_DUE.set(len(due))
     if not due:
         return 0
     gate = asyncio.Semaphore(_CONCURRENCY)
