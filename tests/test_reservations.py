@@ -399,14 +399,80 @@ async def test_a_failing_reservation_does_not_fail_its_call(
     # Damaged data under one SKU fails that reservation alone (500, nothing held), not the
     # others Redis ran in the same script call.
     await stock(client, G1__L1=10, G2__L1=10)
+    await stock(client, HK__L1=10)
     await redis.set(atp_keys.position("BROKEN"), "not a hash")
+    await redis.set(keys.holds("HK"), "not a hash either")
     answers = await asyncio.gather(
         reserve(client, "g1", [{"sku": "G1", "location": "L1", "quantity": 1}]),
         reserve(client, "bad", [{"sku": "BROKEN", "location": "L1", "quantity": 1}]),
+        reserve(
+            client,
+            "bad-holds",
+            [
+                {"sku": "G1", "location": "L1", "quantity": 1},
+                {"sku": "HK", "location": "L1", "quantity": 1},
+            ],
+        ),
         reserve(client, "g2", [{"sku": "G2", "location": "L1", "quantity": 1}]),
     )
-    assert [a.status for a in answers] == [201, 500, 201]
+    assert [a.status for a in answers] == [201, 500, 500, 201]
     assert_problem(await answers[1].json(), 500, "internal_error")
-    assert await redis.exists(keys.record("bad")) == 0
-    items = (await availability(client, sku=["G1", "G2"], location="L1"))["items"]
-    assert [i["reserved"] for i in items] == [1, 1]
+    assert await redis.exists(keys.record("bad"), keys.record("bad-holds")) == 0
+    # No stock stays held by the failed ones (an orphan hold entry holds nothing).
+    items = (await availability(client, sku=["G1", "G2", "HK"], location="L1"))["items"]
+    assert [i["reserved"] for i in items] == [1, 1, 0]
+
+
+async def test_holds_indexed_by_an_earlier_version_still_expire(
+    client: Client, redis: aioredis.Redis
+) -> None:
+    # Versions before 2026-12 kept each bucket's expiry index under the records' namespace; the
+    # sweeper takes over what it finds there and expires it as usual.
+    await stock(client, O__L1=10)
+    line = [{"sku": "O", "location": "L1", "quantity": 2}]
+    assert (await reserve(client, "old-1", line, ttl_seconds=1)).status == 201
+    bucket = keys.bucket("old-1")
+    score = await redis.zscore(keys.expiry_index(bucket), "old-1")
+    async with redis.pipeline(transaction=True) as pipe:  # as the earlier version had it
+        pipe.zrem(keys.expiry_index(bucket), "old-1")
+        pipe.zadd(keys.legacy_expiry_index(bucket), {"old-1": score})
+        await pipe.execute()
+    other = (bucket + 1) % keys.BUCKETS
+    await redis.hset(keys.legacy_expiry_index(other), "st", "held")  # an old record "expiry"
+    await asyncio.sleep(2.3)  # expiry (1 s) plus the sweeper's promise (within 1 s)
+    assert (await availability(client, sku="O", location="L1"))["items"][0]["reserved"] == 0
+    assert await redis.exists(keys.legacy_expiry_index(bucket)) == 0
+    assert await redis.type(keys.legacy_expiry_index(other)) == "hash"  # left alone
+
+
+async def test_lines_stored_by_an_earlier_version_answer_in_line_order(
+    client: Client, redis: aioredis.Redis
+) -> None:
+    # An earlier cluster saga stored a reservation's lines SKU by SKU, each with its number.
+    stored = (
+        '[{"n":0,"sku":"A","location":"L1","quantity":1},'
+        '{"n":2,"sku":"A","location":"L2","quantity":3},'
+        '{"n":1,"sku":"B","location":"L1","quantity":2}]'
+    )
+    await redis.hset(
+        keys.record("saga-1"),
+        mapping={"st": "held", "fp": "x", "resp": stored, "exp": "9999999999999", "skus": "[]"},
+    )
+    got = await client.get("/v1/reservations/saga-1", headers=auth("storefront"))
+    assert (await got.json())["lines"] == [
+        {"sku": "A", "location": "L1", "quantity": 1},
+        {"sku": "B", "location": "L1", "quantity": 2},
+        {"sku": "A", "location": "L2", "quantity": 3},
+    ]
+
+
+async def test_redis_refusing_writes_is_a_503(client: Client, redis: aioredis.Redis) -> None:
+    await stock(client, W__L1=10)
+    await redis.config_set("maxmemory", "1")
+    try:
+        resp = await reserve(client, "oom", [{"sku": "W", "location": "L1", "quantity": 1}])
+    finally:
+        await redis.config_set("maxmemory", "0")
+    assert resp.status == 503, await resp.text()
+    assert_problem(await resp.json(), 503, "dependency_unavailable")
+    assert (await availability(client, sku="W", location="L1"))["items"][0]["reserved"] == 0

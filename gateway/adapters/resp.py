@@ -38,6 +38,7 @@ class _Protocol(asyncio.Protocol):
         self._transport: asyncio.WriteTransport | None = None
         self._reply_timeout = reply_timeout
         self._watchdog: asyncio.TimerHandle | None = None
+        self._last_reply = time.monotonic()
         self.lost: BaseException | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -52,7 +53,12 @@ class _Protocol(asyncio.Protocol):
         )
 
     def _check_replies(self) -> None:
-        if self._waiters and time.monotonic() - self._waiters[0][3] > self._reply_timeout:
+        # Silence counts from the later of the oldest waiter's send and the last bytes read:
+        # Redis answers a pipelined chunk only when it has run all of it, so a busy server
+        # still making progress is not taken for a dead one.
+        if self._waiters and (
+            time.monotonic() - max(self._waiters[0][3], self._last_reply) > self._reply_timeout
+        ):
             self.lost = TimeoutError(f"no reply from redis within {self._reply_timeout} s")
             if self._transport is not None:
                 self._transport.abort()  # connection_lost fails every waiter
@@ -68,6 +74,7 @@ class _Protocol(asyncio.Protocol):
         return future
 
     def data_received(self, data: bytes) -> None:
+        self._last_reply = time.monotonic()
         self._reader.feed(data)
         while self._waiters:
             future, replies, count, _ = self._waiters[0]

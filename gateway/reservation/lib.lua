@@ -137,14 +137,17 @@ local function hold_lines(rid, lines, pairs_from, ss_key, numbered)
   end
   local per_pair = {}
   for _, p in ipairs(plan) do
-    local pos = KEYS[pairs_from + 2 * (p.k - 1)]
-    redis.call('HINCRBY', pos, fields_of(p.loc)[2], fmt(p.q))
     per_pair[p.k] = (per_pair[p.k] and per_pair[p.k] .. ';' or '') .. p.loc .. '=' .. fmt(p.q)
   end
-  -- One call holds all of a SKU's lines, and a reservation id reaches here once (the record
-  -- is claimed first), so the hold entry is new: no read-modify-write.
+  -- The hold entries go first: the holds hashes are the only keys not read above, so a wrong
+  -- type there fails before any stock is held (an entry alone holds nothing). One call holds
+  -- all of a SKU's lines, and a reservation id reaches here once (the record is claimed
+  -- first), so the entry is new: no read-modify-write.
   for k, held in pairs(per_pair) do
     redis.call('HSET', KEYS[pairs_from + 2 * (k - 1) + 1], rid, held)
+  end
+  for _, p in ipairs(plan) do
+    redis.call('HINCRBY', KEYS[pairs_from + 2 * (p.k - 1)], fields_of(p.loc)[2], fmt(p.q))
   end
   return true, '[' .. table.concat(allocations, ',') .. ']'
 end

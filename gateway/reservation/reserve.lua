@@ -19,8 +19,9 @@ local function reserve_one(k, a)
     if seen[1] ~= fp then return {'conflict'} end
     return {'replay', seen[2], seen[3], seen[4] or ''}
   end
-  -- Reads fail on a key of the wrong type before anything is written; the index is written
-  -- last, so it is read here first.
+  -- A key of the wrong type must fail before anything is written: the record and positions
+  -- are read before any write, the index (written last) here, the holds hashes are written
+  -- before any stock moves (hold_lines).
   redis.call('ZSCORE', idx, rid)
   local ok, answer = hold_lines(rid, cjson.decode(ARGV[a + 3]), k + 3, KEYS[k + 2])
   if not ok then

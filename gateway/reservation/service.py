@@ -23,6 +23,7 @@ from gateway.atp import keys as atp_keys
 from gateway.atp.ports import CommandSender, ImmediateScriptRunner
 from gateway.errors import (
     Conflict,
+    DependencyDown,
     GatewayError,
     NotFound,
     Unavailable,
@@ -43,6 +44,9 @@ RETENTION_SECONDS: Final = 24 * 3600
 # A cluster reservation whose request died is released by the sweeper after this.
 CLUSTER_LEASE_MS: Final = 30_000
 _RETENTION: Final = str(RETENTION_SECONDS)
+# Errors by which Redis refuses a write it could make later (out of memory, a replica, a
+# failover): a 503 the client may retry, not a defect.
+_REDIS_REFUSALS: Final = ("OOM ", "READONLY", "MASTERDOWN", "NOREPLICAS", "LOADING", "BUSY")
 # A settle retried this often is racing something that keeps changing the record.
 _SETTLE_ATTEMPTS: Final = 5
 _PENDING_POLL: Final = 0.02
@@ -90,10 +94,24 @@ class _Line(msgspec.Struct, array_like=True):
     members: list[list[str | int]] | None = None
 
 
+class _NumberedLine(msgspec.Struct):
+    sku: str
+    location: str
+    quantity: int
+    n: int = -1
+
+
+_numbered_decoder: Final = msgspec.json.Decoder(list[_NumberedLine])
+
+
 def _held_lines(answer: Any) -> list[HeldLine]:
-    # Stored in line order; records of earlier versions also carry a line number ``n``,
-    # which HeldLine ignores.
-    return HELD_LINES.decode(answer)
+    # Stored in line order, as the API answers them. Records of versions before 2026-12 carry
+    # each line's number ``n``, and a cluster saga of theirs stored its lines SKU by SKU.
+    raw = answer if isinstance(answer, bytes) else str(answer).encode()
+    if b'"n":' not in raw:  # codes cannot hold a quote: this is only ever the key
+        return HELD_LINES.decode(raw)
+    entries = sorted(_numbered_decoder.decode(raw), key=lambda e: e.n)
+    return [HeldLine(sku=e.sku, location=e.location, quantity=e.quantity) for e in entries]
 
 
 def _shortfalls(answer: Any) -> list[dict[str, Any]]:
@@ -234,9 +252,12 @@ class ReservationService:
         if kind == "short":
             return Outcome(shortfalls=_shortfalls(reply[1]))
         if kind == "error":
-            # This reservation's script step raised: damaged data or a defect, not the client's
-            # doing (a 500, logged); the others of its call went on.
-            raise GatewayError(f"reservation {rid!r} failed in Redis: {_text(reply[1])}")
+            # This reservation's script step raised; the others of its call went on.
+            message = _text(reply[1])
+            if any(refusal in message for refusal in _REDIS_REFUSALS):
+                raise DependencyDown(f"redis: {message}", dependency="redis")
+            # Damaged data or a defect, not the client's doing: a 500, logged.
+            raise GatewayError(f"reservation {rid!r} failed in Redis: {message}")
         if kind == "conflict":
             raise Conflict(
                 "idempotency_conflict",
@@ -350,6 +371,13 @@ class ReservationService:
     async def confirm(self, rid: str) -> str:
         """Move a held reservation into ``committed``; idempotent. Returns the status after."""
         return await self._settle(rid, "confirm")
+
+    async def adopt_legacy_indexes(self, buckets: Sequence[int]) -> int:
+        """Move these buckets' expiry entries from their pre-2026-12 key to today's."""
+        calls: list[tuple[list[str], list[str]]] = [
+            ([keys.legacy_expiry_index(n), keys.expiry_index(n)], []) for n in buckets
+        ]
+        return sum(int(moved) for moved in await self._scripts.run("adopt_index.lua", calls))
 
     async def expire(self, rid: str) -> str:
         return await self._settle(rid, "expire")
