@@ -56,6 +56,7 @@ async def _nodes_of(cluster: RedisCluster, skus: list[str]) -> set[str]:
 
 SINGLE_NODE_TESTS: list[Callable[[Client], Awaitable[None]]] = [
     single.test_hold_counts_in_reserved_and_release,
+    single.test_lines_answer_in_request_order,
     single.test_safety_stock_limits_holds,
     single.test_group_allocation,
     single.test_location_and_group_lines_of_one_sku_do_not_double_count,

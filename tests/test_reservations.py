@@ -109,6 +109,29 @@ async def test_all_or_nothing(client: Client, redis: aioredis.Redis) -> None:
     assert (await client.get("/v1/reservations/r2", headers=auth("storefront"))).status == 404
 
 
+async def test_lines_answer_in_request_order(client: Client) -> None:
+    # Held lines and shortfalls come back in the order of the request, whichever SKUs (and, on
+    # a cluster, nodes) they fall on, in the first answer and in replays.
+    await stock(client, **{f"K{i}__L1": 1 for i in range(6)})
+    order = [5, 0, 3, 1, 4, 2]
+    ok = [{"sku": f"K{i}", "location": "L1", "quantity": 1} for i in order]
+    short = [{**line, "quantity": 2} if n % 2 == 0 else line for n, line in enumerate(ok)]
+    refused = await reserve(client, "order-short", short)
+    assert refused.status == 409
+    expected = [
+        {"sku": f"K{i}", "location": "L1", "requested": 2, "available": 1} for i in order[::2]
+    ]
+    assert (await refused.json())["lines"] == expected
+    assert (await (await reserve(client, "order-short", short)).json())["lines"] == expected
+    held = await reserve(client, "order-ok", ok)
+    assert held.status == 201
+    expected_held = [{"sku": f"K{i}", "location": "L1", "quantity": 1} for i in order]
+    assert (await held.json())["lines"] == expected_held
+    assert (await (await reserve(client, "order-ok", ok)).json())["lines"] == expected_held
+    got = await client.get("/v1/reservations/order-ok", headers=auth("storefront"))
+    assert (await got.json())["lines"] == expected_held
+
+
 async def test_safety_stock_limits_holds(client: Client) -> None:
     await stock(client, A__L1=10)
     await client.put(

@@ -48,11 +48,11 @@ def problem_response(
 
 
 def from_error(exc: GatewayError, request_id: str | None) -> web.Response:
-    extra = dict(exc.extra)
+    extra = exc.extra
     headers = None
-    retry_after = extra.pop("retry_after", None)
-    if retry_after is not None:
-        headers = {"Retry-After": str(retry_after)}
+    if "retry_after" in extra:  # a header, not a member of the body
+        extra = dict(extra)
+        headers = {"Retry-After": str(extra.pop("retry_after"))}
     return problem_response(
         exc.http_status,
         exc.code,

@@ -24,7 +24,8 @@ end
 -- label is the line's one location.
 -- Returns true and the allocations as JSON in line order, as the API answers them
 -- ([{sku, location, quantity}...], each with its line number n too when `numbered`: a cluster
--- saga merges SKUs' answers by it), or false and the shortfalls as JSON.
+-- saga merges SKUs' answers by it), or false and the shortfalls as JSON (in line order, also
+-- numbered when asked).
 -- ss_key: on a single node, the hash of location safety-stock defaults, read here (a member's
 -- default then need not be sent); on a cluster it lives in another slot and the caller sends
 -- each member's default instead.
@@ -128,8 +129,8 @@ local function hold_lines(rid, lines, pairs_from, ss_key, numbered)
     local out = {}
     for _, s in ipairs(short) do
       local line = s.line
-      local entry = {n = line[1], sku = line[3], requested = line[4],
-                     available = math.max(0, s.available)}
+      local entry = {sku = line[3], requested = line[4], available = math.max(0, s.available)}
+      if numbered then entry.n = line[1] end
       if line[6] == 1 then entry.location_group = line[5] else entry.location = line[5] end
       table.insert(out, entry)
     end

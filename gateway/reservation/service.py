@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple
 
@@ -115,8 +115,16 @@ def _held_lines(answer: Any) -> list[HeldLine]:
 
 
 def _shortfalls(answer: Any) -> list[dict[str, Any]]:
-    entries = sorted(_lines_decoder.decode(answer), key=lambda e: e["n"])
-    return [{k: v for k, v in e.items() if k != "n"} for e in entries]
+    # In line order, as the API answers them; numbered (a cluster saga's per-SKU answers, or
+    # records of versions before 2026-12) when they still need merging into line order.
+    raw = answer if isinstance(answer, bytes) else str(answer).encode()
+    entries = _lines_decoder.decode(raw)
+    return entries if b'"n":' not in raw else _line_ordered(entries)
+
+
+def _line_ordered(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Numbered entries (``n``, the line) in line order, without their numbers."""
+    return [{k: v for k, v in e.items() if k != "n"} for e in sorted(entries, key=lambda e: e["n"])]
 
 
 class ReservationService:
@@ -307,17 +315,19 @@ class ReservationService:
         if short:
             held = [call for call, r in zip(per_sku, results, strict=True) if r[0] == "held"]
             await self._scripts.run("cluster_unhold.lua", [(k, [rid, "release"]) for k, _ in held])
-            answer = _json.encode([e for r in short for e in _lines_decoder.decode(r[1])]).decode()
+            # Stored in line order, as a single node's script stores them.
+            answer = _json.encode(
+                _line_ordered(e for r in short for e in _lines_decoder.decode(r[1]))
+            )
             await self._scripts.run(
                 "cluster_mark.lua",
                 [(record, [rid, "finish", "rejected", answer, "0", str(RETENTION_SECONDS)])],
             )
             return Outcome(shortfalls=_shortfalls(answer))
         # Stored in line order and as the API answers them, as a single node's script does.
-        allocations = sorted(
-            (e for r in results for e in _lines_decoder.decode(r[1])), key=lambda e: e["n"]
+        held_json = _json.encode(
+            _line_ordered(e for r in results for e in _lines_decoder.decode(r[1]))
         )
-        held_json = _json.encode([{k: v for k, v in e.items() if k != "n"} for e in allocations])
         (done,) = await self._scripts.run(
             "cluster_mark.lua",
             [(record, [rid, "finish", "held", held_json, str(ttl * 1000), str(RETENTION_SECONDS)])],
