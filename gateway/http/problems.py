@@ -32,6 +32,27 @@ def problem_response(
     headers: dict[str, str] | None = None,
     **extra: Any,
 ) -> web.Response:
+    body = _body(status, code, title, detail, request_id)
+    body.update(extra)
+    return _respond(status, body, headers)
+
+
+def from_error(exc: GatewayError, request_id: str | None) -> web.Response:
+    # Built directly, not through problem_response's keywords: a refused reservation (the
+    # flash-sale answer) comes through here on every request.
+    body = _body(exc.http_status, exc.code, exc.title, exc.detail, request_id)
+    headers = None
+    for key, value in exc.extra.items():
+        if key == "retry_after":  # a header, not a member of the body
+            headers = {"Retry-After": str(value)}
+        else:
+            body[key] = value
+    return _respond(exc.http_status, body, headers)
+
+
+def _body(
+    status: int, code: str, title: str, detail: str, request_id: str | None
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "type": TYPE_BASE + code,
         "title": title,
@@ -41,26 +62,12 @@ def problem_response(
     }
     if request_id:
         body["request_id"] = request_id
-    body.update(extra)
+    return body
+
+
+def _respond(status: int, body: dict[str, Any], headers: dict[str, str] | None) -> web.Response:
     return web.Response(
         status=status, body=orjson.dumps(body), content_type=CONTENT_TYPE, headers=headers
-    )
-
-
-def from_error(exc: GatewayError, request_id: str | None) -> web.Response:
-    extra = exc.extra
-    headers = None
-    if "retry_after" in extra:  # a header, not a member of the body
-        extra = dict(extra)
-        headers = {"Retry-After": str(extra.pop("retry_after"))}
-    return problem_response(
-        exc.http_status,
-        exc.code,
-        exc.title,
-        exc.detail,
-        request_id=request_id,
-        headers=headers,
-        **extra,
     )
 
 
