@@ -70,12 +70,11 @@ local function apply_group(key, arg)
     local kind, ts_s, id, qty_s = ARGV[k + 2], ARGV[k + 3], ARGV[k + 4], ARGV[k + 5]
     local ts = tonumber(ts_s)
     local code
-    if redis.call('ZSCORE', ids, id) then
+    if ts <= cutoff then
+      code = redis.call('ZSCORE', ids, id) and 1 or 2
+    elseif redis.call('ZADD', ids, 'NX', ts_s, id) == 0 then
       code = 1
-    elseif ts <= cutoff then
-      code = 2
     else
-      redis.call('ZADD', ids, ts_s, id)
       if kind == 's' then
         if st.bt and (ts < st.bt or (ts == st.bt and bytes_less(id, st.bi))) then
           code = 2
