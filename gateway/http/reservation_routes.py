@@ -8,9 +8,11 @@ from typing import Final
 from aiohttp import web
 
 from gateway.errors import InsufficientStock, ValidationFailed
+from gateway.http import problems
 from gateway.http.codec import json_response, read_json
 from gateway.http.guard import requires
 from gateway.http.state import RESERVATIONS_SERVICE
+from gateway.logs import REQUEST_ID
 from gateway.metrics import RESERVATIONS
 from gateway.reservation.schemas import (
     RESERVATION_ID_PATTERN,
@@ -43,11 +45,14 @@ async def post_reservation(request: web.Request) -> web.Response:
         "replayed" if outcome.replayed else "held" if outcome.reservation else "refused"
     )
     if outcome.reservation is None:
-        raise InsufficientStock(
+        refusal = InsufficientStock(
             "not every line fits into what is available; nothing was held",
             reservation_id=body.reservation_id,
             lines=outcome.shortfalls,
         )
+        # Returned, not raised: in a flash sale this is nearly every answer, and a raise
+        # through the guard costs a traceback each.
+        return problems.from_error(refusal, REQUEST_ID.get())
     return json_response(outcome.reservation, status=201)
 
 
