@@ -94,24 +94,13 @@ class _Line(msgspec.Struct, array_like=True):
     members: list[list[str | int]] | None = None
 
 
-class _NumberedLine(msgspec.Struct):
-    sku: str
-    location: str
-    quantity: int
-    n: int = -1
-
-
-_numbered_decoder: Final = msgspec.json.Decoder(list[_NumberedLine])
-
-
 def _held_lines(answer: Any) -> list[HeldLine]:
     # Stored in line order, as the API answers them. Records of versions before 2026-12 carry
     # each line's number ``n``, and a cluster saga of theirs stored its lines SKU by SKU.
     raw = answer if isinstance(answer, bytes) else str(answer).encode()
     if b'"n":' not in raw:  # codes cannot hold a quote: this is only ever the key
         return HELD_LINES.decode(raw)
-    entries = sorted(_numbered_decoder.decode(raw), key=lambda e: e.n)
-    return [HeldLine(sku=e.sku, location=e.location, quantity=e.quantity) for e in entries]
+    return [HeldLine(**e) for e in _line_ordered(_lines_decoder.decode(raw))]
 
 
 def _shortfalls(answer: Any) -> list[dict[str, Any]]:
@@ -170,7 +159,9 @@ class ReservationService:
             _RETENTION,
         ]
         # Without groups each line checks one location.
-        locations = sum(len(ln.members or "-") for ln in lines) if groups else len(lines)
+        locations = (
+            sum(len(ln.members) if ln.members else 1 for ln in lines) if groups else len(lines)
+        )
         reply = await self._coalescer.submit(call_keys, values, locations)
         return self._outcome(rid, reply)
 
