@@ -17,18 +17,6 @@ local function fmt(n)
   return string.format('%d', n)
 end
 
--- Hold the lines of one or more SKUs, all or nothing. pairs_from: index in KEYS of the first
--- position key; lines: decoded JSON, each an array {line number, pair index, sku, quantity,
--- label (location or group), 1 for a group else 0, {{location, default safety stock?}, ...}}
--- (arrays, not objects: cheaper to encode, send and decode); with null for the members, the
--- label is the line's one location.
--- Returns true and the allocations as JSON in line order, as the API answers them
--- ([{sku, location, quantity}...], each with its line number n too when `numbered`: a cluster
--- saga merges SKUs' answers by it), or false and the shortfalls as JSON (in line order, also
--- numbered when asked).
--- ss_key: on a single node, the hash of location safety-stock defaults, read here (a member's
--- default then need not be sent); on a cluster it lives in another slot and the caller sends
--- each member's default instead.
 local function by_most_available(x, y)
   if x.a ~= y.a then return x.a > y.a end
   return x.i < y.i
@@ -45,6 +33,18 @@ local function fields_of(loc)
   return names
 end
 
+-- Hold the lines of one or more SKUs, all or nothing. pairs_from: index in KEYS of the first
+-- position key; lines: decoded JSON, each an array {line number, pair index, sku, quantity,
+-- label (location or group), 1 for a group else 0, {{location, default safety stock?}, ...}}
+-- (arrays, not objects: cheaper to encode, send and decode); with null for the members, the
+-- label is the line's one location.
+-- Returns true and the allocations as JSON in line order, as the API answers them
+-- ([{sku, location, quantity}...], each with its line number n too when `numbered`: a cluster
+-- saga merges SKUs' answers by it), or false and the shortfalls as JSON (in line order, also
+-- numbered when asked).
+-- ss_key: on a single node, the hash of location safety-stock defaults, read here (a member's
+-- default then need not be sent); on a cluster it lives in another slot and the caller sends
+-- each member's default instead.
 local function hold_lines(rid, lines, pairs_from, ss_key, numbered)
   local allocation = numbered and '{"n":%d,"sku":"%s","location":"%s","quantity":%d}'
     or '{"sku":"%s","location":"%s","quantity":%d}'
