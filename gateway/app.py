@@ -46,7 +46,9 @@ log = structlog.get_logger(__name__)
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    port = RedisPort.from_url(settings.redis_url, cluster=settings.redis_cluster)
+    port = RedisPort.from_url(
+        settings.redis_url, cluster=settings.redis_cluster, timeout=settings.redis_timeout_seconds
+    )
     batcher = CommandBatcher(functools.partial(port.execute, raise_on_error=False))
     app[REDIS] = port
     app[BATCHER] = batcher
@@ -58,7 +60,9 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _postgres_ctx(app: web.Application) -> AsyncIterator[None]:
-    pool = await postgres.create_pool(app[SETTINGS].postgres_dsn)
+    pool = await postgres.create_pool(
+        app[SETTINGS].postgres_dsn, app[SETTINGS].postgres_timeout_seconds
+    )
     app[PG_POOL] = pool
     try:
         async with pool.acquire() as conn:

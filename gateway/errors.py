@@ -2,15 +2,21 @@
 
 GatewayError                  (500 internal_error)
 ├── BadRequest                (400 bad_request)
+│   ├── BadEncoding           (400 bad_encoding: a Content-Encoding the body does not match)
 │   └── ValidationFailed      (422 validation_error, carries each failing field)
 ├── Unauthorized              (401 unauthorized)
 ├── Forbidden                 (403 forbidden)
 ├── NotFound                  (404 not_found)
+├── RequestTimeout            (408 request_timeout: the body did not arrive in time)
 ├── PayloadTooLarge           (413 payload_too_large)
+├── UnsupportedMediaType      (415 unsupported_media_type)
+├── ClientGone                (499, never sent: the client hung up; counted, not logged as error)
 └── Unavailable               (503 …, retriable)
     ├── Overloaded            (503 overloaded)
     ├── ShuttingDown          (503 shutting_down)
-    └── DependencyDown        (503 dependency_unavailable)
+    ├── DependencyDown        (503 dependency_unavailable: nothing was applied)
+    └── OutcomeUnknown        (503 outcome_unknown: a write was sent and not answered; it may
+                               have been applied. Safe to retry with the same ids.)
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ class BadRequest(GatewayError):
     http_status = 400
     code = "bad_request"
     title = "Bad request"
+
+
+class BadEncoding(BadRequest):
+    code = "bad_encoding"
+    title = "Body does not match its Content-Encoding"
 
 
 class ValidationFailed(BadRequest):
@@ -82,6 +93,27 @@ class InsufficientStock(GatewayError):
     title = "Not enough stock for every line"
 
 
+class RequestTimeout(GatewayError):
+    http_status = 408
+    code = "request_timeout"
+    title = "Request body not received in time"
+
+
+class UnsupportedMediaType(GatewayError):
+    http_status = 415
+    code = "unsupported_media_type"
+    title = "Unsupported media type"
+
+
+class ClientGone(GatewayError):
+    """The client disconnected before its request was read or answered. 499 (nginx's "client
+    closed request") is only a metrics label: no response reaches anyone."""
+
+    http_status = 499
+    code = "client_closed_request"
+    title = "Client closed request"
+
+
 class PayloadTooLarge(GatewayError):
     http_status = 413
     code = "payload_too_large"
@@ -108,3 +140,12 @@ class ShuttingDown(Unavailable):
 class DependencyDown(Unavailable):
     code = "dependency_unavailable"
     title = "A dependency is unavailable"
+
+
+class OutcomeUnknown(Unavailable):
+    """A write reached the dependency (or may have) and no answer came back: it may have been
+    applied. Distinct from :class:`DependencyDown`, where nothing was applied. Retrying with the
+    same ``reservation_id`` / ``event_id`` is safe and answers the true outcome."""
+
+    code = "outcome_unknown"
+    title = "The outcome of the request is unknown"

@@ -46,6 +46,13 @@ class Settings:
     shutdown_timeout_seconds: float = 10.0
     access_log: bool = False
     reservation_max_ttl: int = 3600
+    # Bounds on waiting for a dependency: a command (or connect) that takes longer is a 503.
+    redis_timeout_seconds: float = 2.0
+    postgres_timeout_seconds: float = 3.0
+    # A request body that has not fully arrived this long after its headers is a 408.
+    body_timeout_seconds: float = 10.0
+    # How far in the future an event's occurred_at may lie (clocks of feeds drift).
+    max_clock_skew_seconds: int = 300
 
     @classmethod
     def from_env(
@@ -143,6 +150,27 @@ def _url(*schemes: str) -> Callable[[str], str]:
     return parse
 
 
+def _dsn(*schemes: str) -> Callable[[str], str]:
+    """A URL whose host part (one host or several, comma-separated) has numeric ports."""
+    check_scheme = _url(*schemes)
+
+    def parse(text: str) -> str:
+        check_scheme(text)
+        rest = text.split("://", 1)[1]
+        netloc = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+        for host in netloc.split(","):
+            if host.startswith("["):  # [IPv6]:port
+                _, _, port = host.partition("]")
+                port = port.removeprefix(":")
+            else:
+                _, _, port = host.rpartition(":") if ":" in host else ("", "", "")
+            if port and not (port.isdigit() and 0 < int(port) <= 65535):
+                raise SettingsError("has a port that is not a number from 1 to 65535")
+        return text
+
+    return parse
+
+
 def _csv(text: str) -> tuple[str, ...]:
     items = tuple(part.strip() for part in text.split(",") if part.strip())
     if not items:
@@ -180,9 +208,9 @@ def _log_level(text: str) -> str:
 _PARSERS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "GATEWAY_HOST": ("host", _nonempty),
     "GATEWAY_PORT": ("port", _int(0, 65535)),
-    "GATEWAY_REDIS_URL": ("redis_url", _url("redis", "rediss", "unix")),
+    "GATEWAY_REDIS_URL": ("redis_url", _dsn("redis", "rediss", "unix")),
     "GATEWAY_REDIS_CLUSTER": ("redis_cluster", _bool),
-    "GATEWAY_POSTGRES_DSN": ("postgres_dsn", _url("postgresql", "postgres")),
+    "GATEWAY_POSTGRES_DSN": ("postgres_dsn", _dsn("postgresql", "postgres")),
     "GATEWAY_KAFKA_BOOTSTRAP": ("kafka_bootstrap", _bootstrap),
     "GATEWAY_KAFKA_TOPICS": ("kafka_topics", _csv),
     "GATEWAY_KAFKA_GROUP": ("kafka_group", _nonempty),
@@ -193,4 +221,8 @@ _PARSERS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "GATEWAY_SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_seconds", _float(0, 600)),
     "GATEWAY_ACCESS_LOG": ("access_log", _bool),
     "GATEWAY_RESERVATION_MAX_TTL": ("reservation_max_ttl", _int(1, 7 * 24 * 3600)),
+    "GATEWAY_REDIS_TIMEOUT_SECONDS": ("redis_timeout_seconds", _float(0.05, 60)),
+    "GATEWAY_POSTGRES_TIMEOUT_SECONDS": ("postgres_timeout_seconds", _float(0.05, 60)),
+    "GATEWAY_BODY_TIMEOUT_SECONDS": ("body_timeout_seconds", _float(0.1, 600)),
+    "GATEWAY_MAX_CLOCK_SKEW_SECONDS": ("max_clock_skew_seconds", _int(0, 86_400)),
 }

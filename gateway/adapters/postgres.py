@@ -67,7 +67,7 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
     return applied_now
 
 
-async def create_pool(dsn: str) -> asyncpg.Pool:
+async def create_pool(dsn: str, timeout_seconds: float = 3.0) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10, command_timeout=10)
     assert pool is not None
     return pool

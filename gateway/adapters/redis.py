@@ -47,7 +47,7 @@ class RedisPort:
         self._fast = fast
 
     @classmethod
-    def from_url(cls, url: str, *, cluster: bool) -> RedisPort:
+    def from_url(cls, url: str, *, cluster: bool, timeout: float = 2.0) -> RedisPort:
         if cluster:
             return cls(RedisCluster.from_url(url, decode_responses=False), None)
         fast = None if url.startswith("rediss://") else RespConnection(url)
