@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.atp.events import EventApplier
-from gateway.errors import DependencyDown, Overloaded, ShuttingDown
+from gateway.errors import DependencyDown, GatewayError, Overloaded, ShuttingDown
 from gateway.reservation.coalesce import ReserveCoalescer
 from tests.test_horizon import _ev
 
@@ -43,8 +43,9 @@ async def test_one_round_trip_per_tick_with_dedup(port: RedisPort, redis: aiored
         assert replies[:200] == [b"v"] * 200
         assert replies[200] == [None, b"v"]
         assert sent == [2]  # 201 requests, one round trip, two distinct commands
-        with pytest.raises(DependencyDown):
+        with pytest.raises(GatewayError, match="WRONGTYPE") as failed:
             await batcher.call("HGET", "k", "field")  # WRONGTYPE reaches its waiter
+        assert failed.value.http_status == 500  # damaged data, not an outage
         assert await batcher.call("GET", "k") == b"v"  # and the batcher goes on
     finally:
         runner.cancel()
@@ -117,7 +118,7 @@ async def test_lean_connection_authenticates_and_selects_db() -> None:
         assert b" db=3 " in (await good.execute([("CLIENT", "INFO")]))[0]
         await good.close()
         bad = RespConnection(f"redis://:wrong@127.0.0.1:{port}/0")
-        with pytest.raises(ConnectionError, match="setup failed"):
+        with pytest.raises(DependencyDown, match="setup failed"):
             await bad.execute([("PING",)])
     finally:
         proc.terminate()
@@ -174,7 +175,7 @@ async def test_a_stalled_redis_fails_its_waiters_and_is_replaced() -> None:
         proc.send_signal(signal.SIGSTOP)
         try:
             started = asyncio.get_running_loop().time()
-            with pytest.raises(ConnectionError, match="no reply from redis"):
+            with pytest.raises(DependencyDown, match="no reply from redis"):
                 await asyncio.wait_for(conn.execute([("PING",)]), 5)
             assert asyncio.get_running_loop().time() - started < 1.5
         finally:

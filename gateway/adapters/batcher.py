@@ -14,12 +14,15 @@ from typing import Any, Final
 
 import structlog
 
-from gateway.errors import DependencyDown, Overloaded
+from gateway.adapters.redis_errors import classify, error_reply, narrow
+from gateway.errors import Overloaded, Unavailable
 from gateway.metrics import REDIS_BATCH_SIZE
 
 log = structlog.get_logger(__name__)
 
 Command = tuple[Any, ...]
+# Sends a batch; raises the gateway error of the batch (see gateway.adapters.redis_errors) or
+# returns the replies, error replies in place.
 Executor = Callable[[Sequence[Command]], Awaitable[list[Any]]]
 _DEFAULT_MAX_PENDING: Final = 20_000
 _SCRIPT_COST: Final = 16
@@ -114,6 +117,11 @@ class CommandBatcher:
 
     async def _send(self, batch: list[_Entry]) -> None:
         try:
+            # A waiter that is gone (its request was cancelled) is not sent: a write must never
+            # run after its request stopped waiting for it.
+            batch = [entry for entry in batch if not entry[1].done()]
+            if not batch:
+                return
             # Position of each entry's commands in what is sent; identical reads share one slot.
             unique: dict[Command, int] = {}
             sent: list[Command] = []
@@ -139,23 +147,29 @@ class CommandBatcher:
                     entry[1].cancel()
                 raise
             except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
-                log.warning("redis_batch_failed", error=repr(exc), size=len(sent))
-                for entry in batch:
-                    if not entry[1].done():
-                        entry[1].set_exception(DependencyDown(f"redis: {exc}", dependency="redis"))
+                self._fail(batch, exc, sent)
                 return
             # Error replies are rare: find them once per batch, not once per waiter.
             failed = {i for i, r in enumerate(replies) if isinstance(r, Exception)}
-            for (_, future, _, raise_on_error, _), mine in zip(batch, slots, strict=True):
+            for (commands, future, _, raise_on_error, _), mine in zip(batch, slots, strict=True):
                 if future.done():
                     continue  # its request was cancelled
                 results = [replies[i] for i in mine]
                 bad = next((i for i in mine if i in failed), None) if failed else None
                 if bad is not None and raise_on_error:
-                    future.set_exception(
-                        DependencyDown(f"redis: {replies[bad]}", dependency="redis")
-                    )
+                    future.set_exception(narrow(error_reply(replies[bad]), commands))
                 else:
                     future.set_result(results)
         finally:
             self._slots.release()
+
+    @staticmethod
+    def _fail(batch: list[_Entry], exc: Exception, sent: Sequence[Command]) -> None:
+        error = classify(exc, sent)
+        if not isinstance(error, Unavailable):
+            log.warning("redis_batch_failed", error=repr(exc), size=len(sent))
+        for commands, future, *_ in batch:
+            if not future.done():
+                # Each waiter hears what the failure means for its own commands: a read that
+                # shared a batch with writes changed nothing whatever became of the writes.
+                future.set_exception(narrow(error, commands))

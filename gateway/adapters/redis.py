@@ -12,21 +12,49 @@ import asyncio
 import hashlib
 from collections.abc import Sequence
 from importlib import resources
+from types import TracebackType
 from typing import Any, Final
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    MaxConnectionsError,
+    NoScriptError,
+    RedisClusterException,
+    ResponseError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.adapters.batcher import CommandBatcher
-from gateway.adapters.resp import RespConnection
+from gateway.adapters.gate import DependencyGate
+from gateway.adapters.redis_errors import (
+    RETRY_AFTER,
+    classify,
+    combine,
+    error_reply,
+    raise_for_replies,
+)
+from gateway.adapters.resp import REPLY_TIMEOUT, RespConnection
+from gateway.errors import GatewayError, Overloaded
 
 # Bounds how many single-slot script calls a cluster client has in flight for one request.
 _CLUSTER_FANOUT: Final = 64
+# redis-py calls in flight at once, per port: a burst beyond waits its turn (up to the Redis
+# timeout, then 503 overloaded) instead of exhausting a node's pool, where redis-py's cluster
+# client raises MaxConnectionsError (a 500) rather than wait. Each call holds at most one
+# connection of any one node (a pipeline one per node), so the pools never run dry.
+REDIS_PY_CONCURRENCY: Final = 64
+# Connections a pool may open beyond the calls let through: the gate's probe, readiness.
+_POOL_SPARE: Final = 4
 
 _LIB: Final = "lib.lua"
 ScriptCall = tuple[Sequence[str], Sequence[str | int | bytes]]
+_PING: Final = (("PING",),)
+_EVALSHA: Final = (("EVALSHA",),)
 
 
 class LuaScript:
@@ -38,21 +66,77 @@ class LuaScript:
         self.wrapper: AsyncScript = client.register_script(text)
 
 
-class RedisPort:
-    """The gateway's Redis: pipelined command batches and Lua scripts, single node or cluster."""
+class _Limiter:
+    """At most ``size`` calls at once; a caller waits at most ``wait`` seconds, then 503."""
 
-    def __init__(self, client: aioredis.Redis | RedisCluster, fast: RespConnection | None) -> None:
+    def __init__(self, size: int, wait: float) -> None:
+        self._slots = asyncio.Semaphore(size)
+        self._wait = wait
+
+    async def __aenter__(self) -> None:
+        slots = self._slots
+        if not slots.locked():
+            await slots.acquire()  # free: no timer
+            return
+        try:
+            async with asyncio.timeout(self._wait):
+                await slots.acquire()
+        except TimeoutError:
+            raise Overloaded(
+                "too many Redis calls waiting; retry shortly", retry_after=RETRY_AFTER
+            ) from None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._slots.release()
+
+
+class RedisPort:
+    """The gateway's Redis: pipelined command batches and Lua scripts, single node or cluster.
+
+    Every failure leaves here as a gateway error (see :mod:`gateway.adapters.redis_errors`).
+    ``gate`` is closed while Redis is known down or stalled: calls then fail at once with 503
+    ``dependency_unavailable`` and nothing is sent, until its probe gets an answer."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis | RedisCluster,
+        fast: RespConnection | None,
+        *,
+        timeout: float = REPLY_TIMEOUT,
+        concurrency: int = REDIS_PY_CONCURRENCY,
+    ) -> None:
         self.client = client
         self.cluster = isinstance(client, RedisCluster)
         self._fast = fast
+        self.gate = DependencyGate("redis", self._probe, timeout=timeout)
+        if fast is not None:
+            fast.gate = self.gate
+        self._limiter = _Limiter(concurrency, timeout)
 
     @classmethod
-    def from_url(cls, url: str, *, cluster: bool, timeout: float = 2.0) -> RedisPort:
+    def from_url(cls, url: str, *, cluster: bool, timeout: float = REPLY_TIMEOUT) -> RedisPort:
+        # No retries inside redis-py: a retried call doubles the wait past the timeout (and
+        # the cluster client retried ten times), and a failed call is answered 503 at once.
+        options: dict[str, Any] = {
+            "decode_responses": False,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "max_connections": REDIS_PY_CONCURRENCY + _POOL_SPARE,
+            "retry": Retry(NoBackoff(), 0),
+        }
         if cluster:
-            return cls(RedisCluster.from_url(url, decode_responses=False), None)
-        fast = None if url.startswith("rediss://") else RespConnection(url)
-        client = aioredis.Redis.from_url(url, decode_responses=False, max_connections=64)
-        return cls(client, fast)
+            return cls(RedisCluster.from_url(url, **options), None, timeout=timeout)
+        fast = (
+            None
+            if url.startswith("rediss://")
+            else RespConnection(url, timeout, connect_timeout=timeout)
+        )
+        return cls(aioredis.Redis.from_url(url, **options), fast, timeout=timeout)
 
     def script(self, package: str, name: str) -> LuaScript:
         """Load ``name`` from ``package``, after the package's ``lib.lua`` when it has one."""
@@ -65,18 +149,46 @@ class RedisPort:
         self, commands: Sequence[Sequence[Any]], *, raise_on_error: bool = True
     ) -> list[Any]:
         """Send commands in one round trip per node. With ``raise_on_error=False`` a failed
-        command's slot holds its exception instead."""
-        if self._fast is not None:
-            replies = await self._fast.execute(commands)
-            if raise_on_error:
-                for reply in replies:
-                    if isinstance(reply, Exception):
-                        raise reply
-            return replies
-        pipe: Any = self.client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        return await pipe.execute(raise_on_error=raise_on_error)  # type: ignore[no-any-return]
+        command's slot holds its error reply instead."""
+        gate = self.gate
+        if not gate.up:
+            gate.check()
+        fast = self._fast
+        if fast is not None:
+            replies = await fast.execute(commands)
+        else:
+            replies = await self._library_execute(commands)
+        if raise_on_error:
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise_for_replies(replies, commands)
+        return replies
+
+    async def _library_execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        async with self._limiter:
+            self.gate.check()  # it may have closed while this call waited its turn
+            pipe: Any = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            try:
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            except Exception as exc:  # every failure leaves as the gateway error it means
+                raise self._failed(exc, commands) from exc
+        for reply in replies:
+            # A cluster pipeline puts a node's timeout in place of its commands' replies.
+            if isinstance(reply, (RedisConnectionError, RedisTimeoutError)):
+                self.gate.trip(f"{type(reply).__name__}: {reply}")
+                break
+        return replies
+
+    def _failed(self, exc: BaseException, commands: Sequence[Sequence[Any]]) -> GatewayError:
+        # A node that cannot be reached or did not answer in time closes the gate; a full
+        # pool is load, not an outage.
+        if isinstance(
+            exc, (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException)
+        ) and not isinstance(exc, MaxConnectionsError):
+            self.gate.trip(f"{type(exc).__name__}: {exc}")
+        return classify(exc, commands)
 
     async def run_script(
         self,
@@ -90,13 +202,7 @@ class RedisPort:
         if not calls:
             return []
         if self.cluster:
-            gate = asyncio.Semaphore(_CLUSTER_FANOUT)
-
-            async def one(keys: Sequence[str], args: Sequence[str | int | bytes]) -> Any:
-                async with gate:
-                    return await script.wrapper(keys=keys, args=args)
-
-            return list(await asyncio.gather(*(one(k, a) for k, a in calls)))
+            return await self._run_on_cluster(script, calls)
         commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls]
 
         async def send(batch: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -108,14 +214,42 @@ class RedisPort:
         missing = [i for i, r in enumerate(replies) if is_noscript(r)]
         if missing:
             # The server lost its script cache: load once, then run only what did not run.
-            await self.execute([("SCRIPT", "LOAD", script.text)])
-            again = await send([commands[i] for i in missing])
+            try:
+                await self.execute([("SCRIPT", "LOAD", script.text)])
+                again = await send([commands[i] for i in missing])
+            except GatewayError as exc:
+                if len(missing) == len(commands):
+                    raise
+                # The calls that did run may not be taken back.
+                raise combine(replies, commands, [exc]) from exc
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         for reply in replies:
             if isinstance(reply, Exception):
-                raise reply
+                raise_for_replies(replies, commands)
         return replies
+
+    async def _run_on_cluster(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
+        fanout = asyncio.Semaphore(_CLUSTER_FANOUT)
+
+        async def one(keys: Sequence[str], args: Sequence[str | int | bytes]) -> Any:
+            async with fanout:
+                try:
+                    async with self._limiter:
+                        self.gate.check()
+                        return await script.wrapper(keys=keys, args=args)
+                except GatewayError as exc:
+                    return exc
+                except Exception as exc:  # noqa: BLE001 - every failure is classified
+                    return self._failed(exc, _EVALSHA)
+
+        # Every call runs to its end, even when one fails: what the others did must be known
+        # to answer honestly (none ran: dependency_unavailable; some did: outcome_unknown).
+        results = list(await asyncio.gather(*(one(k, a) for k, a in calls)))
+        errors = [r for r in results if isinstance(r, GatewayError)]
+        if errors:
+            raise combine(results, _EVALSHA * len(results), errors)
+        return results
 
     def script_now(
         self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int | bytes]
@@ -123,15 +257,38 @@ class RedisPort:
         """Write one script call at once on the lean connection and return the future of its
         one-element reply list (an error reply, NOSCRIPT included, as an exception in it).
         None where that cannot be done now (a cluster, TLS, a connection not yet open): use
-        :meth:`run_script`."""
+        :meth:`run_script`. While the gate is closed, raises 503 at once: nothing is sent."""
+        gate = self.gate
+        if not gate.up:
+            gate.check()
         if self._fast is None:
             return None
         return self._fast.send_now([("EVALSHA", script.sha, len(keys), *keys, *args)])
 
     async def ping(self) -> bool:
-        return bool(await self.client.ping())
+        """Whether Redis answers now (every primary of a cluster); a gateway error if not."""
+        if not self.cluster:
+            await self.execute(_PING)
+            return True
+        self.gate.check()
+        async with self._limiter:
+            try:
+                await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+            except Exception as exc:
+                raise self._failed(exc, _PING) from exc
+        return True
+
+    async def _probe(self) -> None:
+        """The gate's question, asked while it is closed: does Redis answer again?"""
+        if self._fast is not None:
+            await self._fast.probe()
+        elif isinstance(self.client, RedisCluster):
+            await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+        else:
+            await self.client.ping()
 
     async def close(self) -> None:
+        await self.gate.close()
         if self._fast is not None:
             await self._fast.close()
         await self.client.aclose()
@@ -168,6 +325,12 @@ class ScriptRegistry:
     @staticmethod
     def must_rerun(reply: Any) -> bool:
         return is_noscript(reply)
+
+    @staticmethod
+    def script_error(message: str) -> GatewayError:
+        """What an error a script caught and answered means: Redis refusing a write it could
+        make later (503, nothing written) or damaged data or a defect (500)."""
+        return error_reply(ResponseError(message))
 
     def _script(self, name: str) -> LuaScript:
         script = self._scripts.get(name)

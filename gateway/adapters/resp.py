@@ -14,29 +14,41 @@ import asyncio
 import collections
 import functools
 import time
-from collections.abc import Sequence
-from typing import Any, Final, cast
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import hiredis
 from redis.connection import parse_url
 from redis.exceptions import ResponseError
 
-_CONNECT_TIMEOUT: Final = 2.0
+from gateway.adapters.redis_errors import no_reply, not_sent
 
+if TYPE_CHECKING:
+    from gateway.adapters.gate import DependencyGate
 
 # Redis answers in micro- to milliseconds. A reply this late means a stalled server or a
 # connection that died without a word (a half-open TCP link): drop it, fail its waiters (503)
-# and open a new one, rather than let requests wait forever.
-REPLY_TIMEOUT: Final = 5.0
-_Waiter = tuple[asyncio.Future[list[Any]], list[Any], int, float]  # future, replies, count, sent
+# and open a new one, rather than let requests wait forever. The gateway passes its setting
+# (GATEWAY_REDIS_TIMEOUT_SECONDS); this is the default of direct users.
+REPLY_TIMEOUT: Final = 2.0
+# How often the one timer of a connection looks at its oldest waiter, at most: a stall is
+# noticed within the timeout plus this.
+_WATCH_EVERY: Final = 0.25
+# future, replies so far, how many, when sent, the commands (to classify a failure, never read
+# on success)
+_Waiter = tuple[asyncio.Future[list[Any]], list[Any], int, float, Sequence[Sequence[Any]]]
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, reply_timeout: float = REPLY_TIMEOUT) -> None:
+    def __init__(
+        self, reply_timeout: float = REPLY_TIMEOUT, on_stall: Callable[[str], None] | None = None
+    ) -> None:
         self._reader = hiredis.Reader()
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._transport: asyncio.WriteTransport | None = None
         self._reply_timeout = reply_timeout
+        self._watch_every = min(reply_timeout / 4, _WATCH_EVERY)
+        self._on_stall = on_stall
         self._watchdog: asyncio.TimerHandle | None = None
         self._last_reply = time.monotonic()
         self.lost: BaseException | None = None
@@ -49,7 +61,7 @@ class _Protocol(asyncio.Protocol):
     def _watch(self) -> None:
         # One timer a connection, not one a command: it looks at the oldest waiter only.
         self._watchdog = asyncio.get_running_loop().call_later(
-            self._reply_timeout / 4, self._check_replies
+            self._watch_every, self._check_replies
         )
 
     def _check_replies(self) -> None:
@@ -60,16 +72,18 @@ class _Protocol(asyncio.Protocol):
             time.monotonic() - max(self._waiters[0][3], self._last_reply) > self._reply_timeout
         ):
             self.lost = TimeoutError(f"no reply from redis within {self._reply_timeout} s")
+            if self._on_stall is not None:
+                self._on_stall(str(self.lost))  # before the waiters hear: retries fail fast
             if self._transport is not None:
                 self._transport.abort()  # connection_lost fails every waiter
             return
         self._watch()
 
-    def send(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
+    def send(self, payload: bytes, commands: Sequence[Sequence[Any]]) -> asyncio.Future[list[Any]]:
         if self._transport is None or self.lost is not None:
-            raise ConnectionError(f"redis connection lost: {self.lost}")
+            raise not_sent(f"connection lost: {self.lost}")
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._waiters.append((future, [], count, time.monotonic()))
+        self._waiters.append((future, [], len(commands), time.monotonic(), commands))
         self._transport.write(payload)
         return future
 
@@ -77,7 +91,7 @@ class _Protocol(asyncio.Protocol):
         self._last_reply = time.monotonic()
         self._reader.feed(data)
         while self._waiters:
-            future, replies, count, _ = self._waiters[0]
+            future, replies, count, _, _ = self._waiters[0]
             while len(replies) < count:
                 reply = self._reader.gets()
                 if reply is False:
@@ -93,10 +107,13 @@ class _Protocol(asyncio.Protocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
         self.lost = self.lost or exc or ConnectionError("closed by server")
+        reason = f"connection lost: {self.lost}"
         while self._waiters:
-            future = self._waiters.popleft()[0]
+            future, _, _, _, commands = self._waiters.popleft()
             if not future.done():
-                future.set_exception(ConnectionError(f"redis connection lost: {self.lost}"))
+                # Written, not answered: a write may still run (a stalled server reads what
+                # was sent when it wakes), so it is an unknown outcome, not a refusal.
+                future.set_exception(no_reply(reason, commands))
 
     def close(self) -> None:
         if self._transport is not None:
@@ -104,18 +121,46 @@ class _Protocol(asyncio.Protocol):
 
 
 class RespConnection:
-    """One pipelined connection, opened lazily and reopened after it is lost."""
+    """One pipelined connection, opened lazily and reopened after it is lost.
 
-    def __init__(self, url: str, reply_timeout: float = REPLY_TIMEOUT) -> None:
+    Failures come out as gateway errors (:mod:`gateway.adapters.redis_errors`): a connection
+    that cannot be opened is ``dependency_unavailable``; commands written and not answered are
+    ``outcome_unknown`` when they write. A failed connect or a stall trips ``gate`` (when set),
+    so that the callers waiting behind it, and those after, fail at once."""
+
+    def __init__(
+        self,
+        url: str,
+        reply_timeout: float = REPLY_TIMEOUT,
+        *,
+        connect_timeout: float | None = None,
+        gate: DependencyGate | None = None,
+    ) -> None:
         self._params: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         self._reply_timeout = reply_timeout
+        self._connect_timeout = connect_timeout if connect_timeout is not None else reply_timeout
         self._protocol: _Protocol | None = None
         self._connecting = asyncio.Lock()
+        self.gate = gate
+
+    def _stalled(self, reason: str) -> None:
+        if self.gate is not None:
+            self.gate.trip(reason)
 
     async def _connect(self) -> _Protocol:
+        try:
+            return await self._open()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # refused, timed out, setup failed: all "down"
+            reason = f"cannot connect: {type(exc).__name__}: {exc}".rstrip(": ")
+            self._stalled(reason)
+            raise not_sent(reason) from exc
+
+    async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         params = self._params
-        factory = functools.partial(_Protocol, self._reply_timeout)
+        factory = functools.partial(_Protocol, self._reply_timeout, self._stalled)
         setup: list[tuple[Any, ...]] = []
         if params.get("password"):
             # The one-argument form also works on servers without ACLs (Redis < 6).
@@ -125,7 +170,7 @@ class RespConnection:
             )
         if params.get("db"):
             setup.append(("SELECT", params["db"]))
-        async with asyncio.timeout(_CONNECT_TIMEOUT):
+        async with asyncio.timeout(self._connect_timeout):
             if "path" in params:
                 _, protocol = await loop.create_unix_connection(factory, params["path"])
             else:
@@ -134,7 +179,7 @@ class RespConnection:
                 )
             try:
                 if setup:
-                    replies = await protocol.send(_pack(setup), len(setup))
+                    replies = await protocol.send(_pack(setup), setup)
                     errors = [r for r in replies if isinstance(r, ResponseError)]
                     if errors:
                         raise ConnectionError(f"redis connection setup failed: {errors[0]}")
@@ -150,8 +195,11 @@ class RespConnection:
             async with self._connecting:
                 protocol = self._protocol
                 if protocol is None or protocol.lost is not None:
+                    # Those queued behind a connect that failed do not each try again.
+                    if self.gate is not None:
+                        self.gate.check()
                     protocol = self._protocol = await self._connect()
-        return await protocol.send(_pack(commands), len(commands))
+        return await protocol.send(_pack(commands), commands)
 
     def send_now(self, commands: Sequence[Sequence[Any]]) -> asyncio.Future[list[Any]] | None:
         """Write the commands at once, in this step of the caller, and return the future of
@@ -160,7 +208,23 @@ class RespConnection:
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             return None
-        return protocol.send(_pack(commands), len(commands))
+        return protocol.send(_pack(commands), commands)
+
+    async def probe(self) -> None:
+        """PING on a fresh connection; when it answers, it replaces the current one. A
+        connection that stalled once is never trusted again, and a probe never queues behind
+        commands a stalled server has not answered."""
+        protocol = await self._connect()
+        try:
+            (reply,) = await protocol.send(_pack([("PING",)]), [("PING",)])
+            if isinstance(reply, Exception):
+                raise reply  # LOADING, MASTERDOWN...: up, but not serving yet
+        except BaseException:
+            protocol.close()
+            raise
+        old, self._protocol = self._protocol, protocol
+        if old is not None:
+            old.close()
 
     async def close(self) -> None:
         if self._protocol is not None:

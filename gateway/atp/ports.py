@@ -6,9 +6,14 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from gateway.errors import GatewayError
+
 
 class CommandSender(Protocol):
-    """Sends Redis commands, coalesced with others by the adapter into one round trip."""
+    """Sends Redis commands, coalesced with others by the adapter into one round trip.
+
+    Every port here fails with gateway errors only: 503 ``dependency_unavailable`` when nothing
+    was sent (or only reads), 503 ``outcome_unknown`` when a write was sent and not answered."""
 
     async def call_many(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]: ...
 
@@ -35,6 +40,11 @@ class ImmediateScriptRunner(ScriptRunner, Protocol):
 
     def must_rerun(self, reply: Any) -> bool:
         """Whether a reply of ``run_now`` says the script did not run and ``run`` must retry."""
+        ...
+
+    def script_error(self, message: str) -> GatewayError:
+        """What an error a script step caught and answered as data means: Redis refusing a
+        write (a 503 to retry) or damaged data or a defect (a 500)."""
         ...
 
 

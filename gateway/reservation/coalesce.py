@@ -18,7 +18,7 @@ import asyncio
 from typing import Any, Final
 
 from gateway.atp.ports import ImmediateScriptRunner
-from gateway.errors import DependencyDown, GatewayError, Overloaded, ShuttingDown, Unavailable
+from gateway.errors import GatewayError, OutcomeUnknown, Overloaded, ShuttingDown, Unavailable
 from gateway.metrics import RESERVATIONS_PER_CALL
 
 MAX_PER_CALL: Final = 32
@@ -132,6 +132,11 @@ class ReserveCoalescer:
             self._cancel(call)
 
     async def _send(self, call: _Call) -> None:
+        if all(future.done() for future in call.futures):
+            # Every request of the call stopped waiting (cancelled) before it could be sent:
+            # nothing may be written on their behalf now.
+            self._settle(call)
+            return
         try:
             (reply,) = await self._scripts.run(_SCRIPT, [(call.keys, call.args)], call.cost)
         except asyncio.CancelledError:
@@ -181,7 +186,12 @@ class ReserveCoalescer:
 
 
 def _unavailable(error: BaseException) -> GatewayError:
-    """Redis failing a call is a 503 the client may retry, whatever form the failure took."""
-    if isinstance(error, Unavailable):
-        return type(error)(error.detail, **error.extra)
-    return DependencyDown(f"redis: {error}", dependency="redis")
+    """What a failed call answers each of its reservations. The Redis adapter has classified
+    it already (not sent: dependency_unavailable; sent, no answer: outcome_unknown); each
+    waiter gets its own copy, so that one traceback does not collect every raiser's."""
+    if isinstance(error, GatewayError):
+        if isinstance(error, Unavailable) or type(error) is GatewayError:
+            return type(error)(error.detail, **error.extra)
+        return error
+    # Not classified: whether the call reached Redis is not known, so neither is its outcome.
+    return OutcomeUnknown(f"redis: {error!r}", dependency="redis", retry_after=1)

@@ -13,6 +13,7 @@ from typing import Final
 import structlog
 
 from gateway.atp.ports import CommandSender
+from gateway.errors import Unavailable
 from gateway.metrics import RESERVATIONS, RESERVATIONS_DUE
 from gateway.reservation import keys
 from gateway.reservation.service import ReservationService
@@ -67,6 +68,16 @@ async def sweep_once(service: ReservationService, redis: CommandSender) -> int:
 
 
 async def run_sweeper(service: ReservationService, redis: CommandSender) -> None:
+    down = False
     while True:
-        await sweep_once(service, redis)
+        try:
+            await sweep_once(service, redis)
+        except Unavailable as exc:
+            # Redis down or stalled: the next pass tries again. Not a crash: the supervisor's
+            # backoff (up to 30 s) would hold expiry back long after Redis came back.
+            if not down:
+                log.warning("sweep_skipped", reason=exc.detail)
+            down = True
+        else:
+            down = False
         await asyncio.sleep(SWEEP_INTERVAL)

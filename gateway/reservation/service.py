@@ -23,9 +23,9 @@ from gateway.atp import keys as atp_keys
 from gateway.atp.ports import CommandSender, ImmediateScriptRunner
 from gateway.errors import (
     Conflict,
-    DependencyDown,
     GatewayError,
     NotFound,
+    OutcomeUnknown,
     Unavailable,
     ValidationFailed,
 )
@@ -44,9 +44,6 @@ RETENTION_SECONDS: Final = 24 * 3600
 # A cluster reservation whose request died is released by the sweeper after this.
 CLUSTER_LEASE_MS: Final = 30_000
 _RETENTION: Final = str(RETENTION_SECONDS)
-# Errors by which Redis refuses a write it could make later (out of memory, a replica, a
-# failover): a 503 the client may retry, not a defect.
-_REDIS_REFUSALS: Final = ("OOM ", "READONLY", "MASTERDOWN", "NOREPLICAS", "LOADING", "BUSY")
 # A settle retried this often is racing something that keeps changing the record.
 _SETTLE_ATTEMPTS: Final = 5
 _PENDING_POLL: Final = 0.02
@@ -251,11 +248,13 @@ class ReservationService:
         if kind == "short":
             return Outcome(shortfalls=_shortfalls(reply[1]))
         if kind == "error":
-            # This reservation's script step raised; the others of its call went on.
+            # This reservation's script step raised; the others of its call went on. Redis
+            # refusing a write (out of memory, a replica, a failover) is a 503 the adapter
+            # names; damaged data or a defect, not the client's doing, a 500, logged.
             message = _text(reply[1])
-            if any(refusal in message for refusal in _REDIS_REFUSALS):
-                raise DependencyDown(f"redis: {message}", dependency="redis")
-            # Damaged data or a defect, not the client's doing: a 500, logged.
+            error = self._scripts.script_error(message)
+            if isinstance(error, Unavailable):
+                raise error
             raise GatewayError(f"reservation {rid!r} failed in Redis: {message}")
         if kind == "conflict":
             raise Conflict(
@@ -287,6 +286,19 @@ class ReservationService:
             if reply[0] == "replay" and reply[1] == "pending":
                 return await self._await_pending(rid, fingerprint, ttl, skus, lines)
             return self._outcome(rid, reply)
+        try:
+            return await self._hold_and_finish(rid, ttl, skus, lines, record)
+        except OutcomeUnknown:
+            raise
+        except Unavailable as exc:
+            # The id is claimed and some SKUs may hold: whatever failed now, the reservation may
+            # exist. A retry with the same id answers it (the sweeper settles a claim whose
+            # lease ran out).
+            raise _unknown(rid, exc) from exc
+
+    async def _hold_and_finish(
+        self, rid: str, ttl: int, skus: list[str], lines: list[_Line], record: list[str]
+    ) -> Outcome:
         per_sku = [
             (
                 [atp_keys.position(sku), keys.holds(sku)],
@@ -333,15 +345,23 @@ class ReservationService:
         self, rid: str, fingerprint: str, ttl: int, skus: list[str], lines: list[_Line]
     ) -> Outcome:
         """Another request with the same id and body is mid-saga: answer what it answers."""
-        async with asyncio.timeout(_PENDING_WAIT):
-            while True:
-                await asyncio.sleep(_PENDING_POLL)
-                reply = await self._redis.call_many(
-                    [("HMGET", keys.record(rid), "st", "resp", "exp")]
-                )
-                status, answer, exp = reply[0]
-                if status is None or _text(status) != "pending":
-                    break
+        try:
+            async with asyncio.timeout(_PENDING_WAIT):
+                while True:
+                    await asyncio.sleep(_PENDING_POLL)
+                    reply = await self._redis.call_many(
+                        [("HMGET", keys.record(rid), "st", "resp", "exp")]
+                    )
+                    status, answer, exp = reply[0]
+                    if status is None or _text(status) != "pending":
+                        break
+        except TimeoutError:
+            # Its request died mid-way, or is slow: the lease decides, within CLUSTER_LEASE_MS.
+            raise OutcomeUnknown(
+                f"reservation {rid!r} is still being made by an earlier request; retry later",
+                reservation_id=rid,
+                retry_after=1,
+            ) from None
         if status is None:  # expired while pending: nothing holds, start afresh
             return await self._reserve_saga(rid, fingerprint, ttl, skus, lines)
         return self._outcome(
@@ -367,7 +387,17 @@ class ReservationService:
         status = await self._settle(rid, "release")
         if status == "confirmed":
             raise Conflict("already_confirmed", f"reservation {rid!r} is confirmed")
-        return await self.get(rid)
+        return await self._get_after_write(rid)
+
+    async def _get_after_write(self, rid: str) -> Reservation:
+        """The reservation as a write just left it. If Redis fails now, the write stands: the
+        answer is not "nothing was applied" but "retry to learn the outcome"."""
+        try:
+            return await self.get(rid)
+        except OutcomeUnknown:
+            raise
+        except Unavailable as exc:
+            raise _unknown(rid, exc) from exc
 
     async def confirm(self, rid: str) -> str:
         """Move a held reservation into ``committed``; idempotent. Returns the status after."""
@@ -395,7 +425,7 @@ class ReservationService:
             raise NotFound(f"reservation {rid!r} does not exist", reservation_id=rid)
         if status != "held":
             raise Conflict("not_held", f"reservation {rid!r} is {status}, not held")
-        return await self.get(rid)
+        return await self._get_after_write(rid)
 
     async def _settle(self, rid: str, action: str) -> str:
         record = _record_keys(rid)
@@ -436,14 +466,29 @@ class ReservationService:
             return reply[0]
         final, skus = reply[1], msgspec.json.decode(reply[2])
         how = "confirm" if final == "confirmed" else "release"
-        await self._scripts.run(
-            "cluster_unhold.lua",
-            [([atp_keys.position(s), keys.holds(s)], [rid, how]) for s in skus],
-        )
-        (done,) = await self._scripts.run(
-            "cluster_mark.lua", [(record, [rid, "done", "", "", "0", str(RETENTION_SECONDS)])]
-        )
+        try:
+            await self._scripts.run(
+                "cluster_unhold.lua",
+                [([atp_keys.position(s), keys.holds(s)], [rid, how]) for s in skus],
+            )
+            (done,) = await self._scripts.run(
+                "cluster_mark.lua", [(record, [rid, "done", "", "", "0", str(RETENTION_SECONDS)])]
+            )
+        except OutcomeUnknown:
+            raise
+        except Unavailable as exc:
+            # Marked settling: a retry resumes the settlement where this one stopped.
+            raise _unknown(rid, exc) from exc
         return _text(done[0])
+
+
+def _unknown(rid: str, cause: GatewayError) -> OutcomeUnknown:
+    return OutcomeUnknown(
+        f"reservation {rid!r} was partly written when Redis failed ({cause.detail}); retry with "
+        "the same reservation_id to learn the outcome",
+        reservation_id=rid,
+        retry_after=1,
+    )
 
 
 def _plan(
