@@ -14,6 +14,8 @@ from tests.conftest import auth
 from tests.helpers import event
 
 Client = TestClient[Any, Any]
+# Raw bodies need it: aiohttp's client labels bytes application/octet-stream (a 415).
+JSON = {"Content-Type": "application/json"}
 
 
 async def post_events(client: Client, events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -134,7 +136,7 @@ async def test_batch_is_validated_whole(client: Client, redis: aioredis.Redis) -
     ],
 )
 async def test_malformed_batches(client: Client, body: bytes, redis: aioredis.Redis) -> None:
-    resp = await client.post("/v1/stock-events", data=body, headers=auth("feed"))
+    resp = await client.post("/v1/stock-events", data=body, headers=auth("feed") | JSON)
     assert resp.status == 422
     assert_problem(await resp.json(), 422, "validation_error")
     assert await stock_keys(redis) == []
@@ -146,7 +148,7 @@ async def test_batch_limits(client: Client) -> None:
     assert resp.status == 422
     assert (await post_events(client, too_many[:1000]))["applied"] == 1000
     huge = b'{"events": [' + b" " * (1024 * 1024) + b"]}"
-    resp = await client.post("/v1/stock-events", data=io.BytesIO(huge), headers=auth("feed"))
+    resp = await client.post("/v1/stock-events", data=io.BytesIO(huge), headers=auth("feed") | JSON)
     assert resp.status == 413
     assert_problem(await resp.json(), 413, "payload_too_large")
 

@@ -6,27 +6,52 @@
 --           names, and 5 values per event: location index (1..n), kind ('s'|'a'),
 --           occurred_at (µs), event_id, quantity
 -- returns   per group {codes, shortfalls}: one code per event (0 applied, 1 duplicate,
---           2 stale), and location, units pairs where reserved + committed exceed on-hand
+--           2 stale, 3 rejected), and location, units pairs where reserved + committed
+--           exceed on-hand
 --
 -- Position fields: b: base (snapshot quantity plus adjustments folded at the horizon),
 -- bt:/bi: the newest snapshot's time and event id, as: sum of the adjustments kept in the
--- location's adjustment set, oh: on-hand = b + as (what readers use).
+-- location's adjustment set, ag: sum of their magnitudes, oh: on-hand = b + as (what readers
+-- use).
 -- Validation happened in the gateway: a Lua error half-way would keep the writes before it.
+--
+-- Exactness: Lua numbers are doubles, exact for integers up to 2^53 (~9.007e15). The gateway
+-- bounds quantities (|q| <= 1e9) and times (microseconds < 2^53); here an adjustment that would
+-- take |on-hand| or ag beyond LIMIT is refused (3, and its id is not kept). So |as| <= ag
+-- <= LIMIT, |b| <= 2 * LIMIT + 1e9, and every sum formed here or in the reservation scripts
+-- stays below 5e15. LIMIT is gateway.atp.schemas.MAX_POSITION.
 
+local LIMIT = 1000000000000000
 local t = redis.call('TIME')
 local cutoff = (tonumber(t[1]) * 1000000 + tonumber(t[2])) - tonumber(ARGV[1])
 local cutoff_s = string.format('%d', cutoff)
 
--- Sum and drop the adjustments at or before a time; each one is dropped once, so this is amortised.
+local function quantity_of(member)
+  return tonumber(string.match(member, '^(-?%d+)|'))
+end
+
+-- Sum and drop the adjustments at or before a time; each one is dropped once, so this is
+-- amortised. Returns their sum and the sum of their magnitudes (both <= ag: exact).
 local function drop_until(adj, score)
   local gone = redis.call('ZRANGEBYSCORE', adj, '-inf', score)
-  if #gone == 0 then return 0 end
-  local sum = 0
+  if #gone == 0 then return 0, 0 end
+  local sum, gross = 0, 0
   for _, member in ipairs(gone) do
-    sum = sum + tonumber(string.match(member, '^(-?%d+)|'))
+    local q = quantity_of(member)
+    sum = sum + q
+    gross = gross + math.abs(q)
   end
   redis.call('ZREMRANGEBYSCORE', adj, '-inf', score)
-  return sum
+  return sum, gross
+end
+
+-- ag of a position written before ag existed: the magnitudes of what its set keeps.
+local function gross_of(adj)
+  local gross = 0
+  for _, member in ipairs(redis.call('ZRANGE', adj, 0, -1)) do
+    gross = gross + math.abs(quantity_of(member))
+  end
+  return gross
 end
 
 -- Byte order, as the gateway compares event ids: Lua's '<' follows the server's locale.
@@ -48,15 +73,21 @@ local function apply_group(key, arg)
   for i = 1, nloc do
     local loc = ARGV[arg + 1 + i]
     local f = redis.call('HMGET', pos, 'b:' .. loc, 'bt:' .. loc, 'bi:' .. loc, 'as:' .. loc,
-                         'res:' .. loc, 'com:' .. loc)
+                         'res:' .. loc, 'com:' .. loc, 'ag:' .. loc)
     local st = {loc = loc, adj = KEYS[key + 1 + i], base = tonumber(f[1]) or 0,
                 bt = tonumber(f[2]), bi = f[3] or '', asum = tonumber(f[4]) or 0,
-                res = tonumber(f[5]) or 0, com = tonumber(f[6]) or 0, dirty = false}
+                res = tonumber(f[5]) or 0, com = tonumber(f[6]) or 0,
+                gross = tonumber(f[7]) or 0, dirty = false}
+    if not f[7] and f[4] then
+      st.gross = gross_of(st.adj)
+      st.dirty = true
+    end
     -- Fold what fell behind the horizon into the base: nothing older can be applied any more.
-    local folded = drop_until(st.adj, cutoff_s)
-    if folded ~= 0 then
+    local folded, folded_gross = drop_until(st.adj, cutoff_s)
+    if folded_gross ~= 0 then
       st.base = st.base + folded
       st.asum = st.asum - folded
+      st.gross = st.gross - folded_gross
       st.dirty = true
     end
     state[i] = st
@@ -79,7 +110,9 @@ local function apply_group(key, arg)
         if st.bt and (ts < st.bt or (ts == st.bt and bytes_less(id, st.bi))) then
           code = 2
         else
-          st.asum = st.asum - drop_until(st.adj, ts_s)
+          local dropped, dropped_gross = drop_until(st.adj, ts_s)
+          st.asum = st.asum - dropped
+          st.gross = st.gross - dropped_gross
           st.base, st.bt, st.bi = tonumber(qty_s), ts, id
           st.dirty = true
           code = 0
@@ -87,10 +120,20 @@ local function apply_group(key, arg)
       elseif st.bt and ts <= st.bt then
         code = 2
       else
-        redis.call('ZADD', st.adj, ts_s, qty_s .. '|' .. id)
-        st.asum = st.asum + tonumber(qty_s)
-        st.dirty = true
-        code = 0
+        local qty = tonumber(qty_s)
+        local gross = st.gross + math.abs(qty)
+        local on_hand = st.base + st.asum + qty
+        if gross > LIMIT or on_hand > LIMIT or on_hand < -LIMIT then
+          -- Not applied: its id is forgotten, so a retry is not taken for a duplicate.
+          redis.call('ZREM', ids, id)
+          code = 3
+        else
+          redis.call('ZADD', st.adj, ts_s, qty_s .. '|' .. id)
+          st.asum = st.asum + qty
+          st.gross = gross
+          st.dirty = true
+          code = 0
+        end
       end
     end
     codes[e + 1] = code
@@ -108,7 +151,8 @@ local function apply_group(key, arg)
         table.insert(short, loc); table.insert(short, string.format('%d', gap))
       end
       local fields = {'b:' .. loc, string.format('%d', st.base), 'as:' .. loc,
-                      string.format('%d', st.asum), 'oh:' .. loc, string.format('%d', on_hand)}
+                      string.format('%d', st.asum), 'ag:' .. loc, string.format('%d', st.gross),
+                      'oh:' .. loc, string.format('%d', on_hand)}
       if st.bt then
         table.insert(fields, 'bt:' .. loc); table.insert(fields, string.format('%d', st.bt))
         table.insert(fields, 'bi:' .. loc); table.insert(fields, st.bi)

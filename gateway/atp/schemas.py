@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Final, Literal
 
 import msgspec
@@ -11,8 +11,20 @@ import msgspec
 CODE_PATTERN: Final = r"^[A-Za-z0-9._:\-]{1,64}\Z"
 # Printable: anything but C0/C1 control characters (and DEL).
 EVENT_ID_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]{1,128}\Z"
-MAX_QUANTITY: Final = 10**12
 MAX_EVENTS: Final = 1000
+# Bounds that keep the event rule exact: Redis runs it in Lua, whose numbers are doubles, exact
+# for integers up to 2^53 (about 9.007e15).
+# - A quantity (snapshot, adjustment, safety stock; a reservation line's too) is at most 10^9.
+# - A position stays within MAX_POSITION: apply_events.lua refuses an adjustment (outcome
+#   ``rejected``) that would take on-hand beyond +-10^15 or the sum of the magnitudes of the
+#   adjustments it keeps (those after its snapshot, within the horizon) beyond 10^15. Then every
+#   sum the scripts form (on-hand, reserved + committed + safety stock, what is left to hold, the
+#   adjustments a snapshot or the horizon drops) stays below 5 * 10^15.
+# - occurred_at lies between OCCURRED_AT_FLOOR and the gateway's clock plus
+#   GATEWAY_MAX_CLOCK_SKEW_SECONDS: microseconds since 1970 below 2^53 (that is year 2255).
+MAX_QUANTITY: Final = 10**9
+MAX_POSITION: Final = 10**15
+OCCURRED_AT_FLOOR: Final = datetime(2000, 1, 1, tzinfo=UTC)
 
 Code = Annotated[str, msgspec.Meta(pattern=CODE_PATTERN, min_length=1, max_length=64)]
 # The same rule in two parts, for structs with many codes (a 100-line cart): msgspec checks the
@@ -53,10 +65,13 @@ class RawStockEventBatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     events: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1, max_length=MAX_EVENTS)]
 
 
-class IngestResult(msgspec.Struct, frozen=True, kw_only=True):
+class IngestResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     applied: int
     duplicate: int
     stale: int
+    # Adjustments refused because the position would leave MAX_POSITION (see above); in the
+    # answer only when there are some, which a sane feed never meets.
+    rejected: int = 0
 
 
 class LocationAvailability(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, get_type_hints
 
 import msgspec
 
-from gateway.atp.schemas import RawStockEventBatch, StockEvent, StockEventBatch
+from gateway.atp.schemas import (
+    OCCURRED_AT_FLOOR,
+    RawStockEventBatch,
+    StockEvent,
+    StockEventBatch,
+)
 from gateway.errors import ValidationFailed
 
 _batch_decoder: Final = msgspec.json.Decoder(StockEventBatch)
@@ -26,11 +31,29 @@ _FIELD_TYPES: Final = get_type_hints(StockEvent, include_extras=True)
 _REQUIRED: Final = ("event_id", "type", "sku", "location", "quantity", "occurred_at")
 
 
-def semantic_errors(event: StockEvent) -> list[dict[str, Any]]:
-    """Rules msgspec constraints cannot express: offsets on timestamps, signs per event type."""
+DEFAULT_MAX_SKEW_SECONDS: Final = 300
+_FLOOR_TEXT: Final = OCCURRED_AT_FLOOR.isoformat().replace("+00:00", "Z")
+
+
+def latest_allowed(max_skew_seconds: int) -> datetime:
+    """The latest ``occurred_at`` accepted now: the gateway's clock plus the allowed skew."""
+    return datetime.now(UTC) + timedelta(seconds=max_skew_seconds)
+
+
+def semantic_errors(event: StockEvent, latest: datetime) -> list[dict[str, Any]]:
+    """Rules msgspec constraints cannot express: offsets and bounds on timestamps (``latest``
+    from :func:`latest_allowed`), signs per event type."""
     errors: list[dict[str, Any]] = []
-    if event.occurred_at.tzinfo is None:
+    occurred_at = event.occurred_at
+    if occurred_at.tzinfo is None:
         errors.append(_err("occurred_at", "must be an RFC 3339 timestamp with a UTC offset"))
+    elif occurred_at > latest:
+        # A feed's clock ahead by hours (or a typo of a year) would otherwise freeze the
+        # position: every real snapshot after it would be older, hence stale.
+        limit = latest.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+        errors.append(_err("occurred_at", f"must not be in the future beyond {limit}"))
+    elif occurred_at < OCCURRED_AT_FLOOR:
+        errors.append(_err("occurred_at", f"must not be before {_FLOOR_TEXT}"))
     if event.type == "snapshot" and event.quantity < 0:
         errors.append(_err("quantity", "a snapshot's quantity must be >= 0"))
     elif event.type == "adjustment" and event.quantity == 0:
@@ -54,46 +77,56 @@ def malformed_json(exc: msgspec.DecodeError | RecursionError) -> ValidationFaile
     return ValidationFailed([_err("", f"malformed JSON: {exc}")])
 
 
-def decode_event(data: bytes | str) -> StockEvent:
-    """Decode one event (a Kafka message value); raises ValidationFailed listing its errors."""
+def decode_event(
+    data: bytes | str, *, max_skew_seconds: int = DEFAULT_MAX_SKEW_SECONDS
+) -> StockEvent:
+    """Decode one event (a Kafka message value); raises ValidationFailed listing its errors.
+
+    ``max_skew_seconds``: how far ``occurred_at`` may lie ahead of the gateway's clock."""
+    latest = latest_allowed(max_skew_seconds)
     with malformed_json_is_invalid():
         try:
             event = _event_decoder.decode(data)
         except msgspec.ValidationError:
-            raise ValidationFailed(_event_errors(data)) from None
-    errors = semantic_errors(event)
+            raise ValidationFailed(_event_errors(data, latest)) from None
+    errors = semantic_errors(event, latest)
     if errors:
         raise ValidationFailed(errors)
     return event
 
 
-def decode_batch(body: bytes) -> list[StockEvent]:
-    """Decode a ``{"events": [...]}`` body; on any error raise ValidationFailed listing them all."""
+def decode_batch(
+    body: bytes, *, max_skew_seconds: int = DEFAULT_MAX_SKEW_SECONDS
+) -> list[StockEvent]:
+    """Decode a ``{"events": [...]}`` body; on any error raise ValidationFailed listing them all.
+
+    ``max_skew_seconds``: how far ``occurred_at`` may lie ahead of the gateway's clock."""
+    latest = latest_allowed(max_skew_seconds)
     with malformed_json_is_invalid():
         try:
             events = _batch_decoder.decode(body).events
         except msgspec.ValidationError:
-            raise ValidationFailed(_batch_errors(body)) from None
+            raise ValidationFailed(_batch_errors(body, latest)) from None
     errors: list[dict[str, Any]] = []
     for index, event in enumerate(events):
-        errors.extend({"index": index, **e} for e in semantic_errors(event))
+        errors.extend({"index": index, **e} for e in semantic_errors(event, latest))
     if errors:
         raise ValidationFailed(errors)
     return events
 
 
-def _batch_errors(body: bytes) -> list[dict[str, Any]]:
+def _batch_errors(body: bytes, latest: datetime) -> list[dict[str, Any]]:
     try:
         raw = _raw_batch_decoder.decode(body)
     except msgspec.ValidationError as exc:
         return [_err(_path(exc, ""), _message(exc))]
     errors: list[dict[str, Any]] = []
     for index, item in enumerate(raw.events):
-        errors.extend({"index": index, **e} for e in _event_errors(item))
+        errors.extend({"index": index, **e} for e in _event_errors(item, latest))
     return errors
 
 
-def _event_errors(data: bytes | str | msgspec.Raw) -> list[dict[str, Any]]:
+def _event_errors(data: bytes | str | msgspec.Raw, latest: datetime) -> list[dict[str, Any]]:
     try:
         obj = _any_decoder.decode(data)
     except msgspec.DecodeError as exc:
@@ -118,7 +151,7 @@ def _event_errors(data: bytes | str | msgspec.Raw) -> list[dict[str, Any]]:
             errors.append(_err(name, _message(exc)))
     if not errors:
         # Every field is well typed on its own, so the only failures left are semantic.
-        errors = semantic_errors(msgspec.convert(obj, StockEvent, strict=False))
+        errors = semantic_errors(msgspec.convert(obj, StockEvent, strict=False), latest)
     return errors
 
 

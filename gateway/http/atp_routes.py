@@ -9,7 +9,7 @@ from gateway.atp.validation import decode_batch
 from gateway.http.availability_query import parse_query
 from gateway.http.codec import json_response, read_body
 from gateway.http.guard import requires
-from gateway.http.state import APPLIER, AVAILABILITY
+from gateway.http.state import APPLIER, AVAILABILITY, SETTINGS
 from gateway.metrics import STOCK_EVENTS
 
 routes = web.RouteTableDef()
@@ -18,11 +18,14 @@ routes = web.RouteTableDef()
 @routes.post("/v1/stock-events")
 @requires("feed")
 async def post_stock_events(request: web.Request) -> web.Response:
-    events = decode_batch(await read_body(request))
+    skew = request.app[SETTINGS].max_clock_skew_seconds
+    events = decode_batch(await read_body(request), max_skew_seconds=skew)
     result = await request.app[APPLIER].apply(events)
     STOCK_EVENTS.labels("http", "applied").inc(result.applied)
     STOCK_EVENTS.labels("http", "duplicate").inc(result.duplicate)
     STOCK_EVENTS.labels("http", "stale").inc(result.stale)
+    if result.rejected:
+        STOCK_EVENTS.labels("http", "rejected").inc(result.rejected)
     return json_response(result)
 
 

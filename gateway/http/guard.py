@@ -19,7 +19,7 @@ from typing import Final
 import structlog
 from aiohttp import web
 
-from gateway.errors import GatewayError, ShuttingDown
+from gateway.errors import ClientGone, GatewayError, RequestTimeout, ShuttingDown
 from gateway.http import problems
 from gateway.http.auth import Authenticator
 from gateway.http.request_metrics import REQUEST_METRICS
@@ -39,6 +39,13 @@ _ALWAYS_OPEN: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 _ROLES: dict[Handler, str] = {}
 _UNMATCHED: Final = "unmatched"
 _PATTERN: Final = re.compile(r"\{(\w+):[^}]*\}")
+# The metrics' status for a request whose client hung up before its answer (nginx's code).
+CLIENT_GONE: Final = ClientGone.http_status
+
+
+def new_request_id() -> str:
+    """A fresh request id (the guard inlines the same expression on its hot path)."""
+    return f"{_ID_PREFIX}{next(_ids):x}"
 
 
 def requires(role: str) -> Callable[[Handler], Handler]:
@@ -78,6 +85,7 @@ class Guard:
             else:
                 request_id = f"{_ID_PREFIX}{next(_ids):x}"
             token = REQUEST_ID.set(request_id)
+            close = False
             try:
                 if lifecycle.draining and request.path not in _ALWAYS_OPEN:
                     raise ShuttingDown(
@@ -92,6 +100,8 @@ class Guard:
                         "request_failed", code=exc.code, detail=exc.detail, path=request.path
                     )
                 response = problems.from_error(exc, request_id)
+                if isinstance(exc, RequestTimeout):
+                    close = True
             except web.HTTPException as exc:
                 response = problems.from_http_exception(exc, request_id)
             except Exception:
@@ -107,19 +117,45 @@ class Guard:
                 REQUEST_ID.reset(token)
             response.headers["X-Request-ID"] = request_id
             elapsed = time.perf_counter() - started
-            REQUEST_METRICS.observe(route_name, request.method, response.status, elapsed)
+            status = response.status
+            if request.transport is None:
+                # Hung up before its answer (mid-body included): nothing reaches anyone, and
+                # it is the client's doing, so it is counted apart and not logged as an error.
+                status = CLIENT_GONE
+                log.debug("client_gone", request_id=request_id, path=request.path)
+            REQUEST_METRICS.observe(route_name, request.method, status, elapsed)
             if access_log:
                 log.info(
                     "http_request",
                     request_id=request_id,
                     method=request.method,
                     path=request.path,
-                    status=response.status,
+                    status=status,
                     ms=round(elapsed * 1000, 3),
                 )
+            if close:
+                await _answer_and_close(request, response)
             return response
 
         return guarded
+
+
+async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
+    """Send ``response`` and close the connection at once.
+
+    Returned normally, a response to a request whose body is unread makes aiohttp read and
+    discard the rest for up to 10 s ("lingering close") before it closes: a client too slow to
+    send its body in time would hold its connection that much longer. Sent here, with the
+    connection then closed, aiohttp finds the answer written and the connection gone.
+    """
+    response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # gone meanwhile: closing is all there is left to do
+    finally:
+        request.protocol.force_close()
 
 
 async def _not_routed(request: web.Request) -> web.StreamResponse:

@@ -12,13 +12,16 @@ from gateway.errors import GatewayError
 CONTENT_TYPE: Final = "application/problem+json"
 TYPE_BASE: Final = "https://atp-gateway.dev/problems/"
 
-# aiohttp's own HTTP errors (no route, wrong method, body too large) as stable codes.
+# aiohttp's own HTTP errors (no route, wrong method, body too large, requests its parser
+# refused) as stable codes.
 _HTTP_CODES: Final = {
     400: ("bad_request", "Bad request"),
     404: ("not_found", "Not found"),
     405: ("method_not_allowed", "Method not allowed"),
+    408: ("request_timeout", "Request timeout"),
     413: ("payload_too_large", "Request body too large"),
     415: ("unsupported_media_type", "Unsupported media type"),
+    500: ("internal_error", "Internal error"),
 }
 
 
@@ -43,11 +46,18 @@ def from_error(exc: GatewayError, request_id: str | None) -> web.Response:
     body = _body(exc.http_status, exc.code, exc.title, exc.detail, request_id)
     headers = None
     for key, value in exc.extra.items():
-        if key == "retry_after":  # a header, not a member of the body
-            headers = {"Retry-After": str(value)}
-        else:
+        header = _HEADER_EXTRAS.get(key)
+        if header is None:
             body[key] = value
+        elif headers is None:
+            headers = {header: str(value)}
+        else:
+            headers[header] = str(value)
     return _respond(exc.http_status, body, headers)
+
+
+# Extras of an error that are response headers, not members of the body.
+_HEADER_EXTRAS: Final = {"retry_after": "Retry-After", "accept_encoding": "Accept-Encoding"}
 
 
 def _body(
@@ -69,6 +79,14 @@ def _respond(status: int, body: dict[str, Any], headers: dict[str, str] | None) 
     return web.Response(
         status=status, body=orjson.dumps(body), content_type=CONTENT_TYPE, headers=headers
     )
+
+
+def for_status(
+    status: int, detail: str, request_id: str | None, *, code: str | None = None
+) -> web.Response:
+    """A problem for a bare HTTP status (and optionally a more precise code than its own)."""
+    default_code, title = _HTTP_CODES.get(status, ("http_error", "HTTP error"))
+    return problem_response(status, code or default_code, title, detail, request_id=request_id)
 
 
 def from_http_exception(exc: web.HTTPException, request_id: str | None) -> web.Response:

@@ -101,7 +101,9 @@ local function hold_lines(rid, lines, pairs_from, ss_key, numbered)
       for i, member in ipairs(members) do
         local a = avail(pos, member[1], member[2])
         if a > 0 then
-          total = total + a
+          -- Summed only while short of the line: 500 members' stock could pass 2^53, where
+          -- Lua's doubles stop counting units exactly (each member's own stays below).
+          if total < q then total = total + a end
           cands[#cands + 1] = {loc = member[1], a = a, i = i}
         end
       end

@@ -6,10 +6,11 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from gateway.atp.schemas import CODE_PATTERN, CodeLength, is_code
+from gateway.atp.schemas import CODE_PATTERN, MAX_QUANTITY, CodeLength, is_code
 
 MAX_LINES: Final = 100
-MAX_LINE_QUANTITY: Final = 1_000_000_000
+# The bound of every quantity: the scripts' sums stay exact (gateway.atp.schemas).
+MAX_LINE_QUANTITY: Final = MAX_QUANTITY
 DEFAULT_TTL_SECONDS: Final = 900
 
 RESERVATION_ID_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]{1,128}\Z"
