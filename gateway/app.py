@@ -108,7 +108,8 @@ async def _kafka_ctx(app: web.Application) -> AsyncIterator[None]:
     if not settings.kafka_bootstrap:
         yield
         return
-    worker = functools.partial(run_consumer, settings, app[APPLIER])
+    # PostgreSQL may not be there yet: only a dead letter the DLQ refuses needs it.
+    worker = functools.partial(run_consumer, settings, app[APPLIER], app[PG_POOL])
     async with supervised("kafka-consumer", worker, app[LIFECYCLE]):
         yield
 

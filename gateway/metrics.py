@@ -84,3 +84,9 @@ STOCK_SHORTFALL: Final = Counter(
     "gateway_stock_shortfall_events_total",
     "Stock events that left a position with on-hand below what is reserved and committed",
 )
+KAFKA_DEAD_LETTER_WRITES: Final = Counter(
+    "gateway_kafka_dead_letter_writes_total",
+    "Dead letters written, by source topic and where: dlq (as is), dlq_truncated (a bounded copy; "
+    "the original in PostgreSQL), postgres (the DLQ took neither, PostgreSQL holds the only copy)",
+    ["topic", "destination"],
+)

@@ -2,8 +2,10 @@
 
 Delivery is at-least-once: a batch's offsets are committed only once its events are in Redis, and
 applying is idempotent, so a crash or rebalance replays at most the uncommitted tail harmlessly.
-A message that is not a valid event goes to ``<topic>.dlq`` (with the reason in a header) before
-its offset is committed, so it never stalls its partition and is never silently dropped.
+A message that is not a valid event is dead-lettered (``gateway.adapters.dead_letters``: to
+``<topic>.dlq``, as a bounded copy if too large, else to PostgreSQL; once per source offset)
+before its offset is committed, so it never stalls its partition and is never silently dropped.
+The valid events of its batch are applied meanwhile.
 """
 
 from __future__ import annotations
@@ -11,20 +13,25 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import MessageSizeTooLargeError
 
+from gateway.adapters.dead_letters import (
+    Database,
+    DeadLetter,
+    DeadLetterLedger,
+    DeadLetterWriter,
+)
 from gateway.atp.events import OUTCOMES, EventApplier
 from gateway.atp.schemas import StockEvent
 from gateway.atp.validation import decode_event
 from gateway.errors import ValidationFailed
-from gateway.metrics import KAFKA_BATCH_SECONDS, KAFKA_DLQ, KAFKA_LAG, STOCK_EVENTS
+from gateway.metrics import KAFKA_BATCH_SECONDS, KAFKA_LAG, STOCK_EVENTS
 from gateway.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -34,17 +41,13 @@ MAX_RECORDS: Final = 5000
 # commits still happen strictly in fetch order.
 PIPELINE_DEPTH: Final = 3
 DRAIN_TIMEOUT: Final = 5.0
-DLQ_SUFFIX: Final = ".dlq"
+# A dead letter the DLQ has not acknowledged within this goes to PostgreSQL instead.
+DLQ_TIMEOUT: Final = 5.0
+# The producer's own limit (Kafka's default broker limit too): a bigger dead letter is sent as a
+# bounded copy.
+DLQ_MAX_REQUEST: Final = 1024 * 1024
 
 Offsets = dict[TopicPartition, int]
-
-
-@dataclasses.dataclass(slots=True)
-class _DeadLetter:
-    record: ConsumerRecord[Any, Any]
-    topic: str
-    headers: list[tuple[str, bytes]]
-    sent: asyncio.Future[Any] | None = None
 
 
 class _Drainer(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -67,12 +70,14 @@ class KafkaIngest:
     def __init__(
         self,
         consumer: AIOKafkaConsumer,
-        producer: AIOKafkaProducer,
+        dead_letters: DeadLetterWriter,
         applier: EventApplier,
+        decode: Callable[[bytes], StockEvent] = decode_event,
     ) -> None:
         self._consumer = consumer
-        self._producer = producer
+        self._dead_letters = dead_letters
         self._applier = applier
+        self._decode = decode
         self._in_flight: collections.deque[tuple[asyncio.Task[None], Offsets]] = collections.deque()
         # The consumer loop and a rebalance's drain both commit; one at a time, in fetch order.
         self._commit_lock = asyncio.Lock()
@@ -141,63 +146,33 @@ class KafkaIngest:
         loop = asyncio.get_running_loop()
         started = loop.time()
         events: list[StockEvent] = []
-        dead: list[_DeadLetter] = []
+        dead: list[DeadLetter] = []
         for record in records:
             try:
                 if record.value is None:
                     raise ValidationFailed([{"field": "", "message": "message has no value"}])
-                events.append(decode_event(record.value))
+                events.append(self._decode(record.value))
             except ValidationFailed as exc:
                 reason = "; ".join(f"{e['field'] or 'event'}: {e['message']}" for e in exc.errors)
-                dead.append(await self._dead_letter(record, reason or "event: invalid"))
+                dead.append(DeadLetter.of(record, reason or "event: invalid"))
             except Exception as exc:  # noqa: BLE001 - whatever cannot be decoded is dead-lettered
                 # (e.g. JSON nested deeper than the validator recurses): never stall the partition.
-                dead.append(await self._dead_letter(record, f"event: undecodable: {exc!r}"))
+                dead.append(DeadLetter.of(record, f"event: undecodable: {exc!r}"))
         if dead:
-            await asyncio.gather(*(self._confirm_dead_letter(letter) for letter in dead))
-        codes = await self._applier.apply_codes(events) if events else []
+            # Side by side: valid events are applied even while their dead neighbours wait for
+            # a place to go (the DLQ and PostgreSQL both down).
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._dead_letters.write(dead))
+                applying = group.create_task(self._apply(events))
+            codes = applying.result()
+        else:
+            codes = await self._apply(events)
         for code, outcome in enumerate(OUTCOMES):
             STOCK_EVENTS.labels("kafka", outcome).inc(codes.count(code))
         KAFKA_BATCH_SECONDS.observe(loop.time() - started)
 
-    async def _dead_letter(self, record: ConsumerRecord[Any, Any], reason: str) -> _DeadLetter:
-        """Queue a dead letter; queued one by one, they keep the source order."""
-        log.warning(
-            "kafka_dead_letter",
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            reason=reason,
-        )
-        headers = [
-            *(record.headers or ()),
-            ("dlq-reason", reason.encode()),
-            ("dlq-source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
-        ]
-        letter = _DeadLetter(record, record.topic + DLQ_SUFFIX, headers)
-        with contextlib.suppress(MessageSizeTooLargeError):  # confirming sends it without value
-            key = _dlq_key(record, record.value)
-            letter.sent = await self._producer.send(
-                letter.topic, value=record.value, key=key, headers=headers
-            )
-        return letter
-
-    async def _confirm_dead_letter(self, letter: _DeadLetter) -> None:
-        record = letter.record
-        try:
-            if letter.sent is None:
-                raise MessageSizeTooLargeError()
-            await letter.sent
-        except MessageSizeTooLargeError:
-            # Too big to copy (producer or broker limit): without its value the dead letter still
-            # names the original by dlq-source; failing here would stall the partition for good.
-            size = len(record.value or b"")
-            headers = [*letter.headers, ("dlq-value-dropped", f"{size} bytes".encode())]
-            resent = await self._producer.send(
-                letter.topic, value=None, key=_dlq_key(record, None), headers=headers
-            )
-            await resent
-        KAFKA_DLQ.labels(record.topic).inc()
+    async def _apply(self, events: list[StockEvent]) -> list[int]:
+        return await self._applier.apply_codes(events) if events else []
 
     def _update_lag(self) -> None:
         # highwater() is right where end_offsets() is not (seen with tansu after batched produce).
@@ -211,14 +186,19 @@ class KafkaIngest:
                 KAFKA_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - done))
 
 
-def _dlq_key(record: ConsumerRecord[Any, Any], value: bytes | None) -> bytes | None:
-    # The client refuses a record with neither key nor value (a tombstone without a key): an
-    # empty key lets such a dead letter through, its value still null like the original's.
-    return b"" if record.key is None and value is None else record.key
+async def run_consumer(
+    settings: Settings,
+    applier: EventApplier,
+    db: Database,
+    *,
+    dlq_bootstrap: str | None = None,
+    dlq_timeout: float = DLQ_TIMEOUT,
+) -> None:
+    """Consume until cancelled; on cancel, finish and commit in-flight batches within a deadline.
 
-
-async def run_consumer(settings: Settings, applier: EventApplier) -> None:
-    """Consume until cancelled; on cancel, finish and commit in-flight batches within a deadline."""
+    ``db`` need not be connected: PostgreSQL down only matters to a dead letter the DLQ will not
+    take either (see ``gateway.adapters.dead_letters``).
+    """
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=settings.kafka_group,
@@ -230,9 +210,19 @@ async def run_consumer(settings: Settings, applier: EventApplier) -> None:
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=False
+        bootstrap_servers=dlq_bootstrap or settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=False,
+        max_request_size=DLQ_MAX_REQUEST,
+        # Bounds metadata waits and delivery (a batch not acknowledged in time expires), so a
+        # DLQ that never answers is given up on and PostgreSQL takes the dead letter.
+        request_timeout_ms=int(dlq_timeout * 1000),
     )
-    ingest = KafkaIngest(consumer, producer, applier)
+    ledger = DeadLetterLedger(db)
+    dead_letters = DeadLetterWriter(producer, ledger, send_timeout=dlq_timeout)
+    # A far-future occurred_at is refused here as over HTTP: it would outrank every real event.
+    decode = functools.partial(decode_event, max_skew_seconds=settings.max_clock_skew_seconds)
+    ingest = KafkaIngest(consumer, dead_letters, applier, decode)
     await producer.start()
     try:
         consumer.subscribe(list(settings.kafka_topics), listener=_Drainer(ingest))
