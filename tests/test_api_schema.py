@@ -14,13 +14,17 @@ server keeps serving on the test's event loop. Generation is derandomized: a run
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote
 
 import hypothesis
+import msgspec
+import orjson
 import pytest
 import requests
 import schemathesis
@@ -39,12 +43,16 @@ from schemathesis.specs.openapi.checks import (
 
 import gateway.http
 from gateway.app import create_app
+from gateway.atp.schemas import MAX_QUANTITY, OCCURRED_AT_FLOOR
+from gateway.atp.validation import DEFAULT_MAX_SKEW_SECONDS
 from gateway.http.state import RESERVATIONS_SERVICE
 from gateway.settings import Settings
 from tests.conftest import KEYS, auth
-from tests.helpers import event
+from tests.helpers import at, event
+from tests.served import GatewayTestServer
 
 SPEC: Final = Path(gateway.http.__file__).with_name("openapi.yaml")
+_TIMESTAMP: Final = msgspec.json.Decoder(datetime)
 # Keys are sent by the tests, per role: cases carry no generated (or mutated) Authorization.
 CONFIG: Final = schemathesis.Config.from_dict({"generation": {"with-security-parameters": False}})
 SCHEMA: Final = schemathesis.openapi.from_path(SPEC, config=CONFIG)
@@ -104,8 +112,8 @@ _EXTEND_PATH: Final = RESERVATIONS + "/{reservation_id}/extend"
 # What reservation fuzzing runs against: stock of two SKUs (one plentiful, one scarce), a group
 # and one reservation per state a path operation can meet.
 SEED_STOCK: Final = {
-    ("SKU-1", "L1"): 10**12,
-    ("SKU-1", "L2"): 10**12,
+    ("SKU-1", "L1"): MAX_QUANTITY,
+    ("SKU-1", "L2"): MAX_QUANTITY,
     ("SKU-2", "L1"): 3,
     ("SKU-2", "L2"): 2,
 }
@@ -159,11 +167,37 @@ def _with_reservation_id(case: Case, reservation_id: str | None) -> Case:
     return case
 
 
+def _fit_events(case: Case) -> Case:
+    """The rule OpenAPI cannot state: ``occurred_at`` within the floor and the clock skew.
+
+    A generated time outside them (most are: any year 0000-9999) becomes one inside; the
+    generated form of those inside (offsets, fractions) is kept.
+    """
+    body = case.body
+    if not isinstance(body, dict) or not isinstance(body.get("events"), list):
+        return case
+    latest = datetime.now(UTC) + timedelta(seconds=DEFAULT_MAX_SKEW_SECONDS - 60)
+    events = []
+    for generated in body["events"]:
+        fitted = dict(generated)
+        try:
+            when = _TIMESTAMP.decode(orjson.dumps(generated.get("occurred_at")))
+        except msgspec.ValidationError:
+            when = None
+        if when is not None and when.tzinfo is not None and not OCCURRED_AT_FLOOR <= when <= latest:
+            fitted["occurred_at"] = at(0)
+        events.append(fitted)
+    case.body = {**body, "events": events}
+    return case
+
+
 def _strategy(operation: APIOperation, mode: GenerationMode) -> st.SearchStrategy[Case]:
     strategy = operation.as_strategy(generation_mode=mode)
     if mode is not GenerationMode.POSITIVE:
         return strategy
-    if operation.path == "/v1/availability":
+    if operation.path == "/v1/stock-events":
+        strategy = st.builds(_fit_events, strategy)
+    elif operation.path == "/v1/availability":
         strategy = strategy.filter(_one_place)
     elif operation.path == RESERVATIONS:
         strategy = st.builds(_fit_reservation, strategy, st.sampled_from([None, *SEED_SKUS]))
@@ -204,8 +238,9 @@ def _explore(
 
 @pytest.fixture
 async def server(settings: Settings) -> AsyncIterator[TestServer]:
-    """The gateway on a real loopback port, for a client outside the event loop."""
-    server = TestServer(create_app(settings))
+    """The gateway on a real loopback port, served as in production, for a client outside the
+    event loop."""
+    server = GatewayTestServer(create_app(settings))
     await server.start_server()
     try:
         yield server
@@ -528,7 +563,12 @@ INVALID: Final = [
     _invalid(_STOCK, "over-1MiB", 413, body={"events": _events(source="x" * 128)["events"] * 4000}),
     _invalid(_STOCK, "snapshot-negative", body=_events(quantity=-1)),
     _invalid(_STOCK, "adjustment-zero", body=_events(type="adjustment", quantity=0)),
-    _invalid(_STOCK, "quantity-over-max", body=_events(quantity=10**12 + 1)),
+    _invalid(_STOCK, "quantity-over-max", body=_events(quantity=MAX_QUANTITY + 1)),
+    _invalid(
+        _STOCK, "adjustment-under-min", body=_events(type="adjustment", quantity=-MAX_QUANTITY - 1)
+    ),
+    _invalid(_STOCK, "occurred-at-2062", body=_events(occurred_at="2062-01-01T00:00:00Z")),
+    _invalid(_STOCK, "occurred-at-1999", body=_events(occurred_at="1999-12-31T23:59:59Z")),
     _invalid(_STOCK, "occurred-at-no-offset", body=_events(occurred_at="2025-01-01T00:00:00")),
     _invalid(_STOCK, "occurred-at-integer", body=_events(occurred_at=1700000000)),
     _invalid(_STOCK, "occurred-at-digits", body=_events(occurred_at="1700000000")),
@@ -550,6 +590,11 @@ INVALID: Final = [
         _GROUP, "location-newline", path_parameters={"group": "g1"}, body={"locations": ["L1\n"]}
     ),
     _invalid(_SAFETY, "quantity-negative", body={"items": [{"location": "L1", "quantity": -1}]}),
+    _invalid(
+        _SAFETY,
+        "quantity-over-max",
+        body={"items": [{"location": "L1", "quantity": MAX_QUANTITY + 1}]},
+    ),
     _invalid(_SAFETY, "location-newline", body={"items": [{"location": "L1\n", "quantity": 1}]}),
     _invalid(_RESERVE, "id-empty", body=_reservation(reservation_id="")),
     _invalid(_RESERVE, "id-129", body=_reservation(reservation_id="r" * 129)),
@@ -613,3 +658,61 @@ async def test_invalid_input_is_rejected(
 ) -> None:
     """Rejected with the documented status and a conforming problem (a 422 lists its errors)."""
     await _send(base_url, _operation(method, path).Case(**parts), expected)
+
+
+# Every operation that takes a body, with a valid one.
+BODIES: Final = [
+    pytest.param(_STOCK, {}, _events(), id="stock-events"),
+    pytest.param(_GROUP, {"group": "g1"}, {"locations": ["L1"]}, id="location-group"),
+    pytest.param(_SAFETY, {}, {"items": [{"location": "L1", "quantity": 1}]}, id="safety-stock"),
+    pytest.param(_RESERVE, {}, _reservation(), id="reservations"),
+    pytest.param(_EXTEND, _rid("r1"), {"ttl_seconds": 60}, id="extend"),
+]
+# Wire-level refusals (not what a schema generates): the headers, the raw body, the answer.
+WIRE: Final = {
+    "text-plain": ({"Content-Type": "text/plain"}, None, 415, "unsupported_media_type"),
+    "form": (
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        None,
+        415,
+        "unsupported_media_type",
+    ),
+    "gzip-not-gzip": ({"Content-Encoding": "gzip"}, None, 400, "bad_encoding"),
+    "deflate-not-deflate": ({"Content-Encoding": "deflate"}, None, 400, "bad_encoding"),
+    "br": ({"Content-Encoding": "br"}, None, 415, "unsupported_media_type"),
+    "gzip-truncated": (
+        {"Content-Encoding": "gzip"},
+        lambda body: gzip.compress(body)[:-9],
+        400,
+        "bad_encoding",
+    ),
+}
+
+
+@pytest.mark.parametrize("wire", WIRE.values(), ids=WIRE.keys())
+@pytest.mark.parametrize(("target", "path_parameters", "body"), BODIES)
+async def test_wire_refusals_are_documented(
+    base_url: str,
+    target: tuple[str, str, str],
+    path_parameters: dict[str, str],
+    body: Any,
+    wire: tuple[dict[str, str], Callable[[bytes], bytes] | None, int, str],
+) -> None:
+    """A body of another type or a bad encoding: the documented problem, nothing changed."""
+    method, path, _ = target
+    operation = _operation(method, path)
+    case = operation.Case(path_parameters=path_parameters, body=body)
+    extra, encode, expected, code = wire
+    raw = orjson.dumps(body)
+    headers = {"Content-Type": "application/json", **_headers(operation), **extra}
+    url = base_url + path.format(**path_parameters)
+
+    def send() -> requests.Response:
+        data = encode(raw) if encode else raw
+        return requests.request(method, url, data=data, headers=headers, timeout=10)
+
+    response = await asyncio.to_thread(send)
+    assert (response.status_code, response.json()["code"]) == (expected, code), response.text
+    case.validate_response(response, checks=CONFORMANCE)
+    if expected == 415 and "Content-Encoding" in extra:
+        assert response.headers["Accept-Encoding"] == "gzip, deflate"
