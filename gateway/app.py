@@ -2,6 +2,10 @@
 
 Resources open in ``cleanup_ctx`` order (Redis -> PostgreSQL -> services -> Kafka consumer) and
 close in reverse, so the consumer's last commit still finds Redis open. Nothing connects at import.
+
+A dependency that is down at start does not stop the process: it serves ``/healthz``, ``/readyz``
+names what is missing, requests that need it answer 503, and it connects (PostgreSQL: migrates;
+the location config: copied to Redis) in the background once the dependency is there.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from gateway.adapters import postgres
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.kafka import run_consumer
+from gateway.adapters.postgres import Postgres
 from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.atp.availability import AvailabilityReader
 from gateway.atp.config_store import LocationConfig
@@ -31,11 +35,13 @@ from gateway.http.state import (
     LIFECYCLE,
     LOCATION_CONFIG,
     PG_POOL,
+    POSTGRES,
+    READINESS,
     REDIS,
     RESERVATIONS_SERVICE,
     SETTINGS,
 )
-from gateway.lifecycle import Lifecycle
+from gateway.lifecycle import Lifecycle, Readiness
 from gateway.reservation.expiry import run_sweeper
 from gateway.reservation.service import ReservationService
 from gateway.settings import Settings
@@ -60,16 +66,34 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _postgres_ctx(app: web.Application) -> AsyncIterator[None]:
-    pool = await postgres.create_pool(
-        app[SETTINGS].postgres_dsn, app[SETTINGS].postgres_timeout_seconds
-    )
-    app[PG_POOL] = pool
+    settings = app[SETTINGS]
+    db = Postgres(settings.postgres_dsn, settings.postgres_timeout_seconds)
+    app[POSTGRES] = db
     try:
-        async with pool.acquire() as conn:
-            await postgres.migrate(conn)
+        # One attempt before serving (migrations first, as before); if PostgreSQL is not there,
+        # the port keeps trying in the background.
+        await db.start()
         yield
     finally:
-        await pool.close()
+        await db.close()
+
+
+async def _readiness_ctx(app: web.Application) -> AsyncIterator[None]:
+    readiness = Readiness(
+        {"redis": functools.partial(_ping_redis, app[REDIS]), "postgres": app[POSTGRES].ping}
+    )
+    app[READINESS] = readiness
+    try:
+        yield
+    finally:
+        await readiness.close()
+
+
+async def _ping_redis(port: RedisPort) -> None:
+    gate = getattr(port, "gate", None)
+    if gate is not None:
+        gate.check()  # known down: say so at once, with the reason
+    await port.ping()
 
 
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -81,9 +105,21 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         shared_slots=not settings.redis_cluster,
     )
     app[AVAILABILITY] = AvailabilityReader(app[BATCHER])
-    config = LocationConfig(app[PG_POOL], app[REDIS], app[BATCHER])
+    redis_gate = getattr(app[REDIS], "gate", None)
+    config = LocationConfig(
+        app[POSTGRES],
+        app[REDIS],
+        app[BATCHER],
+        redis_check=redis_gate.check if redis_gate is not None else None,
+    )
     app[LOCATION_CONFIG] = config
-    await config.restore()
+    if app[POSTGRES].connected:
+        # Redis's copy made whole before serving when both are there (as before); otherwise the
+        # sync worker does it as soon as they are.
+        try:
+            await config.sync()
+        except Exception as exc:  # noqa: BLE001 - Redis is not there yet: the sync worker retries
+            log.warning("config_sync_deferred", error=f"{type(exc).__name__}: {exc}")
     reservations = ReservationService(
         ScriptRegistry(app[REDIS], "gateway.reservation", app[BATCHER]),
         app[BATCHER],
@@ -92,7 +128,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[RESERVATIONS_SERVICE] = reservations
     try:
-        yield
+        async with supervised("config-sync", config.keep_in_sync, app[LIFECYCLE]):
+            yield
     finally:
         await reservations.close()
 
@@ -133,7 +170,9 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app[LIFECYCLE] = lifecycle
-    app.cleanup_ctx.extend([_redis_ctx, _postgres_ctx, _services_ctx, _sweeper_ctx, _kafka_ctx])
+    app.cleanup_ctx.extend(
+        [_redis_ctx, _postgres_ctx, _readiness_ctx, _services_ctx, _sweeper_ctx, _kafka_ctx]
+    )
     app.on_startup.append(_freeze_gc)  # after the cleanup contexts: they run first
     app.on_shutdown.append(_on_shutdown)
     Guard(lifecycle, auth, settings).add_routes(

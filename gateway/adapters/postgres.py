@@ -1,4 +1,24 @@
-"""PostgreSQL: the connection pool and the migration runner.
+"""PostgreSQL: a bounded port over an asyncpg pool, and the migration runner.
+
+Bounds. Acquiring a connection (connecting, when the pool has none free) and every statement of
+one unit of work share one deadline, ``GATEWAY_POSTGRES_TIMEOUT_SECONDS``. A unit that misses it,
+or whose connection fails, has its connection *terminated*: closed at once, never waited on.
+asyncpg's own way out of a late query sends a CancelRequest over a second connection and waits
+for the first to answer; against a black-holed server that wait never ends, and it is what kept
+a pool's connections stuck and ``/readyz`` waiting 11 s behind a 1 s timeout. The server rolls
+back whatever the terminated connection had open when it sees the socket close, at the latest
+after ``idle_in_transaction_session_timeout`` (set on every connection).
+
+Known down. A timeout or a lost connection closes the gate (:class:`DependencyGate`): while
+PostgreSQL is known to be down or stalled, calls fail at once with 503 ``dependency_unavailable``
+instead of queueing behind it, and a probe on a fresh connection reopens the gate when it answers.
+
+Honest outcomes. :meth:`Postgres.write` knows whether COMMIT was sent: a failure before it is
+:class:`DependencyDown` (nothing applied), no answer to it :class:`OutcomeUnknown`.
+
+Start-up. :meth:`Postgres.start` tries once to migrate and open the pool; if PostgreSQL is not
+there, an owned task keeps trying, and until it succeeds calls answer 503 naming PostgreSQL. A
+gateway whose database is down starts, serves what does not need it and says what is missing.
 
 Migrations are plain numbered ``.sql`` files in ``gateway/migrations``; each runs in its own
 transaction and is recorded in ``schema_migrations``. Several gateways may start at once, so the
@@ -7,19 +27,44 @@ runner holds a session advisory lock while it applies what is pending.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
 import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Final
+from typing import Any, Final, TypeVar
 
 import asyncpg
 import structlog
 
+from gateway.adapters.gate import RETRY_AFTER, DependencyGate
+from gateway.errors import DependencyDown, GatewayError, OutcomeUnknown
+from gateway.metrics import DEPENDENCY_UP
+
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
+Work = Callable[[asyncpg.Connection], Awaitable[T]]
+
+NAME: Final = "postgres"
 # Arbitrary, fixed: every gateway process must contend for the same lock.
 _MIGRATION_LOCK_ID: Final = 0x617470_6D6967
 _FILE_NAME: Final = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# Migrations may legitimately run long (an index on a big table); a server that stalls mid-way
+# still must not hold the start-up forever.
+_MIGRATION_DEADLINE: Final = 300.0
+_POOL_SIZE: Final = 10
+# Retries of the start-up connection: soon at first, then every few seconds.
+_CONNECT_RETRY_FIRST: Final = 0.25
+_CONNECT_RETRY_MAX: Final = 5.0
+# SQLSTATE classes that say "the database cannot serve this now" rather than "this request is
+# wrong": connection exceptions, transaction rollback (serialization, deadlock), insufficient
+# resources, operator intervention (admin shutdown, cannot connect now, statement timeout).
+_UNAVAILABLE_CLASSES: Final = frozenset({"08", "40", "53", "57"})
+# ...and of those, the ones that say the server itself is gone or stalled.
+_DOWN_CLASSES: Final = frozenset({"08", "57"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,15 +112,272 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
     return applied_now
 
 
+async def migrate_dsn(dsn: str, timeout_seconds: float = 10.0) -> list[int]:
+    """Connect (within ``timeout_seconds``) and apply pending migrations.
+
+    A connection that stalls is terminated, not waited on, so this always returns or raises."""
+    conn = await asyncpg.connect(dsn, timeout=timeout_seconds)
+    try:
+        async with asyncio.timeout(_MIGRATION_DEADLINE):
+            applied = await migrate(conn)
+    except BaseException:
+        conn.terminate()
+        raise
+    conn.terminate()  # nothing is pending on it: no goodbye to wait for
+    return applied
+
+
 async def create_pool(dsn: str, timeout_seconds: float = 3.0) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10, command_timeout=10)
+    """A pool whose connections are bounded on both ends.
+
+    Here: ``timeout`` bounds each connect. Statements carry no asyncpg timeout (see the module
+    docstring: :class:`Postgres` bounds them itself and terminates late connections). On the
+    server: ``statement_timeout`` and ``idle_in_transaction_session_timeout`` make PostgreSQL
+    give up on the work of a client that has gone, so no lock outlives its request for long.
+    """
+    ms = math.ceil(timeout_seconds * 1000)
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=_POOL_SIZE,
+        timeout=timeout_seconds,
+        command_timeout=None,
+        reset=_no_reset,
+        server_settings={
+            "statement_timeout": str(2 * ms),
+            "idle_in_transaction_session_timeout": str(max(4 * ms, 2000)),
+        },
+    )
     assert pool is not None
     return pool
 
 
-async def migrate_dsn(dsn: str) -> list[int]:
-    conn = await asyncpg.connect(dsn, timeout=10)
-    try:
-        return await migrate(conn)
-    finally:
-        await conn.close()
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """asyncpg resets a released connection with a round trip (``RESET ALL``, ``UNLISTEN``...)
+    that nothing bounds; this gateway leaves no session state behind (every failure terminates
+    the connection), so release does no I/O at all."""
+
+
+class Postgres:
+    """The gateway's PostgreSQL: units of work bounded by one deadline, failures as 503s."""
+
+    def __init__(self, dsn: str, timeout_seconds: float) -> None:
+        self._dsn = dsn
+        self.timeout = timeout_seconds
+        self._pool: asyncpg.Pool | None = None
+        self._not_connected = "not connected yet"
+        self._connector: asyncio.Task[None] | None = None
+        self._first_try = asyncio.Event()
+        self.gate = DependencyGate(NAME, self._probe, timeout=timeout_seconds)
+
+    @property
+    def connected(self) -> bool:
+        return self._pool is not None
+
+    def state(self) -> str:
+        """``up``, or ``down: <why>`` (not connected yet, or known down since a failure)."""
+        if self._pool is None:
+            return f"down: {self._not_connected}"
+        if not self.gate.up:
+            return f"down: {self.gate.reason}"
+        return "up"
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Migrate and open the pool, waiting for the first attempt only: if PostgreSQL is not
+        there, an owned task keeps trying (:meth:`close` cancels it)."""
+        self._connector = asyncio.create_task(self._connect_until_done(), name="postgres-connect")
+        first_try = asyncio.create_task(self._first_try.wait())
+        try:
+            await asyncio.wait({self._connector, first_try}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            first_try.cancel()
+
+    async def wait_connected(self) -> None:
+        """Wait until the pool is open (returns at once when it is)."""
+        if self._connector is not None and self._pool is None:
+            await asyncio.shield(self._connector)
+
+    async def close(self) -> None:
+        if self._connector is not None:
+            self._connector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connector
+        await self.gate.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await pool.close()
+            except TimeoutError:
+                pool.terminate()
+
+    async def _connect_until_done(self) -> None:
+        delay = _CONNECT_RETRY_FIRST
+        while True:
+            try:
+                await migrate_dsn(self._dsn, self.timeout)
+                self._pool = await create_pool(self._dsn, self.timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever it is, PostgreSQL is not usable yet
+                self._not_connected = f"connecting: {_describe(exc)}"
+                DEPENDENCY_UP.labels(NAME).set(0)
+                log.warning("postgres_connect_failed", error=_describe(exc), retry_in=delay)
+            else:
+                log.info("postgres_connected")
+                DEPENDENCY_UP.labels(NAME).set(1)
+                return
+            finally:
+                self._first_try.set()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _CONNECT_RETRY_MAX)
+
+    async def _probe(self) -> None:
+        """Ask on a fresh connection: the pool's may be the ones that are stuck."""
+        conn = await asyncpg.connect(self._dsn, timeout=self.timeout)
+        try:
+            await conn.fetchval("SELECT 1")
+        finally:
+            conn.terminate()
+
+    # -- units of work -----------------------------------------------------------------------
+
+    async def read(self, work: Work[T], *, snapshot: bool = False) -> T:
+        """Run ``work`` on one connection (in one REPEATABLE READ snapshot with ``snapshot``)."""
+        if snapshot:
+            return await self._unit(work, "repeatable_read", readonly=True)
+        return await self._unit(work, None)
+
+    async def write(self, work: Work[T]) -> T:
+        """Run ``work`` in one transaction and commit it.
+
+        Raises :class:`DependencyDown` when nothing was applied (the failure came before COMMIT
+        was sent, or the server refused the COMMIT) and :class:`OutcomeUnknown` when COMMIT was
+        sent and not answered."""
+        return await self._unit(work, "read_committed")
+
+    async def execute(self, query: str, *args: Any) -> str:
+        return await self._unit(lambda conn: conn.execute(query, *args), None)
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        return await self._unit(lambda conn: conn.fetch(query, *args), None)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await self._unit(lambda conn: conn.fetchval(query, *args), None)
+
+    async def executemany(self, query: str, args: Iterable[Sequence[Any]]) -> None:
+        await self._unit(lambda conn: conn.executemany(query, args), None)
+
+    async def ping(self) -> None:
+        await self.fetchval("SELECT 1")
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection for work the caller bounds itself (``asyncio.timeout``).
+
+        Acquiring is bounded here and fails as :meth:`write` does. Whatever ends the block with
+        an exception, the caller's timeout included, terminates the connection instead of
+        waiting on it (``async with pool.acquire()`` would wait for a cancelled query to be
+        cancelled on the server, which a stalled server never confirms)."""
+        pool = self._usable()
+        try:
+            async with asyncio.timeout(self.timeout):
+                conn = await pool.acquire()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise self._failure(exc, commit_sent=False) from exc
+        try:
+            yield conn
+        except BaseException:
+            conn.terminate()
+            raise
+        if conn.is_in_transaction():
+            conn.terminate()
+        await pool.release(conn)
+
+    def _usable(self) -> asyncpg.Pool:
+        pool = self._pool
+        if pool is None:
+            raise DependencyDown(
+                f"postgres is unavailable ({self._not_connected}); nothing was applied",
+                dependency=NAME,
+                retry_after=RETRY_AFTER,
+            )
+        self.gate.check()
+        return pool
+
+    async def _unit(self, work: Work[T], isolation: str | None, *, readonly: bool = False) -> T:
+        pool = self._usable()
+        conn: asyncpg.Connection | None = None
+        commit_sent = False
+        try:
+            # One deadline for acquiring (connecting, maybe), every statement and the COMMIT.
+            async with asyncio.timeout(self.timeout):
+                conn = await pool.acquire()
+                if isolation is None:
+                    result = await work(conn)
+                else:
+                    transaction = conn.transaction(isolation=isolation, readonly=readonly)
+                    await transaction.start()
+                    result = await work(conn)
+                    commit_sent = True
+                    await transaction.commit()
+        except BaseException as exc:
+            if conn is not None:
+                # Never wait on it: a late or broken connection is closed at once, which also
+                # returns its slot to the pool and makes the server roll back.
+                conn.terminate()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise self._failure(exc, commit_sent) from exc
+        assert conn is not None
+        if conn.is_in_transaction():  # a unit must not leave one open for the next user
+            conn.terminate()
+        await pool.release(conn)
+        return result
+
+    def _failure(self, exc: BaseException, commit_sent: bool) -> BaseException:
+        """What a failed unit of work tells the caller."""
+        if isinstance(exc, GatewayError):
+            return exc
+        if isinstance(exc, asyncpg.PostgresError) and not isinstance(
+            exc, asyncpg.PostgresConnectionError
+        ):
+            # The server answered with an error: whatever it was, it was not applied.
+            sqlstate = str(getattr(exc, "sqlstate", "") or "")
+            if sqlstate[:2] not in _UNAVAILABLE_CLASSES:
+                # A bug of ours (a constraint, a syntax error): a 500 with its trace.
+                server_error: BaseException = exc
+                return server_error
+            if sqlstate[:2] in _DOWN_CLASSES:
+                self.gate.trip(_describe(exc))
+            return DependencyDown(
+                f"postgres: {_describe(exc)}; nothing was applied",
+                dependency=NAME,
+                retry_after=RETRY_AFTER,
+            )
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer within {self.timeout:g}s"
+        elif isinstance(exc, OSError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
+            reason = _describe(exc)
+        else:
+            return exc
+        self.gate.trip(reason)
+        if commit_sent:
+            return OutcomeUnknown(
+                f"postgres: COMMIT was sent and not answered ({reason}); the change may have "
+                "been applied. Retrying the same request is safe",
+                dependency=NAME,
+                retry_after=RETRY_AFTER,
+            )
+        return DependencyDown(
+            f"postgres: {reason}; nothing was applied", dependency=NAME, retry_after=RETRY_AFTER
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,14 +1,41 @@
 """Ops configuration of availability: location groups and safety stock.
 
-PostgreSQL is the record, Redis the copy that reads use. A write commits to PostgreSQL first, then
-updates Redis; if Redis loses its data, :meth:`LocationConfig.restore` copies the record back
-(each gateway does so at start when Redis lacks the marker key).
+PostgreSQL is the record, Redis the copy that reads use. A write commits to PostgreSQL first,
+then updates Redis, so its answer is honest: a failure before COMMIT was sent is
+``dependency_unavailable`` (nothing applied); a COMMIT sent and not answered, or a committed
+change whose Redis half failed, is ``outcome_unknown`` (the record may hold it, and if it does,
+the sync below brings it to Redis).
+
+Keeping the copy: every write bumps a one-row counter (``config_version``) in its transaction,
+and the Redis copy carries a marker naming the version it reflects. Each gateway compares the two
+about once a second (:meth:`LocationConfig.keep_in_sync`) and copies the record back when they
+differ: Redis lost its data (a FLUSHALL, a failover to an empty replica), or a write's Redis half
+failed. No restart needed.
+
+The marker protocol, so that a copy is vouched for only when it is whole. Writers (ops writes and
+copies, from any gateway) may interleave, and on a cluster their keys live on different nodes, so
+no write is atomic with its marker. Instead each writer:
+
+1. claims the marker with a token of its own (an ops write of version v only if the marker says
+   v-1, i.e. Redis held exactly the version its change applies to; a copy unconditionally);
+2. writes its keys, waiting for every reply;
+3. swaps its token for its version, compare-and-set; if the marker no longer holds its token, it
+   is left ``dirty``.
+
+A failed compare-and-set leaves ``dirty`` too (``config_marker.lua``). So the marker names a
+version only if no other writer's keys landed between that writer's claim and its swap, and a
+writer that lands later disturbs it: any interleaving ends with a marker that is ``dirty``, a
+stale token, or a version that differs from the record's, and the next sync copies the record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Final
+import asyncio
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import Any, Final, Protocol, TypeVar
 
 import asyncpg
 import structlog
@@ -16,17 +43,59 @@ import structlog
 from gateway.atp import keys
 from gateway.atp.ports import CommandSender, CommandWriter
 from gateway.atp.schemas import LocationGroupOut, SafetyStockEntry
-from gateway.errors import NotFound, ValidationFailed
+from gateway.errors import DependencyDown, NotFound, OutcomeUnknown, ValidationFailed
 
 log = structlog.get_logger(__name__)
-_RESTORED_MARKER: Final = f"{keys.PREFIX}:config:restored"
+
+T = TypeVar("T")
+MARKER: Final = f"{keys.PREFIX}:config:version"
+_PENDING: Final = b"pending:"
+_CHUNK: Final = 5000
+_RETRY_AFTER: Final = 1
+SYNC_INTERVAL: Final = 1.0
+_MARKER_CAS: Final = resources.files("gateway.atp").joinpath("config_marker.lua").read_text()
+
+_BUMP_VERSION: Final = "UPDATE config_version SET version = version + 1 RETURNING version"
+_UPSERT_GROUP: Final = """
+    INSERT INTO location_groups (group_name, locations) VALUES ($1, $2)
+    ON CONFLICT (group_name)
+    DO UPDATE SET locations = EXCLUDED.locations, updated_at = now()"""
+_UPSERT_SAFETY_STOCK: Final = """
+    INSERT INTO safety_stock (location, sku, quantity) VALUES ($1, $2, $3)
+    ON CONFLICT (location, sku)
+    DO UPDATE SET quantity = EXCLUDED.quantity, updated_at = now()"""
+
+
+class Record(Protocol):
+    """The durable record: units of work on one PostgreSQL connection, bounded, failures as
+    :class:`DependencyDown` (nothing applied) or :class:`OutcomeUnknown` (COMMIT unanswered)."""
+
+    async def write(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T: ...
+
+    async def read(
+        self, work: Callable[[asyncpg.Connection], Awaitable[T]], *, snapshot: bool = False
+    ) -> T: ...
 
 
 class LocationConfig:
-    def __init__(self, pool: asyncpg.Pool, redis: CommandWriter, batcher: CommandSender) -> None:
-        self._pool = pool
+    def __init__(
+        self,
+        record: Record,
+        redis: CommandWriter,
+        batcher: CommandSender,
+        *,
+        redis_check: Callable[[], None] | None = None,
+    ) -> None:
+        self._record = record
         self._redis = redis
         self._batcher = batcher
+        # Raises DependencyDown while Redis is known down: a write then fails before it
+        # touches the record, and answers "nothing applied" instead of "outcome unknown".
+        self._redis_check = redis_check
+        self._pending_seen: bytes | None = None
+        self._sync_failing = False
+
+    # -- writes ------------------------------------------------------------------------------
 
     async def put_group(self, group: str, locations: Sequence[str]) -> LocationGroupOut:
         seen: set[str] = set()
@@ -37,54 +106,151 @@ class LocationConfig:
             seen.add(location)
         if errors:
             raise ValidationFailed(errors)
-        await self._pool.execute(
-            """INSERT INTO location_groups (group_name, locations) VALUES ($1, $2)
-               ON CONFLICT (group_name)
-               DO UPDATE SET locations = EXCLUDED.locations, updated_at = now()""",
-            group,
-            list(locations),
-        )
-        await self._redis.execute([("SET", keys.location_group(group), ",".join(locations))])
-        log.info("location_group_updated", group=group, members=len(locations))
-        return LocationGroupOut(group=group, locations=list(locations))
+        members = list(locations)
 
-    async def get_group(self, group: str) -> LocationGroupOut:
-        raw = await self._batcher.call("GET", keys.location_group(group))
-        if raw is None:
-            raise NotFound(f"location group {group!r} does not exist", group=group)
-        return LocationGroupOut(group=group, locations=bytes(raw).decode().split(","))
+        async def save(conn: asyncpg.Connection) -> int:
+            await conn.execute(_UPSERT_GROUP, group, members)
+            return int(await conn.fetchval(_BUMP_VERSION))
+
+        await self._write([("SET", keys.location_group(group), ",".join(members))], save)
+        log.info("location_group_updated", group=group, members=len(members))
+        return LocationGroupOut(group=group, locations=members)
 
     async def put_safety_stock(self, items: Sequence[SafetyStockEntry]) -> int:
         rows = [(i.location, i.sku or "", i.quantity) for i in items]
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.executemany(
-                """INSERT INTO safety_stock (location, sku, quantity) VALUES ($1, $2, $3)
-                   ON CONFLICT (location, sku)
-                   DO UPDATE SET quantity = EXCLUDED.quantity, updated_at = now()""",
-                rows,
-            )
-        await self._redis.execute([_safety_command(*row) for row in rows])
+
+        async def save(conn: asyncpg.Connection) -> int:
+            await conn.executemany(_UPSERT_SAFETY_STOCK, rows)
+            return int(await conn.fetchval(_BUMP_VERSION))
+
+        await self._write([_safety_command(*row) for row in rows], save)
         log.info("safety_stock_updated", items=len(rows))
         return len(rows)
 
-    async def restore(self, *, force: bool = False) -> bool:
-        """Copy the record into Redis when Redis has lost it (or when forced)."""
-        if not force and await self._batcher.call("EXISTS", _RESTORED_MARKER):
+    async def _write(
+        self, commands: list[tuple[Any, ...]], save: Callable[[asyncpg.Connection], Awaitable[int]]
+    ) -> None:
+        if self._redis_check is not None:
+            self._redis_check()
+        version = await self._record.write(save)  # DependencyDown / OutcomeUnknown as they are
+        try:
+            token = _token()
+            await self._swap(str(version - 1), token)
+            await self._send(commands)
+            await self._swap(token, str(version))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Committed: whatever Redis did or did not do, the sync makes the copy whole.
+            log.warning("config_copy_failed", version=version, error=f"{type(exc).__name__}: {exc}")
+            raise OutcomeUnknown(
+                "the change is in the record (PostgreSQL) but Redis did not confirm its copy; "
+                "gateways copy the record to Redis within seconds. Retrying is safe",
+                dependency="redis",
+                retry_after=_RETRY_AFTER,
+            ) from exc
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def get_group(self, group: str) -> LocationGroupOut:
+        raw, marker = await self._batcher.call_many(
+            [("GET", keys.location_group(group)), ("GET", MARKER)]
+        )
+        if raw is None:
+            if marker is None:
+                # Redis has lost the config (or never had it) and the copy is not back yet:
+                # "no such group" would be a guess.
+                raise DependencyDown(
+                    "the location config is being copied back to Redis; retry shortly",
+                    dependency="redis",
+                    retry_after=_RETRY_AFTER,
+                )
+            raise NotFound(f"location group {group!r} does not exist", group=group)
+        return LocationGroupOut(group=group, locations=bytes(raw).decode().split(","))
+
+    # -- keeping the copy --------------------------------------------------------------------
+
+    async def keep_in_sync(self, interval: float = SYNC_INTERVAL) -> None:
+        """Owned worker: compare the copy with the record about every ``interval`` seconds
+        (jittered, so gateways started together do not copy at the same moment)."""
+        while True:
+            try:
+                await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a dependency is down: try on the next tick
+                if not self._sync_failing:
+                    log.warning("config_sync_failed", error=f"{type(exc).__name__}: {exc}")
+                self._sync_failing = True
+            else:
+                if self._sync_failing:
+                    log.info("config_sync_recovered")
+                self._sync_failing = False
+            await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+
+    async def sync(self) -> bool:
+        """Copy the record to Redis if Redis does not hold its version; True if it copied."""
+        version = await self._record.read(_read_version)
+        marker = await self._batcher.call("GET", MARKER)
+        if marker is not None and bytes(marker) == str(version).encode():
+            self._pending_seen = None
             return False
-        groups = await self._pool.fetch("SELECT group_name, locations FROM location_groups")
+        if (
+            marker is not None
+            and bytes(marker).startswith(_PENDING)
+            and bytes(marker) != self._pending_seen
+        ):
+            # A writer is between its claim and its swap: give it a tick before taking over.
+            self._pending_seen = bytes(marker)
+            return False
+        self._pending_seen = None
+        await self.restore()
+        return True
+
+    async def restore(self) -> int:
+        """Copy the whole record to Redis (one snapshot of it); returns the version copied."""
+        version, groups, stock = await self._record.read(_read_all, snapshot=True)
         commands: list[tuple[Any, ...]] = [
             ("SET", keys.location_group(r["group_name"]), ",".join(r["locations"])) for r in groups
         ]
-        async with self._pool.acquire() as conn, conn.transaction():
-            async for r in conn.cursor("SELECT location, sku, quantity FROM safety_stock"):
-                commands.append(_safety_command(r["location"], r["sku"], r["quantity"]))
-                if len(commands) >= 5000:
-                    await self._redis.execute(commands)
-                    commands = []
-        commands.append(("SET", _RESTORED_MARKER, "1"))
-        await self._redis.execute(commands)
-        log.info("location_config_restored", groups=len(groups))
-        return True
+        commands += [_safety_command(r["location"], r["sku"], r["quantity"]) for r in stock]
+        token = _token()
+        await self._send([("SET", MARKER, token)])
+        await self._send(commands)
+        vouched = await self._swap(token, str(version))
+        log.info(
+            "location_config_restored",
+            version=version,
+            groups=len(groups),
+            safety_stock=len(stock),
+            vouched=vouched,
+        )
+        return version
+
+    async def _send(self, commands: Sequence[tuple[Any, ...]]) -> None:
+        for start in range(0, len(commands), _CHUNK):
+            await self._redis.execute(commands[start : start + _CHUNK])
+
+    async def _swap(self, expected: str, new: str) -> bool:
+        (done,) = await self._redis.execute([("EVAL", _MARKER_CAS, 1, MARKER, expected, new)])
+        return bool(done)
+
+
+async def _read_version(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT version FROM config_version"))
+
+
+async def _read_all(
+    conn: asyncpg.Connection,
+) -> tuple[int, list[asyncpg.Record], list[asyncpg.Record]]:
+    version = await _read_version(conn)
+    groups = await conn.fetch("SELECT group_name, locations FROM location_groups")
+    stock = await conn.fetch("SELECT location, sku, quantity FROM safety_stock")
+    return version, groups, stock
+
+
+def _token() -> str:
+    return f"{_PENDING.decode()}{uuid.uuid4().hex}"
 
 
 def _safety_command(location: str, sku: str, quantity: int) -> tuple[Any, ...]:

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-from typing import Final
-
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.http import problems
 from gateway.http.codec import json_response
-from gateway.http.state import LIFECYCLE, PG_POOL, REDIS
-from gateway.metrics import DEPENDENCY_UP
-
-_CHECK_TIMEOUT: Final = 1.0
+from gateway.http.state import LIFECYCLE, POSTGRES, READINESS, REDIS
 
 routes = web.RouteTableDef()
 
@@ -23,28 +17,17 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-async def _check(name: str, probe: asyncio.Future[object] | object) -> tuple[str, str]:
-    try:
-        async with asyncio.timeout(_CHECK_TIMEOUT):
-            await probe  # type: ignore[misc]
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure means "down", with its reason
-        DEPENDENCY_UP.labels(name).set(0)
-        return name, f"down: {type(exc).__name__}: {exc}".strip()
-    DEPENDENCY_UP.labels(name).set(1)
-    return name, "up"
-
-
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
+    """200 when every dependency answers; else 503 naming those that do not, with each gate's
+    state (a dependency whose gate is down fails requests at once until its probe answers).
+    Answers within the check timeout: see :class:`gateway.lifecycle.Readiness`."""
     app = request.app
-    results = dict(
-        await asyncio.gather(
-            _check("redis", app[REDIS].ping()),
-            _check("postgres", app[PG_POOL].fetchval("SELECT 1")),
-        )
-    )
+    results = await app[READINESS].check()
+    gates = {"postgres": app[POSTGRES].state()}
+    redis_gate = getattr(app[REDIS], "gate", None)
+    if redis_gate is not None:
+        gates["redis"] = "up" if redis_gate.up else f"down: {redis_gate.reason}"
     workers = dict(app[LIFECYCLE].workers)
     down = [name for name, state in results.items() if state != "up"]
     if app[LIFECYCLE].draining:
@@ -56,8 +39,11 @@ async def readyz(request: web.Request) -> web.Response:
             "Not ready",
             f"unavailable: {', '.join(down)}",
             checks=results,
+            gates=gates,
             workers=workers,
         )
+    # All up: the gates are too (a gate is down only while its probe fails), and the 200 body's
+    # schema is closed.
     return json_response({"status": "ready", "checks": results, "workers": workers})
 
 

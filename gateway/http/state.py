@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Final
 
-import asyncpg
 from aiohttp import web
 
 from gateway.adapters.batcher import CommandBatcher
+from gateway.adapters.postgres import Postgres
 from gateway.adapters.redis import RedisPort
 from gateway.atp.availability import AvailabilityReader
 from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
-from gateway.lifecycle import Lifecycle
+from gateway.lifecycle import Lifecycle, Readiness
 from gateway.reservation.service import ReservationService
 from gateway.settings import Settings
 
@@ -20,7 +20,11 @@ SETTINGS: Final = web.AppKey("settings", Settings)
 LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
 REDIS: Final = web.AppKey("redis", RedisPort)
 BATCHER: Final = web.AppKey("batcher", CommandBatcher)
-PG_POOL: Final = web.AppKey("pg_pool", asyncpg.Pool)
+POSTGRES: Final = web.AppKey("postgres", Postgres)
+# The name of before, for code that reached the pool through it: the port offers the pool's
+# calls (``acquire``, ``execute``, ``fetch``...), bounded.
+PG_POOL: Final = POSTGRES
+READINESS: Final = web.AppKey("readiness", Readiness)
 APPLIER: Final = web.AppKey("applier", EventApplier)
 AVAILABILITY: Final = web.AppKey("availability", AvailabilityReader)
 RESERVATIONS_SERVICE: Final = web.AppKey("reservations", ReservationService)
