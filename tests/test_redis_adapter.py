@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,7 +15,13 @@ import redis.asyncio as aioredis
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.atp.events import EventApplier
-from gateway.errors import DependencyDown, GatewayError, Overloaded, ShuttingDown
+from gateway.errors import (
+    DependencyDown,
+    GatewayError,
+    OutcomeUnknown,
+    Overloaded,
+    ShuttingDown,
+)
 from gateway.reservation.coalesce import ReserveCoalescer
 from tests.test_horizon import _ev
 
@@ -185,3 +193,121 @@ async def test_a_stalled_redis_fails_its_waiters_and_is_replaced() -> None:
     finally:
         proc.terminate()
         await asyncio.to_thread(proc.wait, 5)
+
+
+async def test_a_write_whose_request_is_gone_is_never_sent(
+    port: RedisPort, redis: aioredis.Redis
+) -> None:
+    batcher = CommandBatcher(port.execute)
+    write = asyncio.ensure_future(batcher.call_many([("SET", "ghost", "1")], dedupe=False))
+    await asyncio.sleep(0)  # queued
+    write.cancel()  # its request stopped waiting (a 503 elsewhere, a client gone)
+    runner = asyncio.create_task(batcher.run())
+    try:
+        assert await batcher.call("PING") == b"PONG"  # the batch after it has gone out
+        assert await redis.get("ghost") is None
+    finally:
+        runner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await runner
+
+
+async def test_a_stall_closes_the_gate_and_a_probe_reopens_it() -> None:
+    """Sent and unanswered: writes are outcome_unknown, reads of the same batch
+    dependency_unavailable; while the gate is closed nothing is sent and every call fails at
+    once; the probe, on a fresh connection, opens it when Redis answers again."""
+    import shutil
+    import signal
+
+    from gateway.devservices import _spawn_redis, _wait_for, free_port
+
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    number = free_port()
+    proc = _spawn_redis(binary, number)
+    port = RedisPort.from_url(f"redis://127.0.0.1:{number}/0", cluster=False, timeout=0.3)
+    batcher = CommandBatcher(functools.partial(port.execute, raise_on_error=False))
+    runner = asyncio.create_task(batcher.run())
+    direct = aioredis.Redis.from_url(f"redis://127.0.0.1:{number}/0")
+    try:
+        await asyncio.to_thread(_wait_for, "127.0.0.1", number, proc, "redis-server")
+        assert await port.ping()
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            read, write = await asyncio.gather(
+                batcher.call("GET", "k"),
+                batcher.call_many([("SET", "k", "sent")], dedupe=False),
+                return_exceptions=True,
+            )
+            assert time.monotonic() - started < 0.3 + 0.25 + 0.2
+            assert isinstance(read, DependencyDown)
+            assert isinstance(write, OutcomeUnknown)
+            assert not port.gate.up
+            started = time.monotonic()
+            with pytest.raises(DependencyDown, match="no reply"):
+                await port.execute([("SET", "k", "never")])
+            with pytest.raises(DependencyDown):
+                port.script_now(port.script("gateway.atp", "apply_events.lua"), [], [])
+            assert time.monotonic() - started < 0.05  # at once
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        started = time.monotonic()
+        while not port.gate.up:
+            assert time.monotonic() - started < 2, "the probe did not reopen the gate"
+            await asyncio.sleep(0.02)
+        assert await direct.get("k") == b"sent"  # what was written ran when Redis woke
+        assert await port.execute([("GET", "k")]) == [b"sent"]
+    finally:
+        runner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await runner
+        await port.close()
+        await direct.aclose()
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 5)
+    assert port.gate._task is None  # closing the port ended its probe
+
+
+async def test_redis_down_closes_the_gate_and_refusals_are_not_retried() -> None:
+    import shutil
+
+    from gateway.devservices import _spawn_redis, _wait_for, free_port
+
+    number = free_port()
+    port = RedisPort.from_url(f"redis://127.0.0.1:{number}/0", cluster=False, timeout=0.3)
+    try:
+        with pytest.raises(DependencyDown, match="cannot connect"):
+            await asyncio.gather(*(port.execute([("SET", "k", str(i))]) for i in range(50)))
+        assert not port.gate.up
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        proc = _spawn_redis(binary, number)
+        try:
+            await asyncio.to_thread(_wait_for, "127.0.0.1", number, proc, "redis-server")
+            started = time.monotonic()
+            while not port.gate.up:
+                assert time.monotonic() - started < 2, "the probe did not reopen the gate"
+                await asyncio.sleep(0.02)
+            assert await port.execute([("GET", "k")]) == [None]  # none of the 50 was sent
+        finally:
+            proc.terminate()
+            await asyncio.to_thread(proc.wait, 5)
+    finally:
+        await port.close()
+
+
+async def test_library_calls_beyond_the_pool_wait_then_are_shed(redis_url: str) -> None:
+    # The redis-py path (a cluster, TLS): calls beyond the pool's size wait their turn, up to
+    # the timeout, then answer 503 overloaded instead of exhausting the pool (a 500).
+    port = RedisPort(aioredis.Redis.from_url(redis_url), None, timeout=0.2, concurrency=2)
+    try:
+        results = await asyncio.gather(*(port.execute([("PING",)]) for _ in range(50)))
+        assert results == [[True]] * 50  # a burst waits its turn
+        async with port._limiter, port._limiter:  # the pool is busy for longer than the wait
+            started = time.monotonic()
+            with pytest.raises(Overloaded):
+                await port.execute([("PING",)])
+            assert 0.15 < time.monotonic() - started < 0.5
+    finally:
+        await port.close()

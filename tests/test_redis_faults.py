@@ -19,10 +19,11 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.app import create_app
 from gateway.atp import keys as atp_keys
-from gateway.devservices import _spawn_redis, _wait_for, free_port
+from gateway.devservices import _spawn_redis, _wait_for, free_port, start_redis_cluster
 from gateway.reservation import keys
 from tests.conftest import auth, make_settings
 from tests.helpers import event
@@ -316,3 +317,96 @@ async def test_answers_after_a_stall_agree_with_the_state(
     assert (await again.json())["applied"] == 3  # never applied before
     for i in range(20):  # and the refused reservations can now be made
         assert (await _reserve(gw, f"unsent-{i}")).status == 201
+
+
+# --- a Redis Cluster node stalled (the redis-py path) ------------------------------------------
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[tuple[str, dict[int, subprocess.Popen[bytes]]]]:
+    url, procs = start_redis_cluster(3)
+    by_port = {int(p.args[p.args.index("--port") + 1]): p for p in procs}  # type: ignore[union-attr]
+    try:
+        yield url, by_port
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+        for proc in procs:
+            proc.wait(5)
+
+
+async def test_a_stalled_cluster_node_is_answered_in_time(
+    own_cluster: tuple[str, dict[int, subprocess.Popen[bytes]]],
+    postgres_dsn: str,
+    pg: asyncpg.Connection,
+) -> None:
+    """redis-py's cluster client, as configured before, retried a timed-out call ten times
+    (and had no socket timeout at all): a stalled node held requests for good."""
+    url, procs = own_cluster
+    settings = make_settings(url, postgres_dsn, redis_cluster=True, redis_timeout_seconds=TIMEOUT)
+    probe = await RedisCluster.from_url(url).initialize()
+    skus = [f"C-{i}" for i in range(12)]
+    node_of = {s: probe.get_node_from_key(atp_keys.position(s)).port for s in skus}
+    await probe.aclose()
+    stalled_port = node_of["C-0"]
+    on_stalled = [s for s in skus if node_of[s] == stalled_port]
+    async with TestClient(TestServer(create_app(settings))) as gw:
+        resp = await gw.post(
+            "/v1/stock-events",
+            json={
+                "events": [event(f"s-{s}", "snapshot", 50, 0, sku=s, location="L1") for s in skus]
+            },
+            headers=auth("feed"),
+        )
+        assert resp.status == 200, await resp.text()
+
+        async def bounded(request: Callable[[], Awaitable[Any]]) -> tuple[int, str, float]:
+            started = time.monotonic()
+            async with asyncio.timeout(BOUND + 5):  # the old client waited without end
+                resp = await request()
+                body = await resp.json()
+            return resp.status, body.get("code", ""), time.monotonic() - started
+
+        requests: dict[str, Callable[[], Awaitable[Any]]] = {
+            "read": lambda: gw.get(
+                f"/v1/availability?sku={on_stalled[0]}&location=L1", headers=auth("storefront")
+            ),
+            "events": lambda: gw.post(
+                "/v1/stock-events",
+                json={
+                    "events": [
+                        event(f"a{next(_serial)}", "adjustment", 1, 5, sku=s, location="L1")
+                        for s in on_stalled
+                    ]
+                },
+                headers=auth("feed"),
+            ),
+            "reserve": lambda: gw.post(
+                "/v1/reservations",
+                json={
+                    "reservation_id": f"c{next(_serial)}",
+                    "lines": [{"sku": s, "location": "L1", "quantity": 1} for s in skus],
+                },
+                headers=auth("storefront"),
+            ),
+        }
+        procs[stalled_port].send_signal(signal.SIGSTOP)
+        try:
+            first = await asyncio.gather(*(bounded(r) for r in requests.values()))
+            second = [await bounded(r) for r in requests.values()]
+        finally:
+            procs[stalled_port].send_signal(signal.SIGCONT)
+        read, events, reserve = first
+        assert read[:2] == (503, "dependency_unavailable"), first
+        assert events[:2] == (503, "outcome_unknown"), first
+        assert reserve[0] == 503, first
+        assert reserve[1] in ("outcome_unknown", "dependency_unavailable"), first
+        assert all(elapsed <= BOUND for _, _, elapsed in first), first
+        # Known stalled: the next ones are not sent at all.
+        assert [s[:2] for s in second] == [(503, "dependency_unavailable")] * 3, second
+        assert all(elapsed <= FAST for _, _, elapsed in second), second
+        started = time.monotonic()
+        while (await bounded(requests["read"]))[0] != 200:
+            assert time.monotonic() - started < 5, "the cluster answers again, the gateway not"
+            await asyncio.sleep(0.05)
