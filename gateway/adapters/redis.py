@@ -33,13 +33,15 @@ from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.gate import DependencyGate
 from gateway.adapters.redis_errors import (
     RETRY_AFTER,
+    NoAnswer,
     classify,
     combine,
     error_reply,
+    has_writes,
     raise_for_replies,
 )
 from gateway.adapters.resp import REPLY_TIMEOUT, RespConnection
-from gateway.errors import GatewayError, Overloaded
+from gateway.errors import DependencyDown, GatewayError, Overloaded
 
 # Bounds how many single-slot script calls a cluster client has in flight for one request.
 _CLUSTER_FANOUT: Final = 64
@@ -173,7 +175,18 @@ class RedisPort:
             try:
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
             except Exception as exc:  # every failure leaves as the gateway error it means
-                raise self._failed(exc, commands) from exc
+                error = self._failed(exc, commands)
+                if (
+                    self.cluster
+                    and len(commands) > 1
+                    and isinstance(error, DependencyDown)
+                    and not isinstance(exc, RedisClusterException)  # failed before any node
+                    and has_writes(commands)
+                ):
+                    # A cluster pipeline goes to each node at once: one node unreachable says
+                    # nothing of the writes the others may have applied.
+                    error = NoAnswer.because(f"{error.detail}; other nodes may have written")
+                raise error from exc
         for reply in replies:
             # A cluster pipeline puts a node's timeout in place of its commands' replies.
             if isinstance(reply, (RedisConnectionError, RedisTimeoutError)):
