@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import asyncpg
 import uvloop
 from aiohttp import web
 
@@ -69,8 +70,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "migrate":
         configure_logging(settings.log_level)
-        applied = asyncio.run(migrate_dsn(settings.postgres_dsn))
-        print(f"applied migrations: {applied or 'none pending'}")
-        return 0
+        return _migrate(settings)
     serve(settings)
+    return 0
+
+
+def _migrate(settings: Settings) -> int:
+    """Apply pending migrations; PostgreSQL unreachable or refusing is one line and exit 1."""
+    try:
+        applied = asyncio.run(migrate_dsn(settings.postgres_dsn, settings.postgres_timeout_seconds))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # OSError covers refused, unresolvable and timed out (TimeoutError). The DSN is not
+        # echoed: it may hold a password; asyncpg's messages name host and port, not secrets.
+        reason = str(exc).strip() or "no answer in time"
+        print(
+            f"gateway: cannot migrate: PostgreSQL: {type(exc).__name__}: {reason}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"applied migrations: {applied or 'none pending'}")
     return 0

@@ -51,6 +51,9 @@ def test_api_keys_roles() -> None:
         ("GATEWAY_REDIS_CLUSTER", "maybe"),
         ("GATEWAY_REDIS_URL", "http://x"),
         ("GATEWAY_POSTGRES_DSN", "mysql://x"),
+        ("GATEWAY_POSTGRES_DSN", "postgresql://u@h:abc/db"),
+        ("GATEWAY_REDIS_URL", "redis://h:6379x/0"),
+        ("GATEWAY_POSTGRES_TIMEOUT_SECONDS", "0"),
         ("GATEWAY_KAFKA_BOOTSTRAP", "nohostport"),
         ("GATEWAY_KAFKA_TOPICS", " , "),
         ("GATEWAY_API_KEYS", "admin:secret"),
@@ -82,3 +85,26 @@ def test_cli_bad_value_stops_with_one_line() -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "GATEWAY_PORT" in lines[0]
+
+
+def test_dsn_with_a_non_numeric_port_is_named_not_echoed() -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"GATEWAY_POSTGRES_DSN": "postgresql://u:pw@h:abc/db"})
+    assert "GATEWAY_POSTGRES_DSN" in str(info.value)
+    assert "port" in str(info.value)
+    assert "pw" not in str(info.value)
+
+
+def test_cli_bad_dsn_stops_serve_with_one_line() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve"],
+        env={"GATEWAY_POSTGRES_DSN": "postgresql://u@h:abc/db", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "GATEWAY_POSTGRES_DSN" in lines[0]
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,163 @@
+"""Redis loses the location config, the gateway notices: the copy comes back from PostgreSQL
+within seconds, without a restart; and however writers and copies interleave, a copy is vouched
+for (the marker names the record's version) only when it is the record."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.atp import keys
+from gateway.atp.config_store import MARKER, LocationConfig
+from gateway.atp.ports import CommandWriter
+from gateway.http.state import BATCHER, POSTGRES, REDIS
+from gateway.settings import Settings
+from tests.conftest import auth
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def two_clients(settings: Settings) -> AsyncIterator[list[Client]]:
+    """Two gateways on one Redis and one PostgreSQL, as two processes would be."""
+    async with (
+        TestClient(TestServer(create_app(settings))) as one,
+        TestClient(TestServer(create_app(settings))) as two,
+    ):
+        yield [one, two]
+
+
+async def test_config_comes_back_after_flushall(
+    client: Client, redis: aioredis.Redis, pg: asyncpg.Connection
+) -> None:
+    put = await client.put(
+        "/v1/location-groups/north", json={"locations": ["S1", "S2"]}, headers=auth("ops")
+    )
+    assert put.status == 200
+    items = [{"location": "S1", "quantity": 4}, {"location": "S2", "sku": "A", "quantity": 9}]
+    put = await client.put("/v1/safety-stock", json={"items": items}, headers=auth("ops"))
+    assert put.status == 200
+
+    await redis.flushall()
+    started = time.monotonic()
+    while True:
+        resp = await client.get("/v1/location-groups/north", headers=auth("ops"))
+        if resp.status == 200:
+            break
+        # Until the copy is back the group is not "missing": 503, never a 404.
+        assert resp.status == 503
+        assert (await resp.json())["code"] == "dependency_unavailable"
+        assert time.monotonic() - started < 5, "the config never came back"
+        await asyncio.sleep(0.05)
+    assert (await resp.json())["locations"] == ["S1", "S2"]
+    assert await redis.hget(keys.LOCATION_SAFETY_STOCK, "S1") == "4"
+    assert await redis.hget(keys.position("A"), keys.safety_stock_field("S2")) == "9"
+
+
+async def test_racing_writers_and_copies_converge(
+    two_clients: list[Client], redis: aioredis.Redis, pg: asyncpg.Connection
+) -> None:
+    rng = random.Random(7)
+
+    async def write(n: int) -> int:
+        client = two_clients[n % 2]
+        if n % 3 == 0:
+            items = [{"location": "R1", "quantity": n}]
+            resp = await client.put("/v1/safety-stock", json={"items": items}, headers=auth("ops"))
+        else:
+            members = [f"L{n}", f"L{rng.randrange(100)}x"]
+            resp = await client.put(
+                "/v1/location-groups/race", json={"locations": members}, headers=auth("ops")
+            )
+        return resp.status
+
+    async def flush_midway() -> None:
+        await asyncio.sleep(0.01)
+        await redis.flushall()
+
+    statuses = await asyncio.gather(*(write(n) for n in range(40)), flush_midway())
+    assert set(statuses[:-1]) == {200}
+
+    # Settled: the marker names the record's version, and then the copy is the record.
+    deadline = time.monotonic() + 8
+    while True:
+        version = await pg.fetchval("SELECT version FROM config_version")
+        if await redis.get(MARKER) == str(version):
+            break
+        assert time.monotonic() < deadline, (await redis.get(MARKER), version)
+        await asyncio.sleep(0.05)
+    group = await pg.fetchval("SELECT locations FROM location_groups WHERE group_name = 'race'")
+    quantity = await pg.fetchval("SELECT quantity FROM safety_stock WHERE location = 'R1'")
+    assert await redis.get(keys.location_group("race")) == ",".join(group)
+    assert await redis.hget(keys.LOCATION_SAFETY_STOCK, "R1") == str(quantity)
+
+
+class Stepper:
+    """The gateway's Redis port, with the calls of one writer held at chosen points, so a test
+    can interleave two writers as a slow network would."""
+
+    def __init__(self, port: CommandWriter, group_key: str) -> None:
+        self._port = port
+        self._group_key = group_key
+        self.at_data = asyncio.Event()  # set when the writer's copy is about to go
+        self.data_done = asyncio.Event()  # set when its copy has landed
+        self.before_data = _open_event()  # the copy waits for this
+        self.after_data = _open_event()  # what follows the copy waits for this
+
+    async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        is_data = any(c[0] == "SET" and c[1] == self._group_key for c in commands)
+        if is_data:
+            self.at_data.set()
+            await self.before_data.wait()
+        elif self.data_done.is_set():
+            await self.after_data.wait()
+        replies = await self._port.execute(commands)
+        if is_data:
+            self.data_done.set()
+        return replies
+
+
+def _open_event() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
+
+
+async def test_an_older_copy_landing_late_is_never_vouched_for(
+    client: Client, redis: aioredis.Redis, pg: asyncpg.Connection
+) -> None:
+    """W1 commits OLD, W2 commits NEW; NEW's copy lands, then OLD's over it, then W2 finishes
+    last. Stamping the marker with the writer's version would vouch for OLD for good."""
+    app = client.server.app
+    group_key = keys.location_group("race")
+    first = Stepper(app[REDIS], group_key)
+    second = Stepper(app[REDIS], group_key)
+    w1 = LocationConfig(app[POSTGRES], first, app[BATCHER])
+    w2 = LocationConfig(app[POSTGRES], second, app[BATCHER])
+    w1_done = asyncio.Event()
+    first.before_data = second.data_done
+    second.after_data = w1_done
+
+    old = asyncio.create_task(w1.put_group("race", ["OLD"]))
+    old.add_done_callback(lambda _: w1_done.set())
+    await first.at_data.wait()  # OLD is committed; its copy is held
+    await w2.put_group("race", ["NEW"])
+    await old
+
+    deadline = time.monotonic() + 5
+    while True:
+        version = await pg.fetchval("SELECT version FROM config_version")
+        if await redis.get(MARKER) == str(version):
+            break
+        assert time.monotonic() < deadline, (await redis.get(MARKER), version)
+        await asyncio.sleep(0.05)
+    assert await redis.get(group_key) == "NEW"
