@@ -8,6 +8,7 @@ and a retry with the same ids answers the truth.
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import signal
 import subprocess
@@ -21,10 +22,14 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio.cluster import RedisCluster
 
+from gateway.adapters.batcher import CommandBatcher
+from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.app import create_app
 from gateway.atp import keys as atp_keys
 from gateway.devservices import _spawn_redis, _wait_for, free_port, start_redis_cluster
 from gateway.reservation import keys
+from gateway.reservation.expiry import run_sweeper
+from gateway.reservation.service import ReservationService
 from tests.conftest import auth, make_settings
 from tests.helpers import event
 
@@ -413,3 +418,29 @@ async def test_a_stalled_cluster_node_is_answered_in_time(
         while (await bounded(requests["read"]))[0] != 200:
             assert time.monotonic() - started < 5, "the cluster answers again, the gateway not"
             await asyncio.sleep(0.05)
+
+
+async def test_the_sweeper_rides_out_an_outage() -> None:
+    """A sweeper pass that meets Redis down is skipped, not raised: a crashing worker is
+    restarted with a backoff that doubles up to 30 s, and expiry would lag that long after a
+    long outage. With the gate closed passes fail at once, so the old crash loop ran hot."""
+    number = free_port()
+    port = RedisPort.from_url(f"redis://127.0.0.1:{number}/0", cluster=False, timeout=0.3)
+    batcher = CommandBatcher(functools.partial(port.execute, raise_on_error=False))
+    service = ReservationService(
+        ScriptRegistry(port, "gateway.reservation", batcher),
+        batcher,
+        cluster=False,
+        max_ttl_seconds=3600,
+    )
+    runner = asyncio.create_task(batcher.run())
+    sweeper = asyncio.create_task(run_sweeper(service, batcher))
+    try:
+        await asyncio.sleep(1)  # four passes with Redis down
+        assert not sweeper.done(), sweeper.exception()
+    finally:
+        for task in (sweeper, runner):
+            task.cancel()
+        await asyncio.gather(sweeper, runner, return_exceptions=True)
+        await service.close()
+        await port.close()
