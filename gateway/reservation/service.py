@@ -483,10 +483,12 @@ class ReservationService:
 
 
 def _unknown(rid: str, cause: GatewayError) -> OutcomeUnknown:
+    """A failure after a write of the request had been applied: not "nothing was applied"."""
     return OutcomeUnknown(
-        f"reservation {rid!r} was partly written when Redis failed ({cause.detail}); retry with "
+        f"reservation {rid!r} was being written when Redis failed ({cause.detail}); retry with "
         "the same reservation_id to learn the outcome",
         reservation_id=rid,
+        dependency="redis",
         retry_after=1,
     )
 
