@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Final
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import istr
 
 from gateway.errors import ClientGone, GatewayError, RequestTimeout, ShuttingDown
 from gateway.http import problems
@@ -29,6 +30,8 @@ from gateway.settings import Settings
 
 log = structlog.get_logger("gateway.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Header names as istr: multidict looks them up without folding their case per request.
+X_REQUEST_ID: Final = istr("X-Request-ID")
 _INCOMING_ID: Final = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")
 # Unique across processes (random prefix) and cheap within one (a counter): uuid4 reads
 # os.urandom, a syscall per request.
@@ -79,7 +82,7 @@ class Guard:
 
         async def guarded(request: web.Request) -> web.StreamResponse:
             started = time.perf_counter()
-            incoming = request.headers.get("X-Request-ID")
+            incoming = request.headers.get(X_REQUEST_ID)
             if incoming and _INCOMING_ID.match(incoming):
                 request_id = incoming
             else:
@@ -92,7 +95,7 @@ class Guard:
                         "the gateway is shutting down; retry on another", retry_after=1
                     )
                 if role is not None:
-                    auth.require(request.headers.get("Authorization"), role)
+                    auth.require(request.headers.get(hdrs.AUTHORIZATION), role)
                 response = await handler(request)
             except GatewayError as exc:
                 if exc.http_status >= 500:
@@ -115,7 +118,7 @@ class Guard:
                 )
             finally:
                 REQUEST_ID.reset(token)
-            response.headers["X-Request-ID"] = request_id
+            response.headers[X_REQUEST_ID] = request_id
             elapsed = time.perf_counter() - started
             status = response.status
             if request.transport is None:

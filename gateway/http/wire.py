@@ -32,7 +32,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from gateway.http import problems
-from gateway.http.guard import new_request_id
+from gateway.http.guard import X_REQUEST_ID, new_request_id
 from gateway.http.request_metrics import REQUEST_METRICS
 
 log = structlog.get_logger("gateway.http")
@@ -67,7 +67,7 @@ class ProblemRequestHandler(RequestHandler):
         code = "bad_encoding" if isinstance(exc, ContentEncodingError) else None
         detail = (message or "").strip().split("\n", 1)[0][:200] or "malformed HTTP request"
         response = problems.for_status(status, detail, request_id, code=code)
-        response.headers["X-Request-ID"] = request_id
+        response.headers[X_REQUEST_ID] = request_id
         response.force_close()
         REQUEST_METRICS.observe(UNPARSED, request.method, status, 0.0)
         return response
