@@ -90,9 +90,7 @@ async def _readiness_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _ping_redis(port: RedisPort) -> None:
-    gate = getattr(port, "gate", None)
-    if gate is not None:
-        gate.check()  # known down: say so at once, with the reason
+    port.gate.check()  # known down: say so at once, with the reason
     await port.ping()
 
 
@@ -105,12 +103,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         shared_slots=not settings.redis_cluster,
     )
     app[AVAILABILITY] = AvailabilityReader(app[BATCHER])
-    redis_gate = getattr(app[REDIS], "gate", None)
     config = LocationConfig(
-        app[POSTGRES],
-        app[REDIS],
-        app[BATCHER],
-        redis_check=redis_gate.check if redis_gate is not None else None,
+        app[POSTGRES], app[REDIS], app[BATCHER], redis_check=app[REDIS].gate.check
     )
     app[LOCATION_CONFIG] = config
     if app[POSTGRES].connected:

@@ -90,3 +90,8 @@ KAFKA_DEAD_LETTER_WRITES: Final = Counter(
     "the original in PostgreSQL), postgres (the DLQ took neither, PostgreSQL holds the only copy)",
     ["topic", "destination"],
 )
+CONFIG_RESTORES: Final = Counter(
+    "gateway_config_restores_total",
+    "Copies of the whole ops config from PostgreSQL to Redis, made because Redis did not hold "
+    "the record's version (it lost its data, or a write's Redis half failed)",
+)

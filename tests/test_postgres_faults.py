@@ -17,8 +17,10 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.adapters.postgres import POOL_SIZE
 from gateway.app import create_app
 from gateway.devservices import start_redis
+from gateway.http.state import POSTGRES
 from tests.conftest import auth, make_settings
 from tests.proxy import TcpProxy
 
@@ -229,3 +231,19 @@ async def test_redis_half_failing_is_outcome_unknown_and_mended(
     finally:
         proc.terminate()
         await asyncio.to_thread(proc.wait, 5)
+
+
+async def test_pool_exhausted_is_503_in_time(
+    redis_url: str, redis: aioredis.Redis, postgres_dsn: str, pg: asyncpg.Connection
+) -> None:
+    async with gateway(redis_url=redis_url, postgres_dsn=postgres_dsn) as client:
+        db = client.server.app[POSTGRES]
+        async with contextlib.AsyncExitStack() as held:
+            for _ in range(POOL_SIZE):
+                await held.enter_async_context(db.acquire())
+            status, code, elapsed = await put_group(client, "pf", "X")
+            assert (status, code) == (503, "dependency_unavailable")
+            assert elapsed < BOUND
+            assert db.gate.up  # busy is not down: the next request still tries
+        assert (await put_group(client, "pf", "Y"))[:2] == (200, "")
+        assert (await record(pg, "pf"))[0] == ["Y"]

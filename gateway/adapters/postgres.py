@@ -55,7 +55,7 @@ _FILE_NAME: Final = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Migrations may legitimately run long (an index on a big table); a server that stalls mid-way
 # still must not hold the start-up forever.
 _MIGRATION_DEADLINE: Final = 300.0
-_POOL_SIZE: Final = 10
+POOL_SIZE: Final = 10
 # Retries of the start-up connection: soon at first, then every few seconds.
 _CONNECT_RETRY_FIRST: Final = 0.25
 _CONNECT_RETRY_MAX: Final = 5.0
@@ -139,7 +139,7 @@ async def create_pool(dsn: str, timeout_seconds: float = 3.0) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         dsn,
         min_size=1,
-        max_size=_POOL_SIZE,
+        max_size=POOL_SIZE,
         timeout=timeout_seconds,
         command_timeout=None,
         reset=_no_reset,
@@ -167,7 +167,6 @@ class Postgres:
         self._pool: asyncpg.Pool | None = None
         self._not_connected = "not connected yet"
         self._connector: asyncio.Task[None] | None = None
-        self._first_try = asyncio.Event()
         self.gate = DependencyGate(NAME, self._probe, timeout=timeout_seconds)
 
     @property
@@ -185,19 +184,12 @@ class Postgres:
     # -- life cycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Migrate and open the pool, waiting for the first attempt only: if PostgreSQL is not
-        there, an owned task keeps trying (:meth:`close` cancels it)."""
-        self._connector = asyncio.create_task(self._connect_until_done(), name="postgres-connect")
-        first_try = asyncio.create_task(self._first_try.wait())
-        try:
-            await asyncio.wait({self._connector, first_try}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            first_try.cancel()
-
-    async def wait_connected(self) -> None:
-        """Wait until the pool is open (returns at once when it is)."""
-        if self._connector is not None and self._pool is None:
-            await asyncio.shield(self._connector)
+        """Migrate and open the pool; if PostgreSQL is not there, an owned task keeps trying
+        (:meth:`close` cancels it) and this returns at once."""
+        if not await self._connect():
+            self._connector = asyncio.create_task(
+                self._connect_until_done(), name="postgres-connect"
+            )
 
     async def close(self) -> None:
         if self._connector is not None:
@@ -216,23 +208,25 @@ class Postgres:
     async def _connect_until_done(self) -> None:
         delay = _CONNECT_RETRY_FIRST
         while True:
-            try:
-                await migrate_dsn(self._dsn, self.timeout)
-                self._pool = await create_pool(self._dsn, self.timeout)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - whatever it is, PostgreSQL is not usable yet
-                self._not_connected = f"connecting: {_describe(exc)}"
-                DEPENDENCY_UP.labels(NAME).set(0)
-                log.warning("postgres_connect_failed", error=_describe(exc), retry_in=delay)
-            else:
-                log.info("postgres_connected")
-                DEPENDENCY_UP.labels(NAME).set(1)
-                return
-            finally:
-                self._first_try.set()
             await asyncio.sleep(delay)
+            if await self._connect():
+                return
             delay = min(delay * 2, _CONNECT_RETRY_MAX)
+
+    async def _connect(self) -> bool:
+        try:
+            await migrate_dsn(self._dsn, self.timeout)
+            self._pool = await create_pool(self._dsn, self.timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever it is, PostgreSQL is not usable yet
+            self._not_connected = f"connecting: {_describe(exc)}"
+            DEPENDENCY_UP.labels(NAME).set(0)
+            log.warning("postgres_connect_failed", error=_describe(exc))
+            return False
+        log.info("postgres_connected")
+        DEPENDENCY_UP.labels(NAME).set(1)
+        return True
 
     async def _probe(self) -> None:
         """Ask on a fresh connection: the pool's may be the ones that are stuck."""
@@ -259,8 +253,10 @@ class Postgres:
         return await self._unit(work, "read_committed")
 
     async def execute(self, query: str, *args: Any) -> str:
-        return await self._unit(lambda conn: conn.execute(query, *args), None)
+        """One statement, committed on its own: no answer to it is :class:`OutcomeUnknown`."""
+        return await self._unit(lambda conn: conn.execute(query, *args), None, writes=True)
 
+    # fetch and fetchval are for reads: a failure is DependencyDown, whenever it came.
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         return await self._unit(lambda conn: conn.fetch(query, *args), None)
 
@@ -268,7 +264,8 @@ class Postgres:
         return await self._unit(lambda conn: conn.fetchval(query, *args), None)
 
     async def executemany(self, query: str, args: Iterable[Sequence[Any]]) -> None:
-        await self._unit(lambda conn: conn.executemany(query, args), None)
+        """One statement per row, all or none (asyncpg runs them in one transaction)."""
+        await self._unit(lambda conn: conn.executemany(query, args), None, writes=True)
 
     async def ping(self) -> None:
         await self.fetchval("SELECT 1")
@@ -282,13 +279,14 @@ class Postgres:
         waiting on it (``async with pool.acquire()`` would wait for a cancelled query to be
         cancelled on the server, which a stalled server never confirms)."""
         pool = self._usable()
+        full = _full(pool)
         try:
             async with asyncio.timeout(self.timeout):
                 conn = await pool.acquire()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise self._failure(exc, commit_sent=False) from exc
+            raise self._failure(exc, commit_sent=False, pool_full=full) from exc
         try:
             yield conn
         except BaseException:
@@ -309,8 +307,19 @@ class Postgres:
         self.gate.check()
         return pool
 
-    async def _unit(self, work: Work[T], isolation: str | None, *, readonly: bool = False) -> T:
+    async def _unit(
+        self,
+        work: Work[T],
+        isolation: str | None,
+        *,
+        readonly: bool = False,
+        writes: bool = False,
+    ) -> T:
+        """Run ``work`` under one deadline: in a transaction of ``isolation``, or on its own
+        (``None``; ``writes``: its statements commit as they run, so from the moment they are
+        sent a failure is :class:`OutcomeUnknown`)."""
         pool = self._usable()
+        full = _full(pool)
         conn: asyncpg.Connection | None = None
         commit_sent = False
         try:
@@ -318,12 +327,14 @@ class Postgres:
             async with asyncio.timeout(self.timeout):
                 conn = await pool.acquire()
                 if isolation is None:
+                    commit_sent = writes
                     result = await work(conn)
                 else:
                     transaction = conn.transaction(isolation=isolation, readonly=readonly)
                     await transaction.start()
                     result = await work(conn)
-                    commit_sent = True
+                    # A read-only transaction changes nothing, whatever becomes of its COMMIT.
+                    commit_sent = not readonly
                     await transaction.commit()
         except BaseException as exc:
             if conn is not None:
@@ -332,17 +343,27 @@ class Postgres:
                 conn.terminate()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise self._failure(exc, commit_sent) from exc
+            raise self._failure(exc, commit_sent, pool_full=full and conn is None) from exc
         assert conn is not None
         if conn.is_in_transaction():  # a unit must not leave one open for the next user
             conn.terminate()
         await pool.release(conn)
         return result
 
-    def _failure(self, exc: BaseException, commit_sent: bool) -> BaseException:
-        """What a failed unit of work tells the caller."""
+    def _failure(
+        self, exc: BaseException, commit_sent: bool, *, pool_full: bool = False
+    ) -> BaseException:
+        """What a failed unit of work tells the caller. ``pool_full``: it failed waiting for a
+        connection while every one was in use (load, not a sign that the server is down)."""
         if isinstance(exc, GatewayError):
             return exc
+        if isinstance(exc, TimeoutError) and pool_full:
+            return DependencyDown(
+                f"postgres: every connection of the pool stayed busy for {self.timeout:g}s; "
+                "nothing was applied",
+                dependency=NAME,
+                retry_after=RETRY_AFTER,
+            )
         if isinstance(exc, asyncpg.PostgresError) and not isinstance(
             exc, asyncpg.PostgresConnectionError
         ):
@@ -376,6 +397,10 @@ class Postgres:
         return DependencyDown(
             f"postgres: {reason}; nothing was applied", dependency=NAME, retry_after=RETRY_AFTER
         )
+
+
+def _full(pool: asyncpg.Pool) -> bool:
+    return bool(pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size())
 
 
 def _describe(exc: BaseException) -> str:

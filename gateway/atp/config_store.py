@@ -44,6 +44,7 @@ from gateway.atp import keys
 from gateway.atp.ports import CommandSender, CommandWriter
 from gateway.atp.schemas import LocationGroupOut, SafetyStockEntry
 from gateway.errors import DependencyDown, NotFound, OutcomeUnknown, ValidationFailed
+from gateway.metrics import CONFIG_RESTORES
 
 log = structlog.get_logger(__name__)
 
@@ -218,6 +219,7 @@ class LocationConfig:
         await self._send([("SET", MARKER, token)])
         await self._send(commands)
         vouched = await self._swap(token, str(version))
+        CONFIG_RESTORES.inc()
         log.info(
             "location_config_restored",
             version=version,

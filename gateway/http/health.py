@@ -24,15 +24,16 @@ async def readyz(request: web.Request) -> web.Response:
     Answers within the check timeout: see :class:`gateway.lifecycle.Readiness`."""
     app = request.app
     results = await app[READINESS].check()
-    gates = {"postgres": app[POSTGRES].state()}
-    redis_gate = getattr(app[REDIS], "gate", None)
-    if redis_gate is not None:
-        gates["redis"] = "up" if redis_gate.up else f"down: {redis_gate.reason}"
     workers = dict(app[LIFECYCLE].workers)
     down = [name for name, state in results.items() if state != "up"]
     if app[LIFECYCLE].draining:
         down.append("gateway (draining)")
     if down:
+        redis_gate = app[REDIS].gate
+        gates = {
+            "redis": "up" if redis_gate.up else f"down: {redis_gate.reason}",
+            "postgres": app[POSTGRES].state(),
+        }
         return problems.problem_response(
             503,
             "not_ready",
