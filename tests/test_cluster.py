@@ -141,3 +141,27 @@ async def test_a_burst_waits_its_turn_instead_of_failing(
     assert granted >= 300, statuses  # a burst of this size is mostly served, not shed
     items = (await availability(cluster_client, sku=skus[:3], location="L1"))["items"]
     assert [i["reserved"] for i in items] == [granted] * 3
+
+
+async def test_a_saga_left_pending_is_answered_as_unknown(
+    cluster_client: Client, cluster: RedisCluster
+) -> None:
+    """A retry that finds its reservation still claimed by a request that died mid-saga waits a
+    while, then answers 503 outcome_unknown (retry later), not a 500 from its own timeout."""
+    import msgspec
+
+    from gateway.reservation.schemas import DEFAULT_TTL_SECONDS, ReservationRequest
+    from gateway.reservation.service import ReservationService
+
+    lines = [{"sku": "P", "location": "L1", "quantity": 1}]
+    request = msgspec.convert({"reservation_id": "left", "lines": lines}, ReservationRequest)
+    fingerprint = ReservationService._fingerprint(request, DEFAULT_TTL_SECONDS)
+    lease_ends = "99999999999999"  # the year 5138: the sweeper leaves it alone
+    await cluster.hset(
+        keys.record("left"),
+        mapping={"st": "pending", "fp": fingerprint, "exp": lease_ends, "skus": '["P"]'},
+    )
+    resp = await single.reserve(cluster_client, "left", lines)
+    assert resp.status == 503, await resp.text()
+    assert (await resp.json())["code"] == "outcome_unknown"
+    assert resp.headers["Retry-After"] == "1"
