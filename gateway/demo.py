@@ -77,11 +77,11 @@ Try:
 "type": "adjustment", "sku": "SKU-0001", "location": "DC-EAST", "quantity": -3, \
 "occurred_at": "{now}"}}]}}'
   curl -s -X POST {base}/v1/reservations -H 'Authorization: Bearer {sf}' \\
-       -d '{{"reservation_id": "cart-1", "ttl_seconds": 300, "lines": [{{"sku": "SKU-0001", \
+       -H 'Content-Type: application/json' -d '{{"reservation_id": "cart-1", "ttl_seconds": 300, "lines": [{{"sku": "SKU-0001", \
 "location_group": "east", "quantity": 3}}]}}'
   curl -s -X DELETE {base}/v1/reservations/cart-1 -H 'Authorization: Bearer {sf}'
   curl -s -X PUT {base}/v1/location-groups/north -H 'Authorization: Bearer {ops}' \\
-       -d '{{"locations": ["STORE-01", "STORE-02"]}}'
+       -H 'Content-Type: application/json' -d '{{"locations": ["STORE-01", "STORE-02"]}}'
   curl -s {base}/readyz ; curl -s {base}/metrics | head
 Stop with Ctrl-C.
 """,
