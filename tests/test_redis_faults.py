@@ -444,3 +444,43 @@ async def test_the_sweeper_rides_out_an_outage() -> None:
         await asyncio.gather(sweeper, runner, return_exceptions=True)
         await service.close()
         await port.close()
+
+
+# Keeps Redis running one script for 1.5 s (TIME is the real clock, even inside a script).
+_SPIN_1_5_S = """
+local function us() local t = redis.call('TIME') return t[1] * 1000000 + t[2] end
+local start = us()
+while us() - start < 1500000 do end
+return 1
+"""
+
+
+async def test_a_busy_redis_refuses_and_nothing_is_applied(
+    gw: Client, own_redis: OwnRedis, direct: aioredis.Redis
+) -> None:
+    """Redis refusing commands (here BUSY: another client's script runs long) answers them
+    with an error at once: dependency_unavailable, and nothing ran."""
+    await _seed(gw)
+    await direct.config_set("busy-reply-threshold", 50)  # ms: BUSY soon after a script starts
+    busy = aioredis.Redis.from_url(own_redis.url)
+    spin = asyncio.ensure_future(busy.eval(_SPIN_1_5_S, 0))
+    try:
+        await asyncio.sleep(0.3)
+        answers = await asyncio.gather(
+            _reserve(gw, "while-busy"),
+            gw.post(
+                "/v1/stock-events",
+                json={"events": [event("busy-1", "adjustment", 7, 30, sku="A", location="L1")]},
+                headers=auth("feed"),
+            ),
+            gw.get("/v1/availability?sku=A&location=L1", headers=auth("storefront")),
+        )
+        codes = [(r.status, (await r.json())["code"]) for r in answers]
+    finally:
+        assert await spin == 1
+        await busy.aclose()
+    assert codes == [(503, "dependency_unavailable")] * 3
+    assert not await direct.exists(keys.record("while-busy"))
+    assert int(await direct.hget(atp_keys.position("A"), "oh:L1")) == 100
+    again = await _reserve(gw, "while-busy")
+    assert again.status == 201  # made now, not replayed

@@ -111,9 +111,10 @@ class ReserveCoalescer:
             # runs the call again.
             self._start_task(call)
         elif isinstance(reply, Exception):
-            # Redis refused the call (BUSY, LOADING, OOM...): never run again what may have
+            # Redis refused the call (BUSY, LOADING, OOM...: a 503, nothing ran) or it failed
+            # outside any one reservation (a defect, a 500): never run again what may have
             # started; every waiter hears of it.
-            self._fail(call, reply)
+            self._fail(call, self._scripts.script_error(str(reply)))
         else:
             self._deliver(call, reply)
 
