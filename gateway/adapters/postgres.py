@@ -138,7 +138,10 @@ async def create_pool(dsn: str, timeout_seconds: float = 3.0) -> asyncpg.Pool:
     ms = math.ceil(timeout_seconds * 1000)
     pool = await asyncpg.create_pool(
         dsn,
-        min_size=1,
+        # No floor: asyncpg would keep reconnecting to restore one while PostgreSQL is down,
+        # logging a traceback each time. Connections open on demand and stay while in use
+        # (the migration that runs first has already shown PostgreSQL answers).
+        min_size=0,
         max_size=POOL_SIZE,
         timeout=timeout_seconds,
         command_timeout=None,

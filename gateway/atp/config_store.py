@@ -54,6 +54,8 @@ _PENDING: Final = b"pending:"
 _CHUNK: Final = 5000
 _RETRY_AFTER: Final = 1
 SYNC_INTERVAL: Final = 1.0
+# Its own generator: the global one is shared state (and property tests watch it).
+_JITTER: Final = random.Random()
 _MARKER_CAS: Final = resources.files("gateway.atp").joinpath("config_marker.lua").read_text()
 
 _BUMP_VERSION: Final = "UPDATE config_version SET version = version + 1 RETURNING version"
@@ -187,7 +189,7 @@ class LocationConfig:
                 if self._sync_failing:
                     log.info("config_sync_recovered")
                 self._sync_failing = False
-            await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+            await asyncio.sleep(interval * _JITTER.uniform(0.5, 1.5))
 
     async def sync(self) -> bool:
         """Copy the record to Redis if Redis does not hold its version; True if it copied."""
