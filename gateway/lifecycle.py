@@ -56,7 +56,8 @@ class Readiness:
             if not task.done():
                 results[name] = f"down: no answer within {self._timeout:g}s"
             else:
-                del self._running[name]
+                if self._running.get(name) is task:  # a concurrent request may have done it
+                    del self._running[name]
                 results[name] = _outcome(task)
             DEPENDENCY_UP.labels(name).set(1 if results[name] == "up" else 0)
         return results

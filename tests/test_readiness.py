@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
 from gateway.devservices import start_redis
+from gateway.lifecycle import Readiness
 from tests.conftest import auth, make_settings
 from tests.proxy import TcpProxy
 
@@ -87,3 +88,35 @@ async def test_postgres_down(
             await asyncio.sleep(0.1)
         assert (await client.get("/readyz")).status == 200
     await proxy.close()
+
+
+async def test_a_check_slow_to_unwind_does_not_hold_the_answer() -> None:
+    """A client library may take long to unwind a cancelled call (asyncpg did, against a
+    stalled server): the answer comes at the timeout anyway, concurrent requests share the
+    check still running instead of stacking more, and shutdown reaps it."""
+    unwind = asyncio.Event()
+    started = 0
+
+    async def stuck() -> None:
+        nonlocal started
+        started += 1
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await unwind.wait()
+            raise
+
+    async def fine() -> None:
+        return None
+
+    readiness = Readiness({"stuck": stuck, "fine": fine}, timeout=0.2)
+    began = asyncio.get_running_loop().time()
+    answers = await asyncio.gather(*(readiness.check() for _ in range(5)))
+    assert asyncio.get_running_loop().time() - began < 0.2 + 0.3
+    for answer in answers:
+        assert answer["fine"] == "up"
+        assert answer["stuck"].startswith("down")
+    assert (await readiness.check())["stuck"].startswith("down")
+    assert started == 1
+    unwind.set()
+    await readiness.close()
