@@ -77,8 +77,8 @@ Try:
 "type": "adjustment", "sku": "SKU-0001", "location": "DC-EAST", "quantity": -3, \
 "occurred_at": "{now}"}}]}}'
   curl -s -X POST {base}/v1/reservations -H 'Authorization: Bearer {sf}' \\
-       -H 'Content-Type: application/json' -d '{{"reservation_id": "cart-1", "ttl_seconds": 300, "lines": [{{"sku": "SKU-0001", \
-"location_group": "east", "quantity": 3}}]}}'
+       -H 'Content-Type: application/json' -d '{{"reservation_id": "cart-1", \
+"ttl_seconds": 300, "lines": [{{"sku": "SKU-0001", "location_group": "east", "quantity": 3}}]}}'
   curl -s -X DELETE {base}/v1/reservations/cart-1 -H 'Authorization: Bearer {sf}'
   curl -s -X PUT {base}/v1/location-groups/north -H 'Authorization: Bearer {ops}' \\
        -H 'Content-Type: application/json' -d '{{"locations": ["STORE-01", "STORE-02"]}}'

@@ -27,16 +27,22 @@ from gateway.adapters.dead_letters import (
     DeadLetterLedger,
     DeadLetterWriter,
 )
-from gateway.atp.events import OUTCOMES, EventApplier
+from gateway.atp.events import OUTCOMES, REJECTED, EventApplier
 from gateway.atp.schemas import StockEvent
 from gateway.atp.validation import decode_event
-from gateway.errors import ValidationFailed
+from gateway.errors import Unavailable, ValidationFailed
 from gateway.metrics import KAFKA_BATCH_SECONDS, KAFKA_LAG, STOCK_EVENTS
 from gateway.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 MAX_RECORDS: Final = 5000
+# Applying a batch while Redis is down is retried after these many seconds, doubling.
+_APPLY_RETRY_FIRST: Final = 0.25
+_APPLY_RETRY_MAX: Final = 2.0
+_REJECTED_REASON: Final = (
+    "quantity: the position would leave the bounds the event rule sums exactly (+-10^15)"
+)
 # Batches applied concurrently: the event rule makes order between batches irrelevant, and
 # commits still happen strictly in fetch order.
 PIPELINE_DEPTH: Final = 3
@@ -146,12 +152,14 @@ class KafkaIngest:
         loop = asyncio.get_running_loop()
         started = loop.time()
         events: list[StockEvent] = []
+        sources: list[ConsumerRecord[Any, Any]] = []  # the record of each event
         dead: list[DeadLetter] = []
         for record in records:
             try:
                 if record.value is None:
                     raise ValidationFailed([{"field": "", "message": "message has no value"}])
                 events.append(self._decode(record.value))
+                sources.append(record)
             except ValidationFailed as exc:
                 reason = "; ".join(f"{e['field'] or 'event'}: {e['message']}" for e in exc.errors)
                 dead.append(DeadLetter.of(record, reason or "event: invalid"))
@@ -167,12 +175,32 @@ class KafkaIngest:
             codes = applying.result()
         else:
             codes = await self._apply(events)
+        rejected = [
+            DeadLetter.of(record, _REJECTED_REASON)
+            for record, code in zip(sources, codes, strict=True)
+            if code == REJECTED
+        ]
+        if rejected:
+            await self._dead_letters.write(rejected)
         for code, outcome in enumerate(OUTCOMES):
             STOCK_EVENTS.labels("kafka", outcome).inc(codes.count(code))
         KAFKA_BATCH_SECONDS.observe(loop.time() - started)
 
     async def _apply(self, events: list[StockEvent]) -> list[int]:
-        return await self._applier.apply_codes(events) if events else []
+        if not events:
+            return []
+        delay = _APPLY_RETRY_FIRST
+        while True:
+            try:
+                return await self._applier.apply_codes(events)
+            except Unavailable as exc:
+                # Redis down or stalled (a 503 of any kind, outcome unknown included): applying
+                # is idempotent, so the batch is tried again until Redis is back; nothing after
+                # it is committed meanwhile. Crashing instead would put the consumer behind the
+                # supervisor's backoff (up to 30 s) after the outage ends.
+                log.warning("kafka_apply_retry", code=exc.code, detail=exc.detail, retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _APPLY_RETRY_MAX)
 
     def _update_lag(self) -> None:
         # highwater() is right where end_offsets() is not (seen with tansu after batched produce).

@@ -22,8 +22,10 @@ from gateway.metrics import STOCK_SHORTFALL
 log = structlog.get_logger(__name__)
 
 APPLY_SCRIPT: Final = "apply_events.lua"
-APPLIED, DUPLICATE, STALE = 0, 1, 2
-OUTCOMES: Final = ("applied", "duplicate", "stale")
+APPLIED, DUPLICATE, STALE, REJECTED = 0, 1, 2, 3
+# Indexed by the script's outcome codes. ``rejected``: an adjustment that would take its position
+# beyond the bounds the script can sum exactly (see apply_events.lua); never applied, id not kept.
+OUTCOMES: Final = ("applied", "duplicate", "stale", "rejected")
 # Events per script call on a single node: ~15 µs of Redis each, so a call stays under ~4 ms.
 _EVENTS_PER_CALL: Final = 256
 
@@ -42,7 +44,10 @@ class EventApplier:
         """Apply events in the order given; each SKU's share atomically."""
         codes = await self.apply_codes(events)
         return IngestResult(
-            applied=codes.count(APPLIED), duplicate=codes.count(DUPLICATE), stale=codes.count(STALE)
+            applied=codes.count(APPLIED),
+            duplicate=codes.count(DUPLICATE),
+            stale=codes.count(STALE),
+            rejected=codes.count(REJECTED),
         )
 
     async def apply_codes(self, events: Sequence[StockEvent]) -> list[int]:
@@ -85,6 +90,15 @@ class EventApplier:
         for (sku, indexes), (sku_codes, short) in zip(by_sku.items(), groups, strict=True):
             for index, code in zip(indexes, sku_codes, strict=True):
                 codes[index] = int(code)
+                if codes[index] == REJECTED:
+                    event = events[index]
+                    log.warning(
+                        "stock_event_rejected",
+                        sku=sku,
+                        location=event.location,
+                        event_id=event.event_id,
+                        reason="the position would leave the bounds the event rule sums exactly",
+                    )
             for i in range(0, len(short), 2):
                 location, units = short[i].decode(), int(short[i + 1])
                 STOCK_SHORTFALL.inc()
