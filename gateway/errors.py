@@ -15,6 +15,7 @@ GatewayError                  (500 internal_error)
     ├── Overloaded            (503 overloaded)
     ├── ShuttingDown          (503 shutting_down)
     ├── DependencyDown        (503 dependency_unavailable: nothing was applied)
+    │   └── ConfigNotCopied   (Redis lost the location config; the copy is not back yet)
     └── OutcomeUnknown        (503 outcome_unknown: a write was sent and not answered; it may
                                have been applied. Safe to retry with the same ids.)
 """
@@ -149,3 +150,15 @@ class OutcomeUnknown(Unavailable):
 
     code = "outcome_unknown"
     title = "The outcome of the request is unknown"
+
+
+class ConfigNotCopied(DependencyDown):
+    """Redis has lost the location config and the copy from PostgreSQL is not back yet (within
+    about a second): "no such group" would be a guess, so the answer is a retriable 503."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the location config is being copied back to Redis; retry shortly",
+            dependency="redis",
+            retry_after=1,
+        )

@@ -161,3 +161,34 @@ async def test_an_older_copy_landing_late_is_never_vouched_for(
         assert time.monotonic() < deadline, (await redis.get(MARKER), version)
         await asyncio.sleep(0.05)
     assert await redis.get(group_key) == "NEW"
+
+
+async def test_group_reads_and_reservations_wait_for_the_copy(
+    client: Client, redis: aioredis.Redis, pg: asyncpg.Connection
+) -> None:
+    """While Redis lacks the config, "no such group" would be a guess: a group read and a
+    reservation naming a group answer 503 (retry), never 404 or 422 (a wrong, final answer)."""
+    put = await client.put(
+        "/v1/location-groups/north", json={"locations": ["S1"]}, headers=auth("ops")
+    )
+    assert put.status == 200
+    await redis.flushall()  # the sync task copies it back within about a second
+    availability = await client.get(
+        "/v1/availability?sku=A&location_group=north", headers=auth("storefront")
+    )
+    reserve = await client.post(
+        "/v1/reservations",
+        json={
+            "reservation_id": "r-during-copy",
+            "lines": [{"sku": "A", "location_group": "north", "quantity": 1}],
+        },
+        headers=auth("storefront"),
+    )
+    # 200 / 409 only if the copy won the race with these requests (a millisecond after it).
+    assert availability.status in (503, 200), await availability.text()
+    assert reserve.status in (503, 409), await reserve.text()
+    for resp in (availability, reserve):
+        if resp.status == 503:
+            body = await resp.json()
+            assert body["code"] == "dependency_unavailable"
+            assert resp.headers["Retry-After"] == "1"

@@ -17,7 +17,7 @@ from gateway.atp.schemas import (
     LocationAvailability,
     PositionAvailability,
 )
-from gateway.errors import NotFound
+from gateway.errors import ConfigNotCopied, NotFound
 
 
 def _int(raw: Any) -> int:
@@ -97,7 +97,11 @@ class AvailabilityReader:
         return items
 
     async def group_members(self, group: str) -> list[str] | None:
-        raw = await self._redis.call("GET", keys.location_group(group))
+        raw, marker = await self._redis.call_many(
+            [("GET", keys.location_group(group)), ("GET", keys.CONFIG_MARKER)]
+        )
         if raw is None:
+            if marker is None:
+                raise ConfigNotCopied()
             return None
         return bytes(raw).decode().split(",")

@@ -43,13 +43,18 @@ import structlog
 from gateway.atp import keys
 from gateway.atp.ports import CommandSender, CommandWriter
 from gateway.atp.schemas import LocationGroupOut, SafetyStockEntry
-from gateway.errors import DependencyDown, NotFound, OutcomeUnknown, ValidationFailed
+from gateway.errors import (
+    ConfigNotCopied,
+    NotFound,
+    OutcomeUnknown,
+    ValidationFailed,
+)
 from gateway.metrics import CONFIG_RESTORES
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-MARKER: Final = f"{keys.PREFIX}:config:version"
+MARKER: Final = keys.CONFIG_MARKER
 _PENDING: Final = b"pending:"
 _CHUNK: Final = 5000
 _RETRY_AFTER: Final = 1
@@ -161,13 +166,7 @@ class LocationConfig:
         )
         if raw is None:
             if marker is None:
-                # Redis has lost the config (or never had it) and the copy is not back yet:
-                # "no such group" would be a guess.
-                raise DependencyDown(
-                    "the location config is being copied back to Redis; retry shortly",
-                    dependency="redis",
-                    retry_after=_RETRY_AFTER,
-                )
+                raise ConfigNotCopied()
             raise NotFound(f"location group {group!r} does not exist", group=group)
         return LocationGroupOut(group=group, locations=bytes(raw).decode().split(","))
 

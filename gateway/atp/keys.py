@@ -12,6 +12,9 @@ from typing import Final
 PREFIX: Final = "atp"
 # Location defaults for safety stock: few, rarely written, read with every availability query.
 LOCATION_SAFETY_STOCK: Final = f"{PREFIX}:ss"
+# The config version Redis's copy of the location config reflects (see config_store); absent
+# only when Redis has lost the copy and it is not back yet.
+CONFIG_MARKER: Final = f"{PREFIX}:config:version"
 
 
 def position(sku: str) -> str:

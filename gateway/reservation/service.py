@@ -22,6 +22,7 @@ import msgspec
 from gateway.atp import keys as atp_keys
 from gateway.atp.ports import CommandSender, ImmediateScriptRunner
 from gateway.errors import (
+    ConfigNotCopied,
     Conflict,
     GatewayError,
     NotFound,
@@ -206,11 +207,15 @@ class ReservationService:
 
     async def _group_members(self, groups: set[str]) -> dict[str, list[str]]:
         names = sorted(groups)
-        replies = await self._redis.call_many([("GET", atp_keys.location_group(g)) for g in names])
+        *replies, marker = await self._redis.call_many(
+            [*(("GET", atp_keys.location_group(g)) for g in names), ("GET", atp_keys.CONFIG_MARKER)]
+        )
         members: dict[str, list[str]] = {}
         errors = []
         for group, raw in zip(names, replies, strict=True):
             if raw is None:
+                if marker is None:
+                    raise ConfigNotCopied()
                 errors.append({"field": "location_group", "message": f"unknown group {group!r}"})
             else:
                 members[group] = _text(raw).split(",")
