@@ -19,7 +19,7 @@ from typing import Final
 
 import structlog
 
-from gateway.errors import DependencyDown
+from gateway.errors import DependencyDown, GatewayError
 from gateway.metrics import DEPENDENCY_UP
 
 log = structlog.get_logger(__name__)
@@ -86,7 +86,10 @@ class DependencyGate:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure: still down, ask again later
-                self._reason = f"{type(exc).__name__}: {exc}".rstrip(": ") or self._reason
+                if not isinstance(exc, GatewayError):
+                    # A probe's own gateway error already carries this gate's reason in its
+                    # detail: nesting it would repeat the message inside itself.
+                    self._reason = f"{type(exc).__name__}: {exc}".rstrip(": ") or self._reason
                 await asyncio.sleep(self._interval)
             else:
                 self.mark_up()

@@ -197,7 +197,7 @@ class KafkaIngest:
                 # Redis down or stalled (a 503 of any kind, outcome unknown included): applying
                 # is idempotent, so the batch is tried again until Redis is back; nothing after
                 # it is committed meanwhile. Crashing instead would put the consumer behind the
-                # supervisor's backoff (up to 30 s) after the outage ends.
+                # supervisor's backoff (up to 5 s, plus a group rejoin) after the outage ends.
                 log.warning("kafka_apply_retry", code=exc.code, detail=exc.detail, retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _APPLY_RETRY_MAX)
