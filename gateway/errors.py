@@ -156,9 +156,10 @@ class ConfigNotCopied(DependencyDown):
     """Redis has lost the location config and the copy from PostgreSQL is not back yet (within
     about a second): "no such group" would be a guess, so the answer is a retriable 503."""
 
-    def __init__(self) -> None:
-        super().__init__(
-            "the location config is being copied back to Redis; retry shortly",
-            dependency="redis",
-            retry_after=1,
-        )
+    def __init__(
+        self,
+        detail: str = "the location config is being copied back to Redis; retry shortly",
+        **extra: Any,
+    ) -> None:
+        # The same signature as every other error, so code that copies errors can copy it.
+        super().__init__(detail, **{"dependency": "redis", "retry_after": 1, **extra})

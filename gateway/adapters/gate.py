@@ -12,7 +12,6 @@ The probe task is owned by the gate and cancelled by :meth:`DependencyGate.close
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -99,5 +98,5 @@ class DependencyGate:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # wait(), not await: a cancellation of close()'s own caller must reach it.
+            await asyncio.wait([task])

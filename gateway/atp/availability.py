@@ -101,7 +101,7 @@ class AvailabilityReader:
             [("GET", keys.location_group(group)), ("GET", keys.CONFIG_MARKER)]
         )
         if raw is None:
-            if marker is None:
+            if keys.config_copy_missing(marker):
                 raise ConfigNotCopied()
             return None
         return bytes(raw).decode().split(",")

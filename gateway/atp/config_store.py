@@ -165,7 +165,7 @@ class LocationConfig:
             [("GET", keys.location_group(group)), ("GET", MARKER)]
         )
         if raw is None:
-            if marker is None:
+            if keys.config_copy_missing(marker):
                 raise ConfigNotCopied()
             raise NotFound(f"location group {group!r} does not exist", group=group)
         return LocationGroupOut(group=group, locations=bytes(raw).decode().split(","))
@@ -216,7 +216,8 @@ class LocationConfig:
             ("SET", keys.location_group(r["group_name"]), ",".join(r["locations"])) for r in groups
         ]
         commands += [_safety_command(r["location"], r["sku"], r["quantity"]) for r in stock]
-        token = _token()
+        # A restore's own token: until the swap, readers know a missing group may not be back yet.
+        token = keys.CONFIG_RESTORING.decode() + uuid.uuid4().hex
         await self._send([("SET", MARKER, token)])
         await self._send(commands)
         vouched = await self._swap(token, str(version))

@@ -15,6 +15,15 @@ LOCATION_SAFETY_STOCK: Final = f"{PREFIX}:ss"
 # The config version Redis's copy of the location config reflects (see config_store); absent
 # only when Redis has lost the copy and it is not back yet.
 CONFIG_MARKER: Final = f"{PREFIX}:config:version"
+# The marker's value while a full copy is being written: its keys are not all there yet.
+CONFIG_RESTORING: Final = b"pending:restore:"
+
+
+def config_copy_missing(marker: bytes | None) -> bool:
+    """Whether Redis's copy of the location config may lack a group that exists: the marker is
+    gone (Redis lost the copy), or names no version (a copy or a write in progress, or a write
+    that could not be vouched for). Then a missing group is "retry", not "no such group"."""
+    return marker is None or not bytes(marker).isdigit()
 
 
 def position(sku: str) -> str:

@@ -214,7 +214,7 @@ class ReservationService:
         errors = []
         for group, raw in zip(names, replies, strict=True):
             if raw is None:
-                if marker is None:
+                if atp_keys.config_copy_missing(marker):
                     raise ConfigNotCopied()
                 errors.append({"field": "location_group", "message": f"unknown group {group!r}"})
             else:
