@@ -236,3 +236,29 @@ async def test_a_rejected_adjustment_is_answered_and_counted_over_http(
         counted = gained(outcomes(await metrics_text(client), "http"), before)
         assert counted == {"applied": 1, "duplicate": 0, "stale": 0, "rejected": 1}
         await assert_state(client, {("SKU-H", "L1"): MAX_POSITION - 5, ("SKU-J", "L1"): 3})
+
+
+async def test_a_sku_whose_keys_are_damaged_does_not_stop_the_partition(
+    feed: Feed, settings: Settings, redis: aioredis.Redis
+) -> None:
+    """An error retrying cannot cure (here WRONGTYPE: a SKU's position key holds a string) made
+    the whole batch fail on every replay, so nothing behind it was ever committed. Now each SKU
+    is applied on its own and only the damaged SKU's events are dead-lettered."""
+    await redis.set(keys.position("SKU-BAD"), "not a hash")
+    bad = event("d-bad", "adjustment", 3, -50, sku="SKU-BAD")
+    good = [
+        event("d-g1", "snapshot", 10, -100, sku="SKU-G"),
+        event("d-g2", "adjustment", 1, -40, sku="SKU-G"),
+    ]
+    offsets = await feed.publish(0, [encode(good[0]), encode(bad), encode(good[1])])
+
+    async with gateway(consuming(settings, feed)) as client:
+        await feed.wait_committed()
+        await assert_state(client, {("SKU-G", "L1"): 11})
+
+    records = await read_dlq(feed, 1)
+    assert len(records) == 1
+    headers = dict(records[0].headers)
+    assert headers["dlq-source"] == f"{feed.topic}/0/{offsets[1]}".encode()
+    assert headers["dlq-reason"].decode().startswith("apply:")
+    assert records[0].value == encode(bad)

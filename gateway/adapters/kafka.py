@@ -175,20 +175,49 @@ class KafkaIngest:
             codes = applying.result()
         else:
             codes = await self._apply(events)
-        rejected = [
-            DeadLetter.of(record, _REJECTED_REASON)
-            for record, code in zip(sources, codes, strict=True)
-            if code == REJECTED
-        ]
-        if rejected:
-            await self._dead_letters.write(rejected)
+        after: list[DeadLetter] = []
+        for record, code in zip(sources, codes, strict=True):
+            if code == REJECTED:
+                after.append(DeadLetter.of(record, _REJECTED_REASON))
+            elif isinstance(code, str):
+                after.append(DeadLetter.of(record, code))
+        if after:
+            await self._dead_letters.write(after)
+        codes = [c for c in codes if isinstance(c, int)]
         for code, outcome in enumerate(OUTCOMES):
             STOCK_EVENTS.labels("kafka", outcome).inc(codes.count(code))
         KAFKA_BATCH_SECONDS.observe(loop.time() - started)
 
-    async def _apply(self, events: list[StockEvent]) -> list[int]:
+    async def _apply(self, events: list[StockEvent]) -> list[int | str]:
+        """Each event's outcome code, or, for an event that cannot be applied at all, the reason
+        to dead-letter it with."""
         if not events:
             return []
+        try:
+            return list(await self._apply_retrying(events))
+        except Exception as exc:  # noqa: BLE001 - whatever retrying cannot cure
+            # Damaged data under one SKU (a wrong-typed key) or a defect: the whole batch would
+            # fail on every replay and stop every partition behind it. Each SKU's events are
+            # applied on their own instead, and only those of the SKUs that still fail are
+            # dead-lettered. Applying is idempotent, so what the failed call did is harmless.
+            log.error("kafka_batch_failed", error=repr(exc), events=len(events))
+        by_sku: dict[str, list[int]] = {}
+        for index, event in enumerate(events):
+            by_sku.setdefault(event.sku, []).append(index)
+        codes: list[int | str] = [0] * len(events)
+        for sku, indexes in by_sku.items():
+            try:
+                sku_codes: list[int | str] = list(
+                    await self._apply_retrying([events[i] for i in indexes])
+                )
+            except Exception as exc:  # noqa: BLE001 - this SKU's events go to the DLQ
+                log.error("kafka_sku_failed", sku=sku, error=repr(exc), events=len(indexes))
+                sku_codes = [f"apply: failed in Redis: {exc}"] * len(indexes)
+            for index, code in zip(indexes, sku_codes, strict=True):
+                codes[index] = code
+        return codes
+
+    async def _apply_retrying(self, events: list[StockEvent]) -> list[int]:
         delay = _APPLY_RETRY_FIRST
         while True:
             try:
