@@ -13,13 +13,16 @@ import zlib
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
+import attrs
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from prometheus_client import REGISTRY
 
 from gateway.app import create_app
+from gateway.http.wire import GatewayRunner, ProblemRequestHandler, ProblemServer
 from gateway.settings import Settings
 from tests.conftest import KEYS, auth
 from tests.gateway_proc import GatewayProcess
@@ -158,6 +161,122 @@ async def test_client_gone_mid_body_is_counted_apart(
     assert "unhandled_error" not in logged
     assert "client_gone" in logged
     assert await nothing_reserved(redis)
+
+
+async def trickle(writer: asyncio.StreamWriter, raw: bytes, every: float) -> None:
+    """Send ``raw`` a byte at a time, until the gateway closes the connection."""
+    for byte in raw:
+        writer.write(bytes([byte]))
+        try:
+            await writer.drain()
+        except ConnectionError:
+            return
+        await asyncio.sleep(every)
+
+
+async def test_slow_headers_are_408_and_the_connection_closes(
+    served: GatewayTestServer,
+) -> None:
+    """Headers a byte every 0.2 s: 408 within the deadline of their first byte, then closed
+    (aiohttp has no header timeout: this connection stayed open for an hour)."""
+    counted = requests_counted("unparsed", "UNKNOWN", 408)
+    reader, writer = await asyncio.open_connection(served.host, served.port)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    sending = asyncio.create_task(trickle(writer, head("GET", "/healthz", "X-A: b"), 0.2))
+    try:
+        response = await asyncio.wait_for(read_response(reader), BODY_TIMEOUT + 2)
+        assert await asyncio.wait_for(reader.read(1), 2) == b""
+        elapsed = loop.time() - started
+    finally:
+        sending.cancel()
+        writer.close()
+    problem = assert_problem(response, 408, "request_timeout")
+    assert "headers" in problem["detail"]
+    assert BODY_TIMEOUT <= elapsed < BODY_TIMEOUT + 1
+    assert requests_counted("unparsed", "UNKNOWN", 408) == counted + 1
+
+
+async def test_slow_headers_after_a_keep_alive_request_are_408(
+    served: GatewayTestServer,
+) -> None:
+    """The same on a connection that already served a request: the deadline counts from the
+    first byte of the late request."""
+    reader, writer = await asyncio.open_connection(served.host, served.port)
+    sending: asyncio.Task[None] | None = None
+    try:
+        writer.write(head("GET", "/healthz"))
+        assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+        await asyncio.sleep(BODY_TIMEOUT * 1.5)  # idle first: not counted
+        started = asyncio.get_running_loop().time()
+        sending = asyncio.create_task(trickle(writer, head("GET", "/healthz"), 0.2))
+        response = await asyncio.wait_for(read_response(reader), BODY_TIMEOUT + 2)
+        assert await asyncio.wait_for(reader.read(1), 2) == b""
+        elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        if sending is not None:
+            sending.cancel()
+        writer.close()
+    assert_problem(response, 408, "request_timeout")
+    assert BODY_TIMEOUT <= elapsed < BODY_TIMEOUT + 1
+
+
+async def test_idle_keep_alive_connections_stay_open(served: GatewayTestServer) -> None:
+    """The header deadline bounds a request under way, never a connection waiting for one:
+    idle after opening, idle between requests, and after headers that came in pieces in time."""
+    reader, writer = await asyncio.open_connection(served.host, served.port)
+    try:
+        await asyncio.sleep(BODY_TIMEOUT * 2)
+        writer.write(head("GET", "/healthz"))
+        assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+        await asyncio.sleep(BODY_TIMEOUT * 2)
+        raw = head("GET", "/healthz")
+        writer.write(raw[:10])  # the deadline is armed...
+        await asyncio.sleep(BODY_TIMEOUT / 3)
+        writer.write(raw[10:])  # ...and disarmed by headers complete in time
+        assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+        await asyncio.sleep(BODY_TIMEOUT * 2)
+        writer.write(head("GET", "/healthz"))
+        assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+        assert not reader.at_eof()
+    finally:
+        writer.close()
+
+
+async def test_keep_alive_client_is_unaffected(
+    served: GatewayTestServer, wire_client: TestClient[Any, Any]
+) -> None:
+    """A client library reusing its connection across pauses longer than the deadline."""
+    timeouts = requests_counted("unparsed", "UNKNOWN", 408)
+    for _ in range(3):
+        resp = await wire_client.get("/healthz")
+        assert resp.status == 200
+        await resp.read()
+        await asyncio.sleep(BODY_TIMEOUT * 1.5)
+    assert served.runner is not None
+    assert served.runner.server is not None
+    assert len(served.runner.server.connections) == 1  # one connection, kept alive
+    assert requests_counted("unparsed", "UNKNOWN", 408) == timeouts
+
+
+async def test_the_runner_serves_with_the_gateway_protocol(served: GatewayTestServer) -> None:
+    """What ``GatewayRunner`` relies on of aiohttp's internals (see gateway/http/wire.py): if
+    an aiohttp upgrade changes it, this fails here rather than the behaviour failing quietly."""
+    runner = served.runner
+    assert isinstance(runner, GatewayRunner)
+    server = runner.server
+    assert isinstance(server, ProblemServer)
+    # The arguments AppRunner collected reach every connection's protocol.
+    assert server._kwargs["auto_decompress"] is False
+    protocol = server()
+    assert isinstance(protocol, ProblemRequestHandler)
+    assert protocol._header_timeout == BODY_TIMEOUT
+    assert protocol.keepalive_timeout == server._kwargs.get("keepalive_timeout", 3630)
+    assert not server.handler_cancellation
+    # The protocol state the header deadline reads and the error path it queues into.
+    for name in ("_waiter", "_messages", "_request_count", "_close", "_force_close"):
+        assert name in RequestHandler.__slots__, name
+    assert [f.name for f in attrs.fields(_ErrInfo)] == ["status", "exc", "message"]
 
 
 # --- content type and encoding --------------------------------------------------------------
@@ -335,6 +454,8 @@ async def test_gateway_serve_answers_bad_wire_input(
             f"Content-Length: {len(RESERVATION)}",
         )
         assert_problem(await exchange(host, port, slow + RESERVATION[:10]), 408, "request_timeout")
+        # Headers that never end: the same deadline.
+        assert_problem(await exchange(host, port, slow[:30]), 408, "request_timeout")
         response = await exchange(
             host,
             port,
