@@ -13,7 +13,7 @@ import itertools
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Final
 
 import structlog
@@ -46,6 +46,37 @@ _PATTERN: Final = re.compile(r"\{(\w+):[^}]*\}")
 CLIENT_GONE: Final = ClientGone.http_status
 
 
+# At most one ``request_failed`` line per (code, route) this often: during an outage the gates
+# fail requests in microseconds, and a client's retry loop would otherwise turn into thousands
+# of synchronous log writes a second on the event loop. Every failure is still counted in
+# ``gateway_http_requests_total`` by status.
+FAILURE_LOG_INTERVAL: Final = 1.0
+
+
+class LogThrottle:
+    """Admits one event per key per ``interval`` seconds and counts the ones it turns away.
+
+    Keys are few by construction (error codes x route names), so the maps stay small.
+    """
+
+    __slots__ = ("_clock", "_interval", "_next", "_suppressed")
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._next: dict[Hashable, float] = {}
+        self._suppressed: dict[Hashable, int] = {}
+
+    def admit(self, key: Hashable) -> int | None:
+        """``None`` to leave this one out; else how many were left out since the last one."""
+        now = self._clock()
+        if now < self._next.get(key, 0.0):
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._next[key] = now + self._interval
+        return self._suppressed.pop(key, 0)
+
+
 def new_request_id() -> str:
     """A fresh request id (the guard inlines the same expression on its hot path)."""
     return f"{_ID_PREFIX}{next(_ids):x}"
@@ -66,6 +97,7 @@ class Guard:
         self._lifecycle = lifecycle
         self._auth = auth
         self._access_log = settings.access_log
+        self._failures = LogThrottle(FAILURE_LOG_INTERVAL)
 
     def add_routes(self, app: web.Application, tables: Iterable[web.RouteTableDef]) -> None:
         """Register every route wrapped, then the catch-all for 404 and 405."""
@@ -79,6 +111,7 @@ class Guard:
 
     def wrap(self, handler: Handler, route_name: str, role: str | None) -> Handler:
         lifecycle, auth, access_log = self._lifecycle, self._auth, self._access_log
+        failures = self._failures
 
         async def guarded(request: web.Request) -> web.StreamResponse:
             started = time.perf_counter()
@@ -99,9 +132,16 @@ class Guard:
                 response = await handler(request)
             except GatewayError as exc:
                 if exc.http_status >= 500:
-                    log.warning(
-                        "request_failed", code=exc.code, detail=exc.detail, path=request.path
-                    )
+                    suppressed = failures.admit((exc.code, route_name))
+                    if suppressed is not None:
+                        log.warning(
+                            "request_failed",
+                            code=exc.code,
+                            detail=exc.detail,
+                            route=route_name,
+                            path=request.path,
+                            suppressed=suppressed,
+                        )
                 response = problems.from_error(exc, request_id)
                 if isinstance(exc, RequestTimeout):
                     close = True
