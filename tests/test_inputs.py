@@ -31,7 +31,7 @@ from gateway.app import create_app
 from gateway.atp import keys
 from gateway.atp.events import EventApplier
 from gateway.atp.schemas import MAX_POSITION, MAX_QUANTITY, StockEvent
-from gateway.atp.validation import decode_event
+from gateway.atp.validation import decode_event, latest_allowed
 from gateway.errors import ValidationFailed
 from gateway.http.availability_query import _fast, _thorough
 from gateway.settings import Settings
@@ -160,6 +160,24 @@ def test_kafka_events_are_held_to_the_same_bounds() -> None:
             decode_event(encoded(when), max_skew_seconds=skew)
         assert refused.value.errors[0]["field"] == "occurred_at"
     assert decode_event(encoded(now + timedelta(seconds=100))).quantity == 1  # default: 300 s
+
+
+def test_a_batch_can_share_one_bound() -> None:
+    """decode_event takes the bound computed once for a Kafka batch and holds each record to
+    it instead of reading the clock per record."""
+    now = datetime.now(UTC)
+    latest = latest_allowed(60)
+    assert now + timedelta(seconds=59) < latest <= datetime.now(UTC) + timedelta(seconds=60)
+
+    def encoded(when: datetime) -> bytes:
+        return msgspec.json.encode({**event("k", "snapshot", 1, 0), "occurred_at": when})
+
+    an_hour_ahead = now + timedelta(hours=1)
+    # The bound given wins over the default skew, either way.
+    assert decode_event(encoded(an_hour_ahead), latest=now + timedelta(hours=2)).quantity == 1
+    with pytest.raises(ValidationFailed) as refused:
+        decode_event(encoded(now + timedelta(seconds=30)), latest=now)
+    assert refused.value.errors[0]["field"] == "occurred_at"
 
 
 # --- quantities and positions -----------------------------------------------------------------

