@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 import structlog
@@ -29,7 +28,7 @@ from gateway.adapters.dead_letters import (
 )
 from gateway.atp.events import OUTCOMES, REJECTED, EventApplier
 from gateway.atp.schemas import StockEvent
-from gateway.atp.validation import decode_event
+from gateway.atp.validation import decode_event, latest_allowed
 from gateway.errors import Unavailable, ValidationFailed
 from gateway.metrics import KAFKA_BATCH_SECONDS, KAFKA_LAG, STOCK_EVENTS
 from gateway.settings import Settings
@@ -78,12 +77,12 @@ class KafkaIngest:
         consumer: AIOKafkaConsumer,
         dead_letters: DeadLetterWriter,
         applier: EventApplier,
-        decode: Callable[[bytes], StockEvent] = decode_event,
+        max_skew_seconds: int = 300,
     ) -> None:
         self._consumer = consumer
         self._dead_letters = dead_letters
         self._applier = applier
-        self._decode = decode
+        self._max_skew = max_skew_seconds
         self._in_flight: collections.deque[tuple[asyncio.Task[None], Offsets]] = collections.deque()
         # The consumer loop and a rebalance's drain both commit; one at a time, in fetch order.
         self._commit_lock = asyncio.Lock()
@@ -154,11 +153,14 @@ class KafkaIngest:
         events: list[StockEvent] = []
         sources: list[ConsumerRecord[Any, Any]] = []  # the record of each event
         dead: list[DeadLetter] = []
+        # A far-future occurred_at is refused here as over HTTP: it would outrank every real
+        # event. The bound is read from the clock once a batch, not once an event.
+        latest = latest_allowed(self._max_skew)
         for record in records:
             try:
                 if record.value is None:
                     raise ValidationFailed([{"field": "", "message": "message has no value"}])
-                events.append(self._decode(record.value))
+                events.append(decode_event(record.value, latest=latest))
                 sources.append(record)
             except ValidationFailed as exc:
                 reason = "; ".join(f"{e['field'] or 'event'}: {e['message']}" for e in exc.errors)
@@ -277,9 +279,7 @@ async def run_consumer(
     )
     ledger = DeadLetterLedger(db)
     dead_letters = DeadLetterWriter(producer, ledger, send_timeout=dlq_timeout)
-    # A far-future occurred_at is refused here as over HTTP: it would outrank every real event.
-    decode = functools.partial(decode_event, max_skew_seconds=settings.max_clock_skew_seconds)
-    ingest = KafkaIngest(consumer, dead_letters, applier, decode)
+    ingest = KafkaIngest(consumer, dead_letters, applier, settings.max_clock_skew_seconds)
     await producer.start()
     try:
         consumer.subscribe(list(settings.kafka_topics), listener=_Drainer(ingest))
