@@ -10,6 +10,7 @@ the location config: copied to Redis) in the background once the dependency is t
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 from collections.abc import AsyncIterator
@@ -34,7 +35,6 @@ from gateway.http.state import (
     BATCHER,
     LIFECYCLE,
     LOCATION_CONFIG,
-    PG_POOL,
     POSTGRES,
     READINESS,
     REDIS,
@@ -70,8 +70,8 @@ async def _postgres_ctx(app: web.Application) -> AsyncIterator[None]:
     db = Postgres(settings.postgres_dsn, settings.postgres_timeout_seconds)
     app[POSTGRES] = db
     try:
-        # One attempt before serving (migrations first, as before); if PostgreSQL is not there,
-        # the port keeps trying in the background.
+        # Waits for the first attempt (migrations first) at most one timeout; what is left, the
+        # port finishes and retries in the background while /healthz is served.
         await db.start()
         yield
     finally:
@@ -111,8 +111,10 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         # Redis's copy made whole before serving when both are there (as before); otherwise the
         # sync worker does it as soon as they are.
         try:
-            await config.sync()
-        except Exception as exc:  # noqa: BLE001 - Redis is not there yet: the sync worker retries
+            # Bounded like the rest of start-up: a big copy goes on in the sync worker.
+            async with asyncio.timeout(settings.postgres_timeout_seconds):
+                await config.sync()
+        except Exception as exc:  # noqa: BLE001 - not there yet, or slow: the worker retries
             log.warning("config_sync_deferred", error=f"{type(exc).__name__}: {exc}")
     reservations = ReservationService(
         ScriptRegistry(app[REDIS], "gateway.reservation", app[BATCHER]),
@@ -140,7 +142,7 @@ async def _kafka_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     # PostgreSQL may not be there yet: only a dead letter the DLQ refuses needs it.
-    worker = functools.partial(run_consumer, settings, app[APPLIER], app[PG_POOL])
+    worker = functools.partial(run_consumer, settings, app[APPLIER], app[POSTGRES])
     async with supervised("kafka-consumer", worker, app[LIFECYCLE]):
         yield
 

@@ -13,7 +13,7 @@ import asyncpg
 import uvloop
 from aiohttp import web
 
-from gateway.adapters.postgres import migrate_dsn
+from gateway.adapters.migrations import CLI_LOCK_WAIT, MigrationLockBusy, migrate_dsn
 from gateway.app import create_app
 from gateway.http.wire import GatewayRunner
 from gateway.logs import configure_logging
@@ -56,7 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML file of settings (environment variables win)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the HTTP API and the Kafka consumer")
-    sub.add_parser("migrate", help="apply pending PostgreSQL migrations")
+    migrate = sub.add_parser("migrate", help="apply pending PostgreSQL migrations")
+    migrate.add_argument(
+        "--lock-wait",
+        type=float,
+        default=CLI_LOCK_WAIT,
+        metavar="SECONDS",
+        help="how long to wait for another process's migration to finish before giving up "
+        f"(default {CLI_LOCK_WAIT:g})",
+    )
     sub.add_parser("demo", help="start missing services, seed a demo catalogue and serve it")
     args = parser.parse_args(argv)
     try:
@@ -70,15 +78,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "migrate":
         configure_logging(settings.log_level)
-        return _migrate(settings)
+        return _migrate(settings, args.lock_wait)
     serve(settings)
     return 0
 
 
-def _migrate(settings: Settings) -> int:
-    """Apply pending migrations; PostgreSQL unreachable or refusing is one line and exit 1."""
+def _migrate(settings: Settings, lock_wait: float) -> int:
+    """Apply pending migrations; PostgreSQL unreachable or refusing, or the migration lock held
+    by another session for all of ``lock_wait`` seconds, is one line and exit 1."""
     try:
-        applied = asyncio.run(migrate_dsn(settings.postgres_dsn, settings.postgres_timeout_seconds))
+        applied = asyncio.run(
+            migrate_dsn(
+                settings.postgres_dsn, settings.postgres_timeout_seconds, lock_wait=lock_wait
+            )
+        )
+    except MigrationLockBusy as exc:
+        print(f"gateway: cannot migrate: {exc}; --lock-wait waits longer", file=sys.stderr)
+        return 1
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         # OSError covers refused, unresolvable and timed out (TimeoutError). The DSN is not
         # echoed: it may hold a password; asyncpg's messages name host and port, not secrets.

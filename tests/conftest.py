@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.adapters.postgres import migrate_dsn
+from gateway.adapters.migrations import migrate_dsn
 from gateway.app import create_app
 from gateway.devservices import (
     ServiceMissing,

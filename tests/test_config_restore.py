@@ -21,7 +21,8 @@ from gateway.atp.config_store import MARKER, LocationConfig
 from gateway.atp.ports import CommandWriter
 from gateway.http.state import BATCHER, POSTGRES, REDIS
 from gateway.settings import Settings
-from tests.conftest import auth
+from tests.conftest import auth, make_settings
+from tests.test_postgres_faults import private_database
 
 Client = TestClient[Any, Any]
 
@@ -192,3 +193,36 @@ async def test_group_reads_and_reservations_wait_for_the_copy(
             body = await resp.json()
             assert body["code"] == "dependency_unavailable"
             assert resp.headers["Retry-After"] == "1"
+
+
+async def test_a_slow_copy_of_the_record_is_not_an_outage(
+    redis_url: str, redis: aioredis.Redis, postgres_dsn: str
+) -> None:
+    """The copy reads the whole record, which for a big config takes longer than a request
+    may (here: a table it must wait for, 4x the timeout). It gets its own, longer deadline, and
+    while it runs PostgreSQL is not marked down: other calls are not failed for it."""
+    timeout = 0.3
+    async with private_database(postgres_dsn) as dsn:
+        settings = make_settings(redis_url, dsn, postgres_timeout_seconds=timeout)
+        async with TestClient(TestServer(create_app(settings))) as client:
+            db = client.server.app[POSTGRES]
+            put = await client.put(
+                "/v1/location-groups/slow", json={"locations": ["S1"]}, headers=auth("ops")
+            )
+            assert put.status == 200
+            blocker = await asyncpg.connect(dsn)
+            try:
+                async with blocker.transaction():
+                    await blocker.execute("LOCK TABLE safety_stock IN ACCESS EXCLUSIVE MODE")
+                    await redis.flushall()  # the sync starts a copy, which waits on the table
+                    until = time.monotonic() + 4 * timeout
+                    while time.monotonic() < until:
+                        assert db.gate.up, db.gate.reason
+                        await asyncio.sleep(0.02)
+            finally:
+                await blocker.close()
+            started = time.monotonic()
+            while (await client.get("/v1/location-groups/slow", headers=auth("ops"))).status != 200:
+                assert time.monotonic() - started < 3, "the config never came back"
+                await asyncio.sleep(0.05)
+            assert db.gate.up

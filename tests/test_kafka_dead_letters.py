@@ -23,19 +23,23 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from gateway.adapters.dead_letters import (
     MAX_HEADERS,
     MAX_KEY,
     MAX_REASON,
     MAX_VALUE,
+    RETRY_MAX,
     DeadLetter,
+    DeadLetterLedger,
+    DeadLetterWriter,
     bounded_copy,
 )
 from gateway.adapters.kafka import run_consumer
+from gateway.adapters.postgres import Postgres
 from gateway.devservices import free_port, reachable, tansu_binary
-from gateway.http.state import APPLIER, LIFECYCLE, PG_POOL
+from gateway.http.state import APPLIER, LIFECYCLE, POSTGRES
 from gateway.settings import Settings
 from tests.helpers import event
 from tests.test_kafka import (
@@ -54,6 +58,7 @@ from tests.test_kafka import (
     serve_env,
     wait_for,
 )
+from tests.test_postgres_faults import private_database
 
 # A schema no record satisfies: tansu refuses every write to the topic it is named after.
 REFUSE_ALL = {"type": "object", "properties": {"value": {"not": {}}}, "required": ["value"]}
@@ -342,7 +347,7 @@ async def test_a_dlq_that_does_not_answer_falls_back_to_postgres_within_seconds(
             run_consumer(
                 kafka_settings,
                 client.app[APPLIER],
-                client.app[PG_POOL],
+                client.app[POSTGRES],
                 dlq_bootstrap=dlq_bootstrap,
                 dlq_timeout=dlq_timeout,
             )
@@ -409,6 +414,55 @@ async def test_with_the_dlq_and_postgres_both_down_the_batch_waits_then_moves_on
     assert [(r["source_offset"], r["destination"], r["value"]) for r in rows] == [
         (poison, "postgres", b"{bad")
     ]
+
+
+def test_the_stuck_wait_retries_at_least_every_five_seconds() -> None:
+    # As the supervisor's backoff: the partition moves within seconds of PostgreSQL's return.
+    assert RETRY_MAX == 5.0
+
+
+async def test_a_dead_letter_postgres_refuses_for_good_is_raised_not_retried_forever(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """The DLQ refuses the letter and PostgreSQL answers with an error that will recur (here a
+    constraint every row breaks): retrying in place would wait forever, unseen. It is logged,
+    counted and raised, for the consumer's supervisor to show; the offset stays uncommitted."""
+    topic = new_topic()
+    async with (
+        private_database(postgres_dsn) as dsn,
+        private_broker(tmp_path, refusing=[topic + ".dlq"]) as (bootstrap, _),
+        open_feed(bootstrap, topic),
+    ):
+        admin = await asyncpg.connect(dsn)
+        try:
+            await admin.execute(
+                "ALTER TABLE kafka_dead_letters ADD CONSTRAINT refuse_all CHECK (false) NOT VALID"
+            )
+        finally:
+            await admin.close()
+        db = Postgres(dsn, 1.0)
+        await db.start()
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, enable_idempotence=False, request_timeout_ms=2000
+        )
+        await producer.start()
+        try:
+            writer = DeadLetterWriter(producer, DeadLetterLedger(db), send_timeout=2.0)
+            dead = DeadLetter(topic, 0, 7, b"k", b"{bad", (), "event: malformed JSON")
+            async with asyncio.timeout(8):
+                with pytest.raises(asyncpg.CheckViolationError):
+                    await writer.write([dead])
+            assert db.gate.up  # an error of the row, not an outage
+        finally:
+            await producer.stop()
+            await db.close()
+    failures = sample(
+        await metrics_text(),
+        "gateway_kafka_dead_letter_record_failures_total",
+        topic=topic,
+        missing="only_copy",
+    )
+    assert failures == 1
 
 
 # --- a restart between writing dead letters and committing: none written twice -------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,9 +18,11 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.adapters.postgres import POOL_SIZE
+from gateway.adapters.migrations import migrate_dsn
+from gateway.adapters.postgres import POOL_SIZE, Postgres
 from gateway.app import create_app
 from gateway.devservices import start_redis
+from gateway.errors import DependencyDown, GatewayError, OutcomeUnknown
 from gateway.http.state import POSTGRES
 from tests.conftest import auth, make_settings
 from tests.proxy import TcpProxy
@@ -39,6 +42,35 @@ async def proxied(url: str) -> AsyncIterator[tuple[TcpProxy, str]]:
         yield proxy, url.replace(f":{target.port}/", f":{proxy.port}/", 1)
     finally:
         await proxy.close()
+
+
+@contextlib.asynccontextmanager
+async def private_database(dsn: str) -> AsyncIterator[str]:
+    """A migrated database of the test's own on the same server, for faults that would disturb
+    other tests sharing the server's ``test`` database: locks held, a table that refuses rows,
+    the database dropped. (Advisory locks are per database too.)"""
+    name = f"atp_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        private = urlsplit(dsn)._replace(path=f"/{name}").geturl()
+        await migrate_dsn(private)
+        yield private
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def port(dsn: str, seconds: float = 1.0) -> AsyncIterator[Postgres]:
+    """The gateway's PostgreSQL port on its own, with a timeout of ``seconds``."""
+    db = Postgres(dsn, seconds)
+    await db.start()
+    assert db.connected
+    try:
+        yield db
+    finally:
+        await db.close()
 
 
 @contextlib.asynccontextmanager
@@ -233,17 +265,241 @@ async def test_redis_half_failing_is_outcome_unknown_and_mended(
         await asyncio.to_thread(proc.wait, 5)
 
 
-async def test_pool_exhausted_is_503_in_time(
+# --- what the server answers: the request's fault, or "cannot serve you now" ----------------------
+
+
+def raising(sqlstate: str) -> str:
+    return f"DO $$ BEGIN RAISE EXCEPTION 'test' USING ERRCODE = '{sqlstate}'; END $$"
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "closes_gate"),
+    [
+        ("25006", False),  # read-only: a standby after a failover (its probe would succeed)
+        ("28P01", True),  # credentials rotated
+        ("28000", True),  # role may not log in
+        ("3D000", True),  # the database is gone
+        ("55P03", False),  # lock not available: another session's lock
+        ("53300", False),  # too many connections
+        ("40001", False),  # serialization failure
+        ("57P01", True),  # admin shutdown
+        ("58030", False),  # I/O error
+    ],
+)
+async def test_a_server_that_cannot_serve_now_is_503(
+    sqlstate: str, closes_gate: bool, postgres_dsn: str
+) -> None:
+    async with port(postgres_dsn) as db:
+        with pytest.raises(DependencyDown) as caught:
+            await db.write(lambda conn: conn.execute(raising(sqlstate)))
+        assert caught.value.extra["dependency"] == "postgres"
+        assert caught.value.extra["retry_after"] >= 1
+        assert sqlstate in caught.value.detail or "nothing was applied" in caught.value.detail
+        assert db.gate.up is not closes_gate
+
+
+@pytest.mark.parametrize("sqlstate", ["23505", "42601", "22003"])
+async def test_an_error_of_the_request_stays_its_own(sqlstate: str, postgres_dsn: str) -> None:
+    async with port(postgres_dsn) as db:
+        with pytest.raises(asyncpg.PostgresError) as caught:
+            await db.write(lambda conn: conn.execute(raising(sqlstate)))
+        assert not isinstance(caught.value, GatewayError)
+        assert caught.value.sqlstate == sqlstate
+        assert db.gate.up
+
+
+# --- after COMMIT was sent: only an answered ERROR proves it failed ------------------------------
+
+
+async def refused_at_commit(conn: asyncpg.Connection, sqlstate: str) -> None:
+    """Makes the server answer this transaction's COMMIT with ``sqlstate`` (a deferred trigger on
+    a temporary table: nothing outside the session is touched)."""
+    await conn.execute(
+        """CREATE FUNCTION pg_temp.at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RAISE EXCEPTION 'at commit' USING ERRCODE = TG_ARGV[0]; END $$;
+           CREATE TEMP TABLE at_commit (x int)"""
+    )
+    await conn.execute(
+        f"""CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON at_commit
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+            EXECUTE FUNCTION pg_temp.at_commit('{sqlstate}');
+            INSERT INTO at_commit VALUES (1)"""
+    )
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "expected"),
+    [
+        ("23505", asyncpg.UniqueViolationError),  # answered: rolled back, the request's fault
+        ("40001", DependencyDown),  # answered: rolled back, try again
+        ("57P01", OutcomeUnknown),  # a shutdown may land as the commit completes
+        ("57014", OutcomeUnknown),  # so may a cancel
+    ],
+)
+async def test_an_error_answered_to_commit(
+    sqlstate: str, expected: type[BaseException], postgres_dsn: str
+) -> None:
+    async with port(postgres_dsn) as db:
+        with pytest.raises(expected):
+            await db.write(lambda conn: refused_at_commit(conn, sqlstate))
+
+
+async def test_a_session_ended_during_commit_is_outcome_unknown(
+    postgres_dsn: str, pg: asyncpg.Connection
+) -> None:
+    """The real thing: the backend is terminated (FATAL 57P01) while it runs the COMMIT."""
+    pids: list[int] = []
+
+    async def slow_commit(conn: asyncpg.Connection) -> None:
+        pids.append(conn.get_server_pid())
+        await conn.execute(
+            """CREATE FUNCTION pg_temp.slow() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN PERFORM pg_sleep(5); RETURN NULL; END $$;
+               CREATE TEMP TABLE slow (x int);
+               CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON slow DEFERRABLE INITIALLY DEFERRED
+                   FOR EACH ROW EXECUTE FUNCTION pg_temp.slow();
+               INSERT INTO slow VALUES (1)"""
+        )
+
+    async def terminate_in_commit() -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            query = pids and await pg.fetchval(
+                "SELECT query FROM pg_stat_activity WHERE pid = $1", pids[0]
+            )
+            if query and str(query).startswith("COMMIT"):
+                await pg.execute("SELECT pg_terminate_backend($1)", pids[0])
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the COMMIT never ran")
+
+    async with port(postgres_dsn, seconds=3.0) as db:
+        killer = asyncio.create_task(terminate_in_commit())
+        with pytest.raises(OutcomeUnknown):
+            await db.write(slow_commit)
+        await killer
+
+
+# --- load and locks are not an outage: the gate stays open ----------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def pool_held(db: Postgres) -> AsyncIterator[list[asyncio.Event]]:
+    """Every connection of ``db``'s pool in use (bulk reads, whose long deadline outlasts the
+    test's requests), until the test sets the event of each."""
+    releases = [asyncio.Event() for _ in range(POOL_SIZE)]
+    held = asyncio.Event()
+    count = 0
+
+    async def hold(release: asyncio.Event, conn: asyncpg.Connection) -> None:
+        nonlocal count
+        count += 1
+        if count == POOL_SIZE:
+            held.set()
+        await release.wait()
+
+    holders = [
+        asyncio.create_task(db.read(lambda conn, r=r: hold(r, conn), bulk=True)) for r in releases
+    ]
+    try:
+        async with asyncio.timeout(5):
+            await held.wait()
+        yield releases
+    finally:
+        for release in releases:
+            release.set()
+        await asyncio.gather(*holders)
+
+
+async def test_pool_exhausted_is_overloaded_in_time(
     redis_url: str, redis: aioredis.Redis, postgres_dsn: str, pg: asyncpg.Connection
 ) -> None:
     async with gateway(redis_url=redis_url, postgres_dsn=postgres_dsn) as client:
         db = client.server.app[POSTGRES]
-        async with contextlib.AsyncExitStack() as held:
-            for _ in range(POOL_SIZE):
-                await held.enter_async_context(db.acquire())
+        async with pool_held(db):
             status, code, elapsed = await put_group(client, "pf", "X")
-            assert (status, code) == (503, "dependency_unavailable")
+            assert (status, code) == (503, "overloaded")  # Retry-After checked by timed()
             assert elapsed < BOUND
             assert db.gate.up  # busy is not down: the next request still tries
         assert (await put_group(client, "pf", "Y"))[:2] == (200, "")
         assert (await record(pg, "pf"))[0] == ["Y"]
+
+
+async def test_a_unit_that_waited_its_turn_does_not_close_the_gate(postgres_dsn: str) -> None:
+    """It got a connection with little of its deadline left and ran out of time in its
+    statement: that says nothing about the server."""
+    async with port(postgres_dsn, seconds=1.0) as db, pool_held(db) as releases:
+        slow = asyncio.create_task(db.fetchval("SELECT pg_sleep(1.5)"))
+        await asyncio.sleep(0.7)
+        releases[0].set()
+        with pytest.raises(DependencyDown):
+            await slow
+        assert db.gate.up
+
+
+async def test_a_lock_held_by_another_session_does_not_close_the_gate(
+    redis_url: str, redis: aioredis.Redis, postgres_dsn: str
+) -> None:
+    """Another gateway's config write holds ``config_version`` (its connection gone quiet):
+    writes here answer 503 in time, and PostgreSQL is not marked down for everything else."""
+    async with (
+        private_database(postgres_dsn) as dsn,
+        gateway(redis_url=redis_url, postgres_dsn=dsn) as client,
+    ):
+        db = client.server.app[POSTGRES]
+        other = await asyncpg.connect(dsn)
+        try:
+            async with other.transaction():
+                await other.execute("UPDATE config_version SET version = version")
+                for _ in range(2):
+                    status, code, elapsed = await put_group(client, "pf", "L")
+                    assert (status, code) == (503, "dependency_unavailable")
+                    assert elapsed < BOUND
+                    assert db.gate.up
+                    assert (await client.get("/readyz")).status == 200
+        finally:
+            await other.close()
+        assert (await put_group(client, "pf", "L"))[:2] == (200, "")
+
+
+async def wait_gate_up(db: Postgres, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not db.gate.up:
+        assert time.monotonic() < deadline, db.gate.reason
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("fault", ["read_only", "dropped"])
+async def test_a_standby_or_a_dropped_database_is_503(
+    fault: str, redis_url: str, redis: aioredis.Redis, postgres_dsn: str
+) -> None:
+    """After a failover to a read-only standby, or with the database gone, writes answer 503
+    ``dependency_unavailable``, not 500."""
+    async with (
+        private_database(postgres_dsn) as dsn,
+        gateway(redis_url=redis_url, postgres_dsn=dsn) as client,
+    ):
+        db = client.server.app[POSTGRES]
+        assert (await put_group(client, "pf", "A"))[:2] == (200, "")
+        name = urlsplit(dsn).path.lstrip("/")
+        admin = await asyncpg.connect(postgres_dsn)
+        try:
+            if fault == "read_only":
+                # New sessions of the database are read-only, as on a standby; the gateway's
+                # are ended, so it reconnects to what is now a "standby".
+                await admin.execute(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                    name,
+                )
+            else:
+                await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        finally:
+            await admin.close()
+        await asyncio.sleep(0.2)  # the gateway sees its connections closed
+        if fault == "read_only":
+            await wait_gate_up(db)  # a lost connection may have closed it: it reopens
+        for _ in range(2):
+            status, code, elapsed = await put_group(client, "pf", "B")
+            assert (status, code) == (503, "dependency_unavailable")
+            assert elapsed < BOUND

@@ -18,11 +18,16 @@ from urllib.parse import urlsplit
 import aiohttp
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.adapters.migrations import MIGRATION_LOCK_ID
+from gateway.app import create_app
 from gateway.devservices import free_port, start_redis
-from tests.conftest import auth
+from tests.conftest import auth, make_settings
 from tests.gateway_proc import GatewayProcess
 from tests.proxy import TcpProxy
+from tests.test_postgres_faults import private_database
 
 TIMEOUTS = {"GATEWAY_REDIS_TIMEOUT_SECONDS": "0.5", "GATEWAY_POSTGRES_TIMEOUT_SECONDS": "0.5"}
 
@@ -182,3 +187,75 @@ def test_migrate_with_postgres_unreachable_is_one_line() -> None:
             assert len(lines) == 1, proc.stderr
             assert "PostgreSQL" in lines[0]
             assert "secret" not in lines[0]
+
+
+async def test_a_held_migration_lock_does_not_hold_up_start_up(
+    redis_url: str, redis: aioredis.Redis, postgres_dsn: str
+) -> None:
+    """Another session holds the migration lock (a gateway partitioned away mid-migration, whose
+    session the server keeps): start-up waits for it no longer than the PostgreSQL timeout,
+    serves, says why PostgreSQL is missing, and connects once the lock is free."""
+    async with private_database(postgres_dsn) as dsn:
+        holder = await asyncpg.connect(dsn)
+        try:
+            await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+            settings = make_settings(redis_url, dsn, postgres_timeout_seconds=0.5)
+            client = TestClient(TestServer(create_app(settings)))
+            started = time.monotonic()
+            async with asyncio.timeout(5):  # it waited for the lock: up to 300 s
+                await client.start_server()
+            try:
+                assert time.monotonic() - started < 0.5 + 1.0
+                assert (await client.get("/healthz")).status == 200
+                deadline = time.monotonic() + 3
+                while True:  # "not connected yet" until its first try for the lock gives up
+                    resp = await client.get("/readyz")
+                    assert resp.status == 503
+                    if "migration lock" in (await resp.json())["checks"]["postgres"]:
+                        break
+                    assert time.monotonic() < deadline, await resp.text()
+                    await asyncio.sleep(0.05)
+                resp = await client.put(
+                    "/v1/location-groups/ml", json={"locations": ["M1"]}, headers=auth("ops")
+                )
+                assert (resp.status, (await resp.json())["code"]) == (503, "dependency_unavailable")
+
+                await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+                await until_ready(client.session, str(client.make_url("")).rstrip("/"))
+                resp = await client.put(
+                    "/v1/location-groups/ml", json={"locations": ["M1"]}, headers=auth("ops")
+                )
+                assert resp.status == 200
+            finally:
+                await client.close()
+        finally:
+            await holder.close()
+
+
+async def test_migrate_gives_up_on_a_held_lock_and_says_so(postgres_dsn: str) -> None:
+    """``gateway migrate`` waits for another session's migration, but not forever:
+    ``--lock-wait`` bounds it (300 s by default), then one line says what held it up."""
+    async with private_database(postgres_dsn) as dsn:
+        holder = await asyncpg.connect(dsn)
+        try:
+            await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gateway",
+                "migrate",
+                "--lock-wait",
+                "1",
+                env={**os.environ, "GATEWAY_POSTGRES_DSN": dsn},
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            async with asyncio.timeout(30):
+                _, err = await proc.communicate()
+        finally:
+            await holder.close()
+    assert proc.returncode == 1
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "migration lock" in lines[0]
+    assert "--lock-wait" in lines[0]

@@ -10,8 +10,23 @@ A message that is not a valid event goes, in this order of preference:
    ``dlq-source`` is never cut. The original is kept whole in PostgreSQL when it answers;
 3. if the DLQ takes neither (it refuses writes, or does not answer within the send timeout): in
    PostgreSQL, table ``kafka_dead_letters``, as the only copy;
-4. only while PostgreSQL refuses too does the batch wait, retrying from 1 with backoff (0.5 s
-   doubling to 30 s): its offsets stay uncommitted, nothing crashes and nothing is dropped.
+4. only while PostgreSQL is unavailable too does the batch wait, retrying from 1 with backoff
+   (0.5 s doubling to 5 s, as the supervisor's): its offsets stay uncommitted, nothing crashes
+   and nothing is dropped.
+
+Which PostgreSQL failures are temporary is the port's call (``gateway.adapters.postgres``): its
+503s (:class:`Unavailable`: not connected, known down, timed out, the server unable to serve
+now). Any other error will recur on every try (a constraint the row breaks, a table that is
+not what the ledger expects): it is logged as an error and counted
+(``gateway_kafka_dead_letter_record_failures_total``), and
+
+- where it leaves a dead letter with no copy anywhere (the DLQ refused it too), it is raised:
+  the consumer stops on that batch and its supervisor shows it (``worker_crashed``, the worker
+  ``restarting`` in ``/readyz``) and restarts it, retrying every few seconds. The partition
+  waits with the message safe in Kafka, uncommitted, until someone fixes the cause: committing
+  past it would leave a log line as its only trace;
+- where the DLQ holds the letter (only the record that it was written is missing, or the check
+  whether it was), the batch goes on: nothing is lost, a replay may write that letter again.
 
 Each dead letter is recorded in ``kafka_dead_letters`` by its source offset as soon as it is
 written, before that offset is committed, and a replayed offset found there is not written
@@ -33,6 +48,7 @@ import orjson
 import structlog
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
+from prometheus_client import Counter
 
 from gateway.errors import Unavailable
 from gateway.metrics import KAFKA_DEAD_LETTER_WRITES, KAFKA_DLQ
@@ -47,15 +63,13 @@ MAX_VALUE: Final = 64 * 1024
 MAX_REASON: Final = 1024
 MAX_HEADERS: Final = 16 * 1024  # the original headers' names and values, kept in order
 RETRY_FIRST: Final = 0.5
-RETRY_MAX: Final = 30.0
-# What a PostgreSQL call that did not happen raises: the port's 503s (not connected yet, known
-# down, timed out), and a refusal by the server, retried rather than losing the dead letter.
-PG_ERRORS: Final = (
-    Unavailable,
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
+RETRY_MAX: Final = 5.0
+RECORD_FAILURES: Final = Counter(
+    "gateway_kafka_dead_letter_record_failures_total",
+    "Dead letters PostgreSQL refused to record with an error that will recur (not an outage), "
+    "by source topic and what is missing: only_copy (the DLQ refused it too: its partition waits), "
+    "record (the DLQ holds it; the record that it was written is missing)",
+    ["topic", "missing"],
 )
 
 Destination = Literal["dlq", "dlq_truncated", "postgres"]
@@ -172,7 +186,8 @@ class Database(Protocol):
 
 class DeadLetterLedger:
     """``kafka_dead_letters``: which source offsets have their dead letter, and the copies
-    the DLQ does not hold whole. Every call raises one of ``PG_ERRORS`` when it did not happen."""
+    the DLQ does not hold whole. A call that did not happen raises :class:`Unavailable` when
+    PostgreSQL is unavailable, any other exception when the failure will recur."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -248,7 +263,7 @@ class DeadLetterWriter:
                 return
             try:
                 await self._ledger.record([(letter, "postgres", None) for letter, _ in refused])
-            except PG_ERRORS as exc:
+            except Unavailable as exc:
                 # Neither the DLQ nor PostgreSQL takes them: the one case where the batch waits.
                 log.error(
                     "kafka_dead_letters_stuck",
@@ -262,6 +277,10 @@ class DeadLetterWriter:
                 backoff = min(backoff * 2, RETRY_MAX)
                 todo = [letter for letter, _ in refused]
                 continue
+            except Exception as exc:
+                # It will recur: not retried here, but raised to the supervisor (module doc).
+                _refused_for_good("only_copy", [letter for letter, _ in refused], exc)
+                raise
             for letter, error in refused:
                 log.warning(
                     "kafka_dead_letter_in_postgres",
@@ -274,10 +293,13 @@ class DeadLetterWriter:
     async def _unwritten(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
         try:
             done = await self._ledger.written(letters)
-        except PG_ERRORS as exc:
+        except Unavailable as exc:
             # Not knowing is no reason to stall the partition: write them (a replay of an
             # offset written before PostgreSQL went down writes its dead letter again).
             log.warning("kafka_dead_letters_unchecked", count=len(letters), error=repr(exc))
+            return list(letters)
+        except Exception as exc:  # noqa: BLE001 - as above; recording them will tell (module doc)
+            log.error("kafka_dead_letters_unchecked", count=len(letters), error=repr(exc))
             return list(letters)
         for letter in letters:
             if letter.source in done:
@@ -306,10 +328,12 @@ class DeadLetterWriter:
         if written:
             try:
                 await self._ledger.record(written)
-            except PG_ERRORS as exc:
+            except Unavailable as exc:
                 # They are in the DLQ, which is what matters; only a replay of these offsets
                 # before their commit would write them again.
                 log.warning("kafka_dead_letters_unrecorded", count=len(written), error=repr(exc))
+            except Exception as exc:  # noqa: BLE001 - in the DLQ all the same (module doc)
+                _refused_for_good("record", [letter for letter, _, _ in written], exc)
             for letter, destination, _ in written:
                 KAFKA_DEAD_LETTER_WRITES.labels(letter.topic, destination).inc()
                 KAFKA_DLQ.labels(letter.topic).inc()
@@ -349,6 +373,18 @@ class DeadLetterWriter:
             except (KafkaError, TimeoutError) as exc:
                 results.append(exc)
         return results
+
+
+def _refused_for_good(missing: str, letters: Sequence[DeadLetter], exc: Exception) -> None:
+    log.error(
+        "kafka_dead_letters_refused_by_postgres",
+        missing=missing,
+        count=len(letters),
+        first=letters[0].source_text,
+        error=repr(exc),
+    )
+    for letter in letters:
+        RECORD_FAILURES.labels(letter.topic, missing).inc()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

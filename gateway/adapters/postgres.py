@@ -1,28 +1,33 @@
-"""PostgreSQL: a bounded port over an asyncpg pool, and the migration runner.
+"""PostgreSQL: a bounded port over an asyncpg pool.
 
-Bounds. Acquiring a connection (connecting, when the pool has none free) and every statement of
-one unit of work share one deadline, ``GATEWAY_POSTGRES_TIMEOUT_SECONDS``. A unit that misses it,
-or whose connection fails, has its connection *terminated*: closed at once, never waited on.
-asyncpg's own way out of a late query sends a CancelRequest over a second connection and waits
-for the first to answer; against a black-holed server that wait never ends, and it is what kept
-a pool's connections stuck and ``/readyz`` waiting 11 s behind a 1 s timeout. The server rolls
-back whatever the terminated connection had open when it sees the socket close, at the latest
-after ``idle_in_transaction_session_timeout`` (set on every connection).
+Bounds. Waiting for a connection, connecting, and every statement of one unit of work share one
+deadline, ``GATEWAY_POSTGRES_TIMEOUT_SECONDS``. A unit that misses it, or whose connection fails,
+has its connection *terminated*: closed at once, never waited on. asyncpg's own way out of a late
+query sends a CancelRequest over a second connection and waits for the first to answer; against a
+black-holed server that wait never ends, and it is what kept a pool's connections stuck and
+``/readyz`` waiting 11 s behind a 1 s timeout. The server rolls back whatever the terminated
+connection had open when it sees the socket close, at the latest after
+``idle_in_transaction_session_timeout`` (set on every connection). A bulk read (the copy of the
+whole ops config) has :data:`BULK_FACTOR` times that deadline: a big table is slow, not down.
 
-Known down. A timeout or a lost connection closes the gate (:class:`DependencyGate`): while
-PostgreSQL is known to be down or stalled, calls fail at once with 503 ``dependency_unavailable``
-instead of queueing behind it, and a probe on a fresh connection reopens the gate when it answers.
+Known down. While PostgreSQL is known to be down or stalled, calls fail at once with 503
+``dependency_unavailable`` instead of queueing behind it (:class:`DependencyGate`), and a probe on
+a fresh connection reopens the gate when it answers. What closes the gate is evidence about the
+server, not about load: a lost connection, a refusal that every session would meet (shutting
+down, credentials or database gone), or no answer to a call that had the server to itself for at
+least half the deadline. Not: a full pool (503 ``overloaded``, the caller waited its turn), a
+unit that got its connection late and ran out of time, a bulk read, or a lock held by another
+session (``lock_timeout``, below the deadline, makes the server answer that it is busy).
 
-Honest outcomes. :meth:`Postgres.write` knows whether COMMIT was sent: a failure before it is
-:class:`DependencyDown` (nothing applied), no answer to it :class:`OutcomeUnknown`.
+Honest outcomes. A failure before COMMIT was sent applied nothing: :class:`DependencyDown`.
+After it, only an ERROR the server answered proves the commit failed; anything else (no answer,
+a lost connection, a FATAL, a cancel) is :class:`OutcomeUnknown`.
 
-Start-up. :meth:`Postgres.start` tries once to migrate and open the pool; if PostgreSQL is not
-there, an owned task keeps trying, and until it succeeds calls answer 503 naming PostgreSQL. A
-gateway whose database is down starts, serves what does not need it and says what is missing.
-
-Migrations are plain numbered ``.sql`` files in ``gateway/migrations``; each runs in its own
-transaction and is recorded in ``schema_migrations``. Several gateways may start at once, so the
-runner holds a session advisory lock while it applies what is pending.
+Start-up. :meth:`Postgres.start` waits at most one timeout for the first attempt to migrate
+(``gateway.adapters.migrations``) and open the pool; an owned task finishes that attempt and
+keeps trying, and until it succeeds calls answer 503 naming PostgreSQL. A gateway whose database
+is down, or whose migration lock another session holds, serves what does not need it and says
+what is missing.
 """
 
 from __future__ import annotations
@@ -30,17 +35,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
-from importlib import resources
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
 import asyncpg
 import structlog
 
 from gateway.adapters.gate import RETRY_AFTER, DependencyGate
-from gateway.errors import DependencyDown, GatewayError, OutcomeUnknown
+from gateway.adapters.migrations import migrate_dsn
+from gateway.adapters.postgres_errors import (
+    describe,
+    is_outage,
+    is_request_error,
+    proves_not_applied,
+)
+from gateway.errors import DependencyDown, GatewayError, OutcomeUnknown, Overloaded
 from gateway.metrics import DEPENDENCY_UP
 
 log = structlog.get_logger(__name__)
@@ -49,82 +58,16 @@ T = TypeVar("T")
 Work = Callable[[asyncpg.Connection], Awaitable[T]]
 
 NAME: Final = "postgres"
-# Arbitrary, fixed: every gateway process must contend for the same lock.
-_MIGRATION_LOCK_ID: Final = 0x617470_6D6967
-_FILE_NAME: Final = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-# Migrations may legitimately run long (an index on a big table); a server that stalls mid-way
-# still must not hold the start-up forever.
-_MIGRATION_DEADLINE: Final = 300.0
 POOL_SIZE: Final = 10
+# A bulk read's deadline, in timeouts (30 s at the default 3 s).
+BULK_FACTOR: Final = 10
+# A bulk read's own limits on the server, for its transaction only.
+_BULK_LIMITS: Final = (
+    "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true)"
+)
 # Retries of the start-up connection: soon at first, then every few seconds.
 _CONNECT_RETRY_FIRST: Final = 0.25
 _CONNECT_RETRY_MAX: Final = 5.0
-# SQLSTATE classes that say "the database cannot serve this now" rather than "this request is
-# wrong": connection exceptions, transaction rollback (serialization, deadlock), insufficient
-# resources, operator intervention (admin shutdown, cannot connect now, statement timeout).
-_UNAVAILABLE_CLASSES: Final = frozenset({"08", "40", "53", "57"})
-# ...and of those, the ones that say the server itself is gone or stalled.
-_DOWN_CLASSES: Final = frozenset({"08", "57"})
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-
-def available_migrations() -> list[Migration]:
-    found = []
-    for entry in resources.files("gateway.migrations").iterdir():
-        match = _FILE_NAME.match(entry.name)
-        if match:
-            found.append(Migration(int(match[1]), match[2], entry.read_text()))
-    return sorted(found, key=lambda m: m.version)
-
-
-async def migrate(conn: asyncpg.Connection) -> list[int]:
-    """Apply pending migrations; returns the versions applied by this call."""
-    applied_now: list[int] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_ID)
-    try:
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS schema_migrations (
-                   version integer PRIMARY KEY,
-                   name text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
-        )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        for migration in available_migrations():
-            if migration.version in done:
-                continue
-            async with conn.transaction():
-                await conn.execute(migration.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    migration.version,
-                    migration.name,
-                )
-            log.info("migration_applied", version=migration.version, name=migration.name)
-            applied_now.append(migration.version)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_ID)
-    return applied_now
-
-
-async def migrate_dsn(dsn: str, timeout_seconds: float = 10.0) -> list[int]:
-    """Connect (within ``timeout_seconds``) and apply pending migrations.
-
-    A connection that stalls is terminated, not waited on, so this always returns or raises."""
-    conn = await asyncpg.connect(dsn, timeout=timeout_seconds)
-    try:
-        async with asyncio.timeout(_MIGRATION_DEADLINE):
-            applied = await migrate(conn)
-    except BaseException:
-        conn.terminate()
-        raise
-    conn.terminate()  # nothing is pending on it: no goodbye to wait for
-    return applied
 
 
 async def create_pool(dsn: str, timeout_seconds: float = 3.0) -> asyncpg.Pool:
@@ -133,7 +76,9 @@ async def create_pool(dsn: str, timeout_seconds: float = 3.0) -> asyncpg.Pool:
     Here: ``timeout`` bounds each connect. Statements carry no asyncpg timeout (see the module
     docstring: :class:`Postgres` bounds them itself and terminates late connections). On the
     server: ``statement_timeout`` and ``idle_in_transaction_session_timeout`` make PostgreSQL
-    give up on the work of a client that has gone, so no lock outlives its request for long.
+    give up on the work of a client that has gone, so no lock outlives its request for long;
+    ``lock_timeout`` (half the deadline) makes a wait behind another session's lock end in an
+    answer from the server before the deadline, not in a silence that looks like a stall.
     """
     ms = math.ceil(timeout_seconds * 1000)
     pool = await asyncpg.create_pool(
@@ -146,13 +91,18 @@ async def create_pool(dsn: str, timeout_seconds: float = 3.0) -> asyncpg.Pool:
         timeout=timeout_seconds,
         command_timeout=None,
         reset=_no_reset,
-        server_settings={
-            "statement_timeout": str(2 * ms),
-            "idle_in_transaction_session_timeout": str(max(4 * ms, 2000)),
-        },
+        server_settings=_limits(ms),
     )
     assert pool is not None
     return pool
+
+
+def _limits(ms: int) -> dict[str, str]:
+    return {
+        "statement_timeout": str(2 * ms),
+        "lock_timeout": str(max(ms // 2, 1)),
+        "idle_in_transaction_session_timeout": str(max(4 * ms, 2000)),
+    }
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
@@ -167,7 +117,11 @@ class Postgres:
     def __init__(self, dsn: str, timeout_seconds: float) -> None:
         self._dsn = dsn
         self.timeout = timeout_seconds
+        self.bulk_timeout = BULK_FACTOR * timeout_seconds
         self._pool: asyncpg.Pool | None = None
+        # The pool's size, counted here: waiting for a connection (load) and connecting (the
+        # server) are then told apart, which asyncpg's acquire does not do.
+        self._slots = asyncio.Semaphore(POOL_SIZE)
         self._not_connected = "not connected yet"
         self._connector: asyncio.Task[None] | None = None
         self.gate = DependencyGate(NAME, self._probe, timeout=timeout_seconds)
@@ -187,11 +141,18 @@ class Postgres:
     # -- life cycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Migrate and open the pool; if PostgreSQL is not there, an owned task keeps trying
-        (:meth:`close` cancels it) and this returns at once."""
-        if not await self._connect():
+        """Migrate and open the pool, waiting for that at most one timeout; what is left (a
+        long migration, a lock another session holds, PostgreSQL not there) an owned task
+        finishes and retries (:meth:`close` cancels it)."""
+        attempt = asyncio.create_task(self._connect(), name="postgres-connect-first")
+        try:
+            await asyncio.wait([attempt], timeout=self.timeout)
+        except asyncio.CancelledError:
+            attempt.cancel()
+            raise
+        if not (attempt.done() and attempt.result()):
             self._connector = asyncio.create_task(
-                self._connect_until_done(), name="postgres-connect"
+                self._connect_until_done(attempt), name="postgres-connect"
             )
 
     async def close(self) -> None:
@@ -208,24 +169,26 @@ class Postgres:
             except TimeoutError:
                 pool.terminate()
 
-    async def _connect_until_done(self) -> None:
+    async def _connect_until_done(self, first: asyncio.Task[bool]) -> None:
+        # Awaiting the first attempt makes it this task's: cancelling this cancels it.
+        done = await first
         delay = _CONNECT_RETRY_FIRST
-        while True:
+        while not done:
             await asyncio.sleep(delay)
-            if await self._connect():
-                return
+            done = await self._connect()
             delay = min(delay * 2, _CONNECT_RETRY_MAX)
 
     async def _connect(self) -> bool:
         try:
-            await migrate_dsn(self._dsn, self.timeout)
+            # The lock: waited for no longer than a timeout, then tried again later.
+            await migrate_dsn(self._dsn, self.timeout, lock_wait=self.timeout)
             self._pool = await create_pool(self._dsn, self.timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever it is, PostgreSQL is not usable yet
-            self._not_connected = f"connecting: {_describe(exc)}"
+            self._not_connected = f"connecting: {describe(exc)}"
             DEPENDENCY_UP.labels(NAME).set(0)
-            log.warning("postgres_connect_failed", error=_describe(exc))
+            log.warning("postgres_connect_failed", error=describe(exc))
             return False
         log.info("postgres_connected")
         DEPENDENCY_UP.labels(NAME).set(1)
@@ -241,23 +204,21 @@ class Postgres:
 
     # -- units of work -----------------------------------------------------------------------
 
-    async def read(self, work: Work[T], *, snapshot: bool = False) -> T:
-        """Run ``work`` on one connection (in one REPEATABLE READ snapshot with ``snapshot``)."""
-        if snapshot:
-            return await self._unit(work, "repeatable_read", readonly=True)
+    async def read(self, work: Work[T], *, snapshot: bool = False, bulk: bool = False) -> T:
+        """Run ``work`` on one connection: in one REPEATABLE READ snapshot with ``snapshot``;
+        with ``bulk``, under the bulk deadline, whose timeout does not close the gate."""
+        if snapshot or bulk:
+            isolation = "repeatable_read" if snapshot else "read_committed"
+            return await self._unit(work, isolation, readonly=True, bulk=bulk)
         return await self._unit(work, None)
 
     async def write(self, work: Work[T]) -> T:
         """Run ``work`` in one transaction and commit it.
 
         Raises :class:`DependencyDown` when nothing was applied (the failure came before COMMIT
-        was sent, or the server refused the COMMIT) and :class:`OutcomeUnknown` when COMMIT was
-        sent and not answered."""
+        was sent, or the server answered the COMMIT with an error) and :class:`OutcomeUnknown`
+        when COMMIT was sent and its fate is unknown."""
         return await self._unit(work, "read_committed")
-
-    async def execute(self, query: str, *args: Any) -> str:
-        """One statement, committed on its own: no answer to it is :class:`OutcomeUnknown`."""
-        return await self._unit(lambda conn: conn.execute(query, *args), None, writes=True)
 
     # fetch and fetchval are for reads: a failure is DependencyDown, whenever it came.
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
@@ -267,37 +228,12 @@ class Postgres:
         return await self._unit(lambda conn: conn.fetchval(query, *args), None)
 
     async def executemany(self, query: str, args: Iterable[Sequence[Any]]) -> None:
-        """One statement per row, all or none (asyncpg runs them in one transaction)."""
+        """One statement per row, all or none (asyncpg runs them in one transaction): once
+        sent, a failure the server did not answer is :class:`OutcomeUnknown`."""
         await self._unit(lambda conn: conn.executemany(query, args), None, writes=True)
 
     async def ping(self) -> None:
         await self.fetchval("SELECT 1")
-
-    @contextlib.asynccontextmanager
-    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection for work the caller bounds itself (``asyncio.timeout``).
-
-        Acquiring is bounded here and fails as :meth:`write` does. Whatever ends the block with
-        an exception, the caller's timeout included, terminates the connection instead of
-        waiting on it (``async with pool.acquire()`` would wait for a cancelled query to be
-        cancelled on the server, which a stalled server never confirms)."""
-        pool = self._usable()
-        full = _full(pool)
-        try:
-            async with asyncio.timeout(self.timeout):
-                conn = await pool.acquire()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise self._failure(exc, commit_sent=False, pool_full=full) from exc
-        try:
-            yield conn
-        except BaseException:
-            conn.terminate()
-            raise
-        if conn.is_in_transaction():
-            conn.terminate()
-        await pool.release(conn)
 
     def _usable(self) -> asyncpg.Pool:
         pool = self._pool
@@ -317,24 +253,32 @@ class Postgres:
         *,
         readonly: bool = False,
         writes: bool = False,
+        bulk: bool = False,
     ) -> T:
         """Run ``work`` under one deadline: in a transaction of ``isolation``, or on its own
-        (``None``; ``writes``: its statements commit as they run, so from the moment they are
-        sent a failure is :class:`OutcomeUnknown`)."""
+        (``None``; ``writes``: one atomic statement that commits as it runs, so from the moment
+        it is sent a failure is :class:`OutcomeUnknown` unless the server answered it)."""
         pool = self._usable()
-        full = _full(pool)
+        loop = asyncio.get_running_loop()
+        budget = self.bulk_timeout if bulk else self.timeout
+        deadline = loop.time() + budget
+        slot_at: float | None = None
         conn: asyncpg.Connection | None = None
         commit_sent = False
         try:
-            # One deadline for acquiring (connecting, maybe), every statement and the COMMIT.
-            async with asyncio.timeout(self.timeout):
-                conn = await pool.acquire()
+            # One deadline for the turn, connecting (maybe), every statement and the COMMIT.
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+                slot_at = loop.time()
+                conn = await pool.acquire()  # a slot is ours: this waits only on the server
                 if isolation is None:
                     commit_sent = writes
                     result = await work(conn)
                 else:
                     transaction = conn.transaction(isolation=isolation, readonly=readonly)
                     await transaction.start()
+                    if bulk:
+                        await conn.execute(_BULK_LIMITS, *_bulk_limits(budget))
                     result = await work(conn)
                     # A read-only transaction changes nothing, whatever becomes of its COMMIT.
                     commit_sent = not readonly
@@ -342,58 +286,54 @@ class Postgres:
         except BaseException as exc:
             if conn is not None:
                 # Never wait on it: a late or broken connection is closed at once, which also
-                # returns its slot to the pool and makes the server roll back.
-                conn.terminate()
+                # returns its holder to the pool and makes the server roll back.
+                _terminate(conn)
+            if slot_at is not None:
+                self._slots.release()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise self._failure(exc, commit_sent, pool_full=full and conn is None) from exc
-        assert conn is not None
-        if conn.is_in_transaction():  # a unit must not leave one open for the next user
-            conn.terminate()
-        await pool.release(conn)
+            # A timeout says the server is stalled only if it had the call to itself for at
+            # least half the deadline: not when the unit waited its turn most of the time.
+            had_server = not bulk and slot_at is not None and deadline - slot_at >= budget / 2
+            raise self._failure(
+                exc, budget, commit_sent=commit_sent, queued=slot_at is None, stall=had_server
+            ) from exc
+        try:
+            if _detached(conn):
+                pass  # lost after it answered: asyncpg has put its holder back already
+            elif conn.is_in_transaction():  # a unit must not leave one open for the next user
+                conn.terminate()
+            else:
+                await pool.release(conn)
+        finally:
+            self._slots.release()
         return result
 
     def _failure(
-        self, exc: BaseException, commit_sent: bool, *, pool_full: bool = False
+        self, exc: BaseException, budget: float, *, commit_sent: bool, queued: bool, stall: bool
     ) -> BaseException:
-        """What a failed unit of work tells the caller. ``pool_full``: it failed waiting for a
-        connection while every one was in use (load, not a sign that the server is down)."""
+        """What a failed unit of work tells the caller. ``queued``: it never got a connection
+        (every one was in use); ``stall``: a timeout of it is evidence of a stalled server."""
         if isinstance(exc, GatewayError):
             return exc
-        if isinstance(exc, TimeoutError) and pool_full:
-            return DependencyDown(
-                f"postgres: every connection of the pool stayed busy for {self.timeout:g}s; "
-                "nothing was applied",
-                dependency=NAME,
+        if isinstance(exc, TimeoutError) and queued:
+            return Overloaded(
+                f"postgres: all {POOL_SIZE} connections stayed busy for {budget:g}s; nothing "
+                "was applied",
                 retry_after=RETRY_AFTER,
             )
-        if isinstance(exc, asyncpg.PostgresError) and not isinstance(
-            exc, asyncpg.PostgresConnectionError
-        ):
-            # The server answered with an error: whatever it was, it was not applied.
-            sqlstate = str(getattr(exc, "sqlstate", "") or "")
-            if sqlstate[:2] not in _UNAVAILABLE_CLASSES:
-                # A bug of ours (a constraint, a syntax error): a 500 with its trace.
-                server_error: BaseException = exc
-                return server_error
-            if sqlstate[:2] in _DOWN_CLASSES:
-                self.gate.trip(_describe(exc))
-            return DependencyDown(
-                f"postgres: {_describe(exc)}; nothing was applied",
-                dependency=NAME,
-                retry_after=RETRY_AFTER,
-            )
-        if isinstance(exc, TimeoutError):
-            reason = f"no answer within {self.timeout:g}s"
-        elif isinstance(exc, OSError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
-            reason = _describe(exc)
-        else:
+        unknown = commit_sent and not proves_not_applied(exc)
+        if not unknown and is_request_error(exc):
+            # The request's fault or a defect of ours (a constraint, a syntax error): nothing
+            # was applied, and it would fail again. An error of its own, 500 unless mapped.
             return exc
-        self.gate.trip(reason)
-        if commit_sent:
+        reason = f"no answer within {budget:g}s" if isinstance(exc, TimeoutError) else describe(exc)
+        if is_outage(exc, stall):
+            self.gate.trip(reason)
+        if unknown:
             return OutcomeUnknown(
-                f"postgres: COMMIT was sent and not answered ({reason}); the change may have "
-                "been applied. Retrying the same request is safe",
+                f"postgres: COMMIT was sent and its outcome is unknown ({reason}); the change "
+                "may have been applied. Retrying the same request is safe",
                 dependency=NAME,
                 retry_after=RETRY_AFTER,
             )
@@ -402,10 +342,21 @@ class Postgres:
         )
 
 
-def _full(pool: asyncpg.Pool) -> bool:
-    return bool(pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size())
+def _detached(conn: asyncpg.Connection) -> bool:
+    """A pooled connection that was lost is released by asyncpg itself; its proxy then refuses
+    every call, ``terminate`` included."""
+    try:
+        conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
+    return False
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def _terminate(conn: asyncpg.Connection) -> None:
+    if not _detached(conn):
+        conn.terminate()
+
+
+def _bulk_limits(budget: float) -> tuple[str, str]:
+    limits = _limits(math.ceil(budget * 1000))
+    return limits["statement_timeout"], limits["lock_timeout"]

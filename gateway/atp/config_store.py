@@ -81,8 +81,15 @@ class Record(Protocol):
     async def write(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T: ...
 
     async def read(
-        self, work: Callable[[asyncpg.Connection], Awaitable[T]], *, snapshot: bool = False
-    ) -> T: ...
+        self,
+        work: Callable[[asyncpg.Connection], Awaitable[T]],
+        *,
+        snapshot: bool = False,
+        bulk: bool = False,
+    ) -> T:
+        """``bulk``: a read that may be slow for its size, with a longer deadline of its own;
+        its timeout says nothing about the record's health (it does not mark it down)."""
+        ...
 
 
 class LocationConfig:
@@ -210,8 +217,11 @@ class LocationConfig:
         return True
 
     async def restore(self) -> int:
-        """Copy the whole record to Redis (one snapshot of it); returns the version copied."""
-        version, groups, stock = await self._record.read(_read_all, snapshot=True)
+        """Copy the whole record to Redis (one snapshot of it); returns the version copied.
+
+        A bulk read: a big config takes longer than a request may, and a slow copy must not
+        mark PostgreSQL down for everyone (it did, each sync, under the request deadline)."""
+        version, groups, stock = await self._record.read(_read_all, snapshot=True, bulk=True)
         commands: list[tuple[Any, ...]] = [
             ("SET", keys.location_group(r["group_name"]), ",".join(r["locations"])) for r in groups
         ]

@@ -21,9 +21,6 @@ LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
 REDIS: Final = web.AppKey("redis", RedisPort)
 BATCHER: Final = web.AppKey("batcher", CommandBatcher)
 POSTGRES: Final = web.AppKey("postgres", Postgres)
-# The name of before, for code that reached the pool through it: the port offers the pool's
-# calls (``acquire``, ``execute``, ``fetch``...), bounded.
-PG_POOL: Final = POSTGRES
 READINESS: Final = web.AppKey("readiness", Readiness)
 APPLIER: Final = web.AppKey("applier", EventApplier)
 AVAILABILITY: Final = web.AppKey("availability", AvailabilityReader)
