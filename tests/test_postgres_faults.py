@@ -294,7 +294,7 @@ async def test_a_server_that_cannot_serve_now_is_503(
             await db.write(lambda conn: conn.execute(raising(sqlstate)))
         assert caught.value.extra["dependency"] == "postgres"
         assert caught.value.extra["retry_after"] >= 1
-        assert sqlstate in caught.value.detail or "nothing was applied" in caught.value.detail
+        assert "nothing was applied" in caught.value.detail
         assert db.gate.up is not closes_gate
 
 

@@ -176,8 +176,9 @@ def _storable(reason: str) -> str:
 
 
 class Database(Protocol):
-    """What the ledger needs of PostgreSQL: ``gateway.adapters.postgres.Postgres`` (whose calls
-    are bounded by ``GATEWAY_POSTGRES_TIMEOUT_SECONDS`` and fail at once while it is known down)."""
+    """What the ledger needs of PostgreSQL: ``gateway.adapters.postgres.Postgres``, whose calls
+    are bounded by ``GATEWAY_POSTGRES_TIMEOUT_SECONDS``, fail at once while it is known down, and
+    raise :class:`Unavailable` for exactly the failures that are temporary."""
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]: ...
 

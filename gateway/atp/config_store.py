@@ -219,8 +219,8 @@ class LocationConfig:
     async def restore(self) -> int:
         """Copy the whole record to Redis (one snapshot of it); returns the version copied.
 
-        A bulk read: a big config takes longer than a request may, and a slow copy must not
-        mark PostgreSQL down for everyone (it did, each sync, under the request deadline)."""
+        A bulk read: a big config may take longer to read than a request may wait, and a slow
+        read is not an outage, so it must not mark PostgreSQL down for every other call."""
         version, groups, stock = await self._record.read(_read_all, snapshot=True, bulk=True)
         commands: list[tuple[Any, ...]] = [
             ("SET", keys.location_group(r["group_name"]), ",".join(r["locations"])) for r in groups
