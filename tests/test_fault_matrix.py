@@ -145,6 +145,17 @@ async def _availability(env: Env) -> dict[str, Any]:
     return answer.body["items"][0]  # type: ignore[no-any-return]
 
 
+async def _group(env: Env, group: str) -> Answer:
+    """A group read once the config copy has settled: right after a fault a write's Redis half
+    may be missing, and the group reads 503 (retry) until the sync task has copied it back."""
+    deadline = time.monotonic() + 5
+    while True:
+        answer = await _call(env, "check", "GET", f"/v1/location-groups/{group}", "ops")
+        if answer.status != 503 or time.monotonic() > deadline:
+            return answer
+        await asyncio.sleep(0.1)
+
+
 async def _wait_ready(env: Env) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -340,7 +351,7 @@ async def _check_state(
 
         # Ops writes: never applied -> nothing there; a retry then puts them in place.
         put = answers["put_group"]
-        group = await _call(env, "check", "GET", f"/v1/location-groups/g-{tag}", "ops")
+        group = await _group(env, f"g-{tag}")
         if put.code == "dependency_unavailable":
             assert group.status == 404, (tag, group)
         elif put.status == 200:
@@ -349,7 +360,7 @@ async def _check_state(
             env, "retry", "PUT", f"/v1/location-groups/g-{tag}", "ops", {"locations": [LOC, "L2"]}
         )
         assert again.status == 200, again
-        group = await _call(env, "check", "GET", f"/v1/location-groups/g-{tag}", "ops")
+        group = await _group(env, f"g-{tag}")
         assert group.status == 200, group
 
         safety = answers["put_safety_stock"]
