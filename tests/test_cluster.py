@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -144,10 +145,11 @@ async def test_a_burst_waits_its_turn_instead_of_failing(
 
 
 async def test_a_saga_left_pending_is_answered_as_unknown(
-    cluster_client: Client, cluster: RedisCluster
+    cluster: RedisCluster, cluster_url: str, postgres_dsn: str, pg: asyncpg.Connection
 ) -> None:
     """A retry that finds its reservation still claimed by a request that died mid-saga waits a
-    while, then answers 503 outcome_unknown (retry later), not a 500 from its own timeout."""
+    while, then answers 503 outcome_unknown (retry later), not a 500 from its own timeout; and
+    within the Redis timeout plus a second, like every answer (it waited 5 s before)."""
     import msgspec
 
     from gateway.reservation.schemas import DEFAULT_TTL_SECONDS, ReservationRequest
@@ -161,7 +163,15 @@ async def test_a_saga_left_pending_is_answered_as_unknown(
         keys.record("left"),
         mapping={"st": "pending", "fp": fingerprint, "exp": lease_ends, "skus": '["P"]'},
     )
-    resp = await single.reserve(cluster_client, "left", lines)
-    assert resp.status == 503, await resp.text()
-    assert (await resp.json())["code"] == "outcome_unknown"
-    assert resp.headers["Retry-After"] == "1"
+    timeout = 0.5
+    settings = make_settings(
+        cluster_url, postgres_dsn, redis_cluster=True, redis_timeout_seconds=timeout
+    )
+    async with TestClient(TestServer(create_app(settings))) as client:
+        started = time.monotonic()
+        resp = await single.reserve(client, "left", lines)
+        elapsed = time.monotonic() - started
+        assert resp.status == 503, await resp.text()
+        assert (await resp.json())["code"] == "outcome_unknown"
+        assert resp.headers["Retry-After"] == "1"
+    assert timeout <= elapsed <= timeout + 1.0

@@ -37,9 +37,9 @@ async def test_one_round_trip_per_tick_with_dedup(port: RedisPort, redis: aiored
     await redis.set("k", "v")
     sent: list[int] = []
 
-    async def counting(commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    async def counting(commands: Sequence[tuple[Any, ...]], since: float) -> list[Any]:
         sent.append(len(commands))
-        return await port.execute(commands, raise_on_error=False)
+        return await port.execute(commands, since, raise_on_error=False)
 
     batcher = CommandBatcher(counting)
     runner = asyncio.create_task(batcher.run())
@@ -88,9 +88,9 @@ async def test_scripts_survive_a_flushed_script_cache(
 async def test_heavy_commands_go_out_in_slices(port: RedisPort) -> None:
     sent: list[int] = []
 
-    async def counting(commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    async def counting(commands: Sequence[tuple[Any, ...]], since: float) -> list[Any]:
         sent.append(len(commands))
-        return await port.execute(commands, raise_on_error=False)
+        return await port.execute(commands, since, raise_on_error=False)
 
     batcher = CommandBatcher(counting, slice_cost=64)
     runner = asyncio.create_task(batcher.run())
@@ -304,10 +304,16 @@ async def test_library_calls_beyond_the_pool_wait_then_are_shed(redis_url: str) 
     try:
         results = await asyncio.gather(*(port.execute([("PING",)]) for _ in range(50)))
         assert results == [[True]] * 50  # a burst waits its turn
-        async with port._limiter, port._limiter:  # the pool is busy for longer than the wait
+        later = asyncio.get_running_loop().time() + 60
+        await port._limiter.acquire(later)
+        await port._limiter.acquire(later)  # the pool is busy for longer than the wait
+        try:
             started = time.monotonic()
             with pytest.raises(Overloaded):
                 await port.execute([("PING",)])
             assert 0.15 < time.monotonic() - started < 0.5
+        finally:
+            port._limiter.release()
+            port._limiter.release()
     finally:
         await port.close()

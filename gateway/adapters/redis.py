@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -30,14 +30,15 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.adapters.batcher import CommandBatcher
-from gateway.adapters.gate import DependencyGate
+from gateway.adapters.gate import RETRY_AFTER, DependencyGate
 from gateway.adapters.redis_errors import (
-    RETRY_AFTER,
     NoAnswer,
     classify,
     combine,
     error_reply,
     has_writes,
+    no_reply,
+    not_sent,
     raise_for_replies,
 )
 from gateway.adapters.resp import REPLY_TIMEOUT, RespConnection
@@ -57,6 +58,7 @@ _LIB: Final = "lib.lua"
 ScriptCall = tuple[Sequence[str], Sequence[str | int | bytes]]
 _PING: Final = (("PING",),)
 _EVALSHA: Final = (("EVALSHA",),)
+_T = TypeVar("_T")
 
 
 class LuaScript:
@@ -69,31 +71,26 @@ class LuaScript:
 
 
 class _Limiter:
-    """At most ``size`` calls at once; a caller waits at most ``wait`` seconds, then 503."""
+    """At most ``size`` calls at once; a caller waits until its deadline at most, then 503."""
 
-    def __init__(self, size: int, wait: float) -> None:
+    def __init__(self, size: int) -> None:
         self._slots = asyncio.Semaphore(size)
-        self._wait = wait
 
-    async def __aenter__(self) -> None:
+    async def acquire(self, deadline: float) -> None:
+        """Take a slot by ``deadline`` (loop time) or raise 503 ``overloaded``."""
         slots = self._slots
         if not slots.locked():
             await slots.acquire()  # free: no timer
             return
         try:
-            async with asyncio.timeout(self._wait):
+            async with asyncio.timeout_at(deadline):
                 await slots.acquire()
         except TimeoutError:
             raise Overloaded(
                 "too many Redis calls waiting; retry shortly", retry_after=RETRY_AFTER
             ) from None
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def release(self) -> None:
         self._slots.release()
 
 
@@ -114,11 +111,12 @@ class RedisPort:
     ) -> None:
         self.client = client
         self.cluster = isinstance(client, RedisCluster)
+        self.timeout = timeout
         self._fast = fast
         self.gate = DependencyGate("redis", self._probe, timeout=timeout)
         if fast is not None:
             fast.gate = self.gate
-        self._limiter = _Limiter(concurrency, timeout)
+        self._limiter = _Limiter(concurrency)
 
     @classmethod
     def from_url(cls, url: str, *, cluster: bool, timeout: float = REPLY_TIMEOUT) -> RedisPort:
@@ -148,45 +146,93 @@ class RedisPort:
         return LuaScript(self.client, prefix + files.joinpath(name).read_text())
 
     async def execute(
-        self, commands: Sequence[Sequence[Any]], *, raise_on_error: bool = True
+        self,
+        commands: Sequence[Sequence[Any]],
+        since: float | None = None,
+        *,
+        raise_on_error: bool = True,
     ) -> list[Any]:
         """Send commands in one round trip per node. With ``raise_on_error=False`` a failed
-        command's slot holds its error reply instead."""
+        command's slot holds its error reply instead. ``since``: when the request started
+        waiting (``time.monotonic()``, e.g. queued in the batcher), now if not given; the
+        timeout is counted from then, turn and reply together."""
         gate = self.gate
         if not gate.up:
             gate.check()
         fast = self._fast
         if fast is not None:
-            replies = await fast.execute(commands)
+            replies = await fast.execute(commands, since)
         else:
-            replies = await self._library_execute(commands)
+            replies = await self._library_execute(commands, since)
         if raise_on_error:
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise_for_replies(replies, commands)
         return replies
 
-    async def _library_execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        async with self._limiter:
+    def _deadline(self, since: float | None) -> float:
+        """The loop time by which a call must be answered: the timeout after its request
+        started waiting. A request that has waited that long already is not sent at all."""
+        budget = self.timeout
+        if since is not None:
+            budget -= time.monotonic() - since
+            if budget <= 0:
+                raise not_sent(f"waited more than {self.timeout} s to be sent")
+        return asyncio.get_running_loop().time() + budget
+
+    async def _call(
+        self, deadline: float, call: Callable[[], Awaitable[_T]], commands: Sequence[Sequence[Any]]
+    ) -> _T:
+        """One redis-py call: its turn (beside the pool's other users) and its answer within
+        one ``deadline``, so that a wait for a slot is not followed by a full timeout more."""
+        await self._limiter.acquire(deadline)
+        try:
             self.gate.check()  # it may have closed while this call waited its turn
-            pipe: Any = self.client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            scope = asyncio.timeout_at(deadline)
             try:
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
-            except Exception as exc:  # every failure leaves as the gateway error it means
-                error = self._failed(exc, commands)
-                if (
-                    self.cluster
-                    and len(commands) > 1
-                    and isinstance(error, DependencyDown)
-                    and not isinstance(exc, RedisClusterException)  # failed before any node
-                    and has_writes(commands)
-                ):
-                    # A cluster pipeline goes to each node at once: one node unreachable says
-                    # nothing of the writes the others may have applied.
-                    error = NoAnswer.because(f"{error.detail}; other nodes may have written")
-                raise error from exc
+                async with scope:
+                    return await call()
+            except TimeoutError:
+                if not scope.expired():
+                    raise
+                ran = loop.time() - started
+                reason = f"no reply from redis within {self.timeout} s"
+                # Redis left the call unanswered for most of a timeout: a stall, as a socket
+                # timeout would say. A call cut short because its turn came late is not one.
+                if ran >= self.timeout / 2:
+                    self.gate.trip(reason)
+                raise no_reply(reason, commands) from None
+        finally:
+            self._limiter.release()
+
+    async def _library_execute(
+        self, commands: Sequence[Sequence[Any]], since: float | None = None
+    ) -> list[Any]:
+        deadline = self._deadline(since)
+        pipe: Any = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        try:
+            replies: list[Any] = await self._call(
+                deadline, lambda: pipe.execute(raise_on_error=False), commands
+            )
+        except GatewayError:
+            raise  # not sent (gate, turn) or out of time: classified already
+        except Exception as exc:  # every failure leaves as the gateway error it means
+            error = self._failed(exc, commands)
+            if (
+                self.cluster
+                and len(commands) > 1
+                and isinstance(error, DependencyDown)
+                and not isinstance(exc, RedisClusterException)  # failed before any node
+                and has_writes(commands)
+            ):
+                # A cluster pipeline goes to each node at once: one node unreachable says
+                # nothing of the writes the others may have applied.
+                error = NoAnswer.because(f"{error.detail}; other nodes may have written")
+            raise error from exc
         for reply in replies:
             # A cluster pipeline puts a node's timeout in place of its commands' replies.
             if isinstance(reply, (RedisConnectionError, RedisTimeoutError)):
@@ -244,13 +290,14 @@ class RedisPort:
 
     async def _run_on_cluster(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
         fanout = asyncio.Semaphore(_CLUSTER_FANOUT)
+        deadline = self._deadline(None)  # the calls of one request share one
 
         async def one(keys: Sequence[str], args: Sequence[str | int | bytes]) -> Any:
             async with fanout:
                 try:
-                    async with self._limiter:
-                        self.gate.check()
-                        return await script.wrapper(keys=keys, args=args)
+                    return await self._call(
+                        deadline, lambda: script.wrapper(keys=keys, args=args), _EVALSHA
+                    )
                 except GatewayError as exc:
                     return exc
                 except Exception as exc:  # noqa: BLE001 - every failure is classified
@@ -284,11 +331,18 @@ class RedisPort:
             await self.execute(_PING)
             return True
         self.gate.check()
-        async with self._limiter:
-            try:
-                await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
-            except Exception as exc:
-                raise self._failed(exc, _PING) from exc
+        client = self.client
+        assert isinstance(client, RedisCluster)
+        try:
+            await self._call(
+                self._deadline(None),
+                lambda: client.ping(target_nodes=RedisCluster.PRIMARIES),
+                _PING,
+            )
+        except GatewayError:
+            raise
+        except Exception as exc:
+            raise self._failed(exc, _PING) from exc
         return True
 
     async def _probe(self) -> None:
@@ -335,9 +389,19 @@ class ScriptRegistry:
         """Start one call of ``name`` at once (see :meth:`RedisPort.script_now`), or None."""
         return self._port.script_now(self._script(name), keys, args)
 
+    @property
+    def timeout(self) -> float:
+        return self._port.timeout
+
     @staticmethod
     def must_rerun(reply: Any) -> bool:
         return is_noscript(reply)
+
+    @staticmethod
+    def failure(error: BaseException) -> GatewayError:
+        """What a failed script call answers one of the requests that shared it, as a fresh
+        exception (one shared by many would collect every raiser's traceback)."""
+        return classify(error, _EVALSHA)
 
     @staticmethod
     def script_error(message: str) -> GatewayError:

@@ -4,12 +4,14 @@
 what happened                                      answer
 ================================================  =========================================
 never sent: gate closed, connect refused or        503 ``dependency_unavailable``: nothing
-timed out, pool or queue full                      was applied
+timed out, queued past the timeout, Redis behind   was applied
+by more than the timeout, pool or queue full
 sent, no answer (reply timeout, connection lost    a write: 503 ``outcome_unknown`` (it may
 after the write), or only part of a batch of       have run; retry with the same ids); a
 writes ran                                         read: 503 ``dependency_unavailable``
 Redis refused it (OOM, READONLY, LOADING, BUSY,    503 ``dependency_unavailable``: refused
-MASTERDOWN, CLUSTERDOWN, TRYAGAIN, NOREPLICAS)     commands do not run
+MASTERDOWN, CLUSTERDOWN, TRYAGAIN, NOREPLICAS,     commands do not run
+NOAUTH, WRONGPASS, max number of clients)
 any other error reply (WRONGTYPE, a script's       500: damaged data or a defect
 runtime error)
 ================================================  =========================================
@@ -23,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from redis.exceptions import (
+    AuthenticationError,
     BusyLoadingError,
     MaxConnectionsError,
     RedisClusterException,
@@ -31,10 +34,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.adapters.gate import RETRY_AFTER
 from gateway.errors import DependencyDown, GatewayError, OutcomeUnknown, Overloaded, Unavailable
-
-# Seconds a client is told to wait before retrying.
-RETRY_AFTER: Final = 1
 
 # Commands that change nothing. Any verb not listed counts as a write: when in doubt, the honest
 # answer to a lost reply is "it may have been applied".
@@ -48,13 +49,15 @@ _READS: Final = frozenset(
         "SCRIPT",
     }
 )  # fmt: skip
-# Error replies by which Redis refuses to run a command now (it did not run): retry later.
+# Error replies by which Redis refuses to run a command now (it did not run): retry later. The
+# last three refuse the connection itself (a password rotated or missing, the server full of
+# clients): the dependency cannot serve this gateway now, which is no defect of the request.
 _REFUSALS: Final = (
     "OOM ", "READONLY", "MASTERDOWN", "NOREPLICAS", "LOADING", "BUSY", "CLUSTERDOWN", "TRYAGAIN",
-    "MISCONF",
+    "MISCONF", "NOAUTH", "WRONGPASS", "max number of clients",
 )  # fmt: skip
 # redis-py's words for a failure before anything was written.
-_NOT_SENT_MARKS: Final = ("connecting to", "Too many connections")
+_NOT_SENT_MARKS: Final = ("connecting to", "Too many connections", "max number of clients")
 
 
 def has_writes(commands: Iterable[Sequence[Any]]) -> bool:
@@ -106,7 +109,7 @@ class NoAnswer(OutcomeUnknown):
 def error_reply(reply: BaseException) -> GatewayError:
     """An error reply in place of a command's result."""
     message = str(reply)
-    if isinstance(reply, BusyLoadingError) or is_refusal(message):
+    if isinstance(reply, (BusyLoadingError, AuthenticationError)) or is_refusal(message):
         return DependencyDown(
             f"redis refused the command: {message}", dependency="redis", retry_after=RETRY_AFTER
         )
@@ -123,7 +126,7 @@ def classify(exc: BaseException, commands: Sequence[Sequence[Any]]) -> GatewayEr
         return narrow(exc, commands)
     if isinstance(exc, MaxConnectionsError):
         return Overloaded("too many Redis calls at once", retry_after=RETRY_AFTER)
-    if isinstance(exc, (ResponseError, BusyLoadingError)):
+    if isinstance(exc, (ResponseError, BusyLoadingError, AuthenticationError)):
         return error_reply(exc)
     if isinstance(exc, RedisClusterException):  # no node reachable, a slot not covered
         return not_sent(str(exc))

@@ -31,12 +31,13 @@ if TYPE_CHECKING:
 # and open a new one, rather than let requests wait forever. The gateway passes its setting
 # (GATEWAY_REDIS_TIMEOUT_SECONDS); this is the default of direct users.
 REPLY_TIMEOUT: Final = 2.0
-# How often the one timer of a connection looks at its oldest waiter, at most: a stall is
-# noticed within the timeout plus this.
+# How often the one timer of a connection looks at its waiters, at most: a stall, or a reply
+# overdue, is noticed within the timeout plus this.
 _WATCH_EVERY: Final = 0.25
 # future, replies so far, how many, when sent, the commands (to classify a failure, never read
-# on success)
-_Waiter = tuple[asyncio.Future[list[Any]], list[Any], int, float, Sequence[Sequence[Any]]]
+# on success), when its request started waiting (the batcher's queue counts: the timeout is the
+# request's whole wait, not the reply's alone)
+_Waiter = tuple[asyncio.Future[list[Any]], list[Any], int, float, Sequence[Sequence[Any]], float]
 
 
 class _Protocol(asyncio.Protocol):
@@ -65,25 +66,51 @@ class _Protocol(asyncio.Protocol):
         )
 
     def _check_replies(self) -> None:
-        # Silence counts from the later of the oldest waiter's send and the last bytes read:
-        # Redis answers a pipelined chunk only when it has run all of it, so a busy server
-        # still making progress is not taken for a dead one.
-        if self._waiters and (
-            time.monotonic() - max(self._waiters[0][3], self._last_reply) > self._reply_timeout
-        ):
-            self.lost = TimeoutError(f"no reply from redis within {self._reply_timeout} s")
-            if self._on_stall is not None:
-                self._on_stall(str(self.lost))  # before the waiters hear: retries fail fast
-            if self._transport is not None:
-                self._transport.abort()  # connection_lost fails every waiter
-            return
+        waiters = self._waiters
+        if waiters:
+            now = time.monotonic()
+            timeout = self._reply_timeout
+            # Silence counts from the later of the oldest waiter's send and the last bytes
+            # read: Redis answers a pipelined chunk only when it has run all of it, so a busy
+            # server still making progress is not taken for a dead one.
+            if now - max(waiters[0][3], self._last_reply) > timeout:
+                self.lost = TimeoutError(f"no reply from redis within {timeout} s")
+                if self._on_stall is not None:
+                    self._on_stall(str(self.lost))  # before the waiters hear: retries fail fast
+                if self._transport is not None:
+                    self._transport.abort()  # connection_lost fails every waiter
+                return
+            # Busy but answering (a fork or fsync stall, a heavy script, a backlog): no
+            # request waits past its timeout. Its commands were written and may still run,
+            # so a write is an unknown outcome; it keeps its place, for the replies to match.
+            for future, _, _, _, commands, since in waiters:
+                if now - since > timeout and not future.done():
+                    future.set_exception(
+                        no_reply(f"redis did not answer within {timeout} s (busy)", commands)
+                    )
         self._watch()
 
-    def send(self, payload: bytes, commands: Sequence[Sequence[Any]]) -> asyncio.Future[list[Any]]:
+    def send(
+        self, payload: bytes, commands: Sequence[Sequence[Any]], since: float | None = None
+    ) -> asyncio.Future[list[Any]]:
+        """Write ``commands`` (packed in ``payload``); ``since``: when their request started
+        waiting (``time.monotonic()``), now if not given."""
         if self._transport is None or self.lost is not None:
             raise not_sent(f"connection lost: {self.lost}")
+        now = time.monotonic()
+        waiters = self._waiters
+        timeout = self._reply_timeout
+        # Nothing is added behind replies overdue by more than the timeout: it would only wait
+        # its own timeout out too (and grow Redis's backlog). Sending resumes once Redis has
+        # caught up with what it was sent.
+        if waiters and now - waiters[0][3] > timeout:
+            raise not_sent(f"redis is more than {timeout} s behind with its replies")
+        if since is None:
+            since = now
+        elif now - since > timeout:
+            raise not_sent(f"waited more than {timeout} s to be sent")
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._waiters.append((future, [], len(commands), time.monotonic(), commands))
+        waiters.append((future, [], len(commands), now, commands, since))
         self._transport.write(payload)
         return future
 
@@ -91,7 +118,7 @@ class _Protocol(asyncio.Protocol):
         self._last_reply = time.monotonic()
         self._reader.feed(data)
         while self._waiters:
-            future, replies, count, _, _ = self._waiters[0]
+            future, replies, count, _, _, _ = self._waiters[0]
             while len(replies) < count:
                 reply = self._reader.gets()
                 if reply is False:
@@ -109,7 +136,7 @@ class _Protocol(asyncio.Protocol):
         self.lost = self.lost or exc or ConnectionError("closed by server")
         reason = f"connection lost: {self.lost}"
         while self._waiters:
-            future, _, _, _, commands = self._waiters.popleft()
+            future, _, _, _, commands, _ = self._waiters.popleft()
             if not future.done():
                 # Written, not answered: a write may still run (a stalled server reads what
                 # was sent when it wakes), so it is an unknown outcome, not a refusal.
@@ -126,7 +153,9 @@ class RespConnection:
     Failures come out as gateway errors (:mod:`gateway.adapters.redis_errors`): a connection
     that cannot be opened is ``dependency_unavailable``; commands written and not answered are
     ``outcome_unknown`` when they write. A failed connect or a stall trips ``gate`` (when set),
-    so that the callers waiting behind it, and those after, fail at once."""
+    so that the callers waiting behind it, and those after, fail at once. A server slow but
+    answering trips nothing: each request stops waiting at its timeout, and while replies are
+    overdue by more than the timeout nothing new is written (``dependency_unavailable``)."""
 
     def __init__(
         self,
@@ -170,6 +199,10 @@ class RespConnection:
             )
         if params.get("db"):
             setup.append(("SELECT", params["db"]))
+        # A server that will not serve this connection (a password required or rotated, no
+        # room for another client) says so in its first reply: hear it here, where it closes
+        # the gate and is "not sent", rather than in place of a batch's first reply.
+        setup.append(("PING",))
         async with asyncio.timeout(self._connect_timeout):
             if "path" in params:
                 _, protocol = await loop.create_unix_connection(factory, params["path"])
@@ -178,18 +211,21 @@ class RespConnection:
                     factory, params.get("host", "127.0.0.1"), params.get("port", 6379)
                 )
             try:
-                if setup:
-                    replies = await protocol.send(_pack(setup), setup)
-                    errors = [r for r in replies if isinstance(r, ResponseError)]
-                    if errors:
-                        raise ConnectionError(f"redis connection setup failed: {errors[0]}")
+                replies = await protocol.send(_pack(setup), setup)
+                errors = [r for r in replies if isinstance(r, ResponseError)]
+                if errors:
+                    raise ConnectionError(f"redis connection setup failed: {errors[0]}")
             except BaseException:
                 protocol.close()  # a timeout or a refusal must not leave the socket open
                 raise
         return protocol
 
-    async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        """Send the commands in one write; error replies come back as exceptions in place."""
+    async def execute(
+        self, commands: Sequence[Sequence[Any]], since: float | None = None
+    ) -> list[Any]:
+        """Send the commands in one write; error replies come back as exceptions in place.
+        ``since``: when their request started waiting (``time.monotonic()``); the timeout
+        counts from then, and commands already older are not sent."""
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             async with self._connecting:
@@ -199,7 +235,7 @@ class RespConnection:
                     if self.gate is not None:
                         self.gate.check()
                     protocol = self._protocol = await self._connect()
-        return await protocol.send(_pack(commands), commands)
+        return await protocol.send(_pack(commands), commands, since)
 
     def send_now(self, commands: Sequence[Sequence[Any]]) -> asyncio.Future[list[Any]] | None:
         """Write the commands at once, in this step of the caller, and return the future of
@@ -211,17 +247,10 @@ class RespConnection:
         return protocol.send(_pack(commands), commands)
 
     async def probe(self) -> None:
-        """PING on a fresh connection; when it answers, it replaces the current one. A
-        connection that stalled once is never trusted again, and a probe never queues behind
-        commands a stalled server has not answered."""
+        """A fresh connection (its set-up PINGs: LOADING, MASTERDOWN... fail it); when it
+        answers, it replaces the current one. A connection that stalled once is never trusted
+        again, and a probe never queues behind commands a stalled server has not answered."""
         protocol = await self._connect()
-        try:
-            (reply,) = await protocol.send(_pack([("PING",)]), [("PING",)])
-            if isinstance(reply, Exception):
-                raise reply  # LOADING, MASTERDOWN...: up, but not serving yet
-        except BaseException:
-            protocol.close()
-            raise
         old, self._protocol = self._protocol, protocol
         if old is not None:
             old.close()

@@ -97,11 +97,15 @@ class AvailabilityReader:
         return items
 
     async def group_members(self, group: str) -> list[str] | None:
-        raw, marker = await self._redis.call_many(
-            [("GET", keys.location_group(group)), ("GET", keys.CONFIG_MARKER)]
-        )
+        read = ("GET", keys.location_group(group))
+        raw = await self._redis.call(*read)
         if raw is None:
-            if keys.config_copy_missing(marker):
-                raise ConfigNotCopied()
-            return None
+            # Rare: only now is the config marker worth a round trip. The group is read again
+            # beside it, so that a copy landing between the two reads cannot make a group that
+            # exists look unknown.
+            raw, marker = await self._redis.call_many([read, ("GET", keys.CONFIG_MARKER)])
+            if raw is None:
+                if keys.config_copy_missing(marker):
+                    raise ConfigNotCopied()
+                return None
         return bytes(raw).decode().split(",")

@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Final
 
-from gateway.atp.ports import ImmediateScriptRunner
-from gateway.errors import GatewayError, OutcomeUnknown, Overloaded, ShuttingDown, Unavailable
+from gateway.adapters.gate import RETRY_AFTER
+from gateway.errors import Overloaded, ShuttingDown
 from gateway.metrics import RESERVATIONS_PER_CALL
+from gateway.reservation.ports import ReservationScripts
 
 MAX_PER_CALL: Final = 32
 # Reservations waiting for a call or in one; beyond it new ones are refused (503, retry).
@@ -56,7 +57,7 @@ class _Call:
 
 
 class ReserveCoalescer:
-    def __init__(self, scripts: ImmediateScriptRunner) -> None:
+    def __init__(self, scripts: ReservationScripts) -> None:
         self._scripts = scripts
         self._open: _Call | None = None
         self._waiting = 0
@@ -68,9 +69,11 @@ class ReserveCoalescer:
         a shared call; the future of its reply. Not a coroutine: the caller awaits the future
         itself, one frame less to resume."""
         if self._closed:
-            raise ShuttingDown("the gateway is shutting down; retry on another", retry_after=1)
+            raise ShuttingDown(
+                "the gateway is shutting down; retry on another", retry_after=RETRY_AFTER
+            )
         if self._waiting >= MAX_PENDING:
-            raise Overloaded("too many reservations waiting for Redis", retry_after=1)
+            raise Overloaded("too many reservations waiting for Redis", retry_after=RETRY_AFTER)
         call = self._open
         if call is None:
             call = self._open = _Call()
@@ -163,10 +166,12 @@ class ReserveCoalescer:
 
     def _fail(self, call: _Call, error: BaseException) -> None:
         if self._settle(call):
+            failure = self._scripts.failure
             for future in call.futures:
                 if not future.done():
-                    # One exception each: a shared one would collect every raiser's traceback.
-                    future.set_exception(_unavailable(error))
+                    # What the adapter says it means (not sent: dependency_unavailable; sent,
+                    # no answer: outcome_unknown), one exception each.
+                    future.set_exception(failure(error))
 
     def _cancel(self, call: _Call) -> None:
         if self._settle(call):
@@ -184,15 +189,3 @@ class ReserveCoalescer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _unavailable(error: BaseException) -> GatewayError:
-    """What a failed call answers each of its reservations. The Redis adapter has classified
-    it already (not sent: dependency_unavailable; sent, no answer: outcome_unknown); each
-    waiter gets its own copy, so that one traceback does not collect every raiser's."""
-    if isinstance(error, GatewayError):
-        if isinstance(error, Unavailable) or type(error) is GatewayError:
-            return type(error)(error.detail, **error.extra)
-        return error
-    # Not classified: whether the call reached Redis is not known, so neither is its outcome.
-    return OutcomeUnknown(f"redis: {error!r}", dependency="redis", retry_after=1)
