@@ -55,7 +55,10 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     port = RedisPort.from_url(
         settings.redis_url, cluster=settings.redis_cluster, timeout=settings.redis_timeout_seconds
     )
-    batcher = CommandBatcher(functools.partial(port.execute, raise_on_error=False))
+    batcher = CommandBatcher(
+        functools.partial(port.execute, raise_on_error=False),
+        max_wait=settings.redis_timeout_seconds,
+    )
     app[REDIS] = port
     app[BATCHER] = batcher
     try:
