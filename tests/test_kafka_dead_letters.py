@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,7 +42,7 @@ from gateway.adapters.postgres import Postgres
 from gateway.devservices import free_port, reachable, tansu_binary
 from gateway.http.state import APPLIER, LIFECYCLE, POSTGRES
 from gateway.settings import Settings
-from tests.helpers import event
+from tests.helpers import NOW, event
 from tests.test_kafka import (
     ROOT,
     Feed,
@@ -551,9 +552,11 @@ async def test_an_event_too_far_in_the_future_is_a_dead_letter(
     would outrank every real one: it is refused, as over HTTP; within it, it is applied."""
     skewed = dataclasses.replace(kafka_settings, max_clock_skew_seconds=30)
     base = event("f0", "snapshot", 5, -100, sku="SKU-F")
-    beyond = event("f1", "snapshot", 99, 120, sku="SKU-F")  # beyond 30 s, within the default
-    year = event("f2", "snapshot", 99, 365 * 86_400, sku="SKU-F")
-    near = event("f3", "adjustment", 2, 10, sku="SKU-F")
+    # Event times count from the run's reference time, which is minutes old late in the suite.
+    now = (datetime.now(UTC) - NOW).total_seconds()
+    beyond = event("f1", "snapshot", 99, now + 120, sku="SKU-F")  # beyond 30 s, within 300 s
+    year = event("f2", "snapshot", 99, now + 365 * 86_400, sku="SKU-F")
+    near = event("f3", "adjustment", 2, now + 10, sku="SKU-F")
     offsets = await feed.publish(0, [encode(e) for e in (base, beyond, year, near)])
     async with gateway(skewed) as client:
         await feed.wait_committed()
