@@ -89,7 +89,7 @@ class Processes:
         return entry
 
     def adopt(self, name: str, proc: subprocess.Popen[bytes]) -> Started:
-        """Take charge of a process started elsewhere (e.g. by ``gateway.devservices``)."""
+        """Take charge of a process started elsewhere (e.g. by ``gateway.dev.services``)."""
         entry = Started(name, proc, None, None)
         self.started.append(entry)
         return entry

@@ -50,7 +50,7 @@ from benchmarks.procs import (
     pin_self,
     process_cpu_seconds,
 )
-from gateway.devservices import free_port, reachable, tansu_binary
+from gateway.dev.services import free_port, reachable, tansu_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -5,50 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
 import asyncpg
-import uvloop
-from aiohttp import web
 
 from gateway.adapters.migrations import CLI_LOCK_WAIT, MigrationLockBusy, migrate_dsn
-from gateway.app import create_app
-from gateway.http.wire import GatewayRunner
 from gateway.logs import configure_logging
+from gateway.server import serve
 from gateway.settings import Settings, SettingsError
 
 
 def _settings(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
     return Settings.from_env(environ if environ is not None else dict(os.environ), args.config)
-
-
-def serve(settings: Settings, app: web.Application | None = None) -> None:
-    configure_logging(settings.log_level)
-    uvloop.run(_serve(app if app is not None else create_app(settings), settings))
-
-
-async def _serve(app: web.Application, settings: Settings) -> None:
-    """What ``web.run_app`` did, with the gateway's runner (``run_app`` takes none): requests
-    the HTTP parser refuses are answered as problems. SIGTERM and SIGINT end the wait; cleanup
-    then drains in-flight requests within the shutdown timeout, as before."""
-    runner = GatewayRunner(
-        app,
-        access_log=None,
-        keepalive_timeout=75.0,  # run_app's default (a bare runner's is an hour)
-        shutdown_timeout=settings.shutdown_timeout_seconds,
-    )
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, settings.host, settings.port).start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-    finally:
-        await runner.cleanup()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            from gateway.demo import run_demo
+            from gateway.dev.demo import run_demo
 
             return run_demo(args.config)
         settings = _settings(args)

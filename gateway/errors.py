@@ -22,7 +22,10 @@ GatewayError                  (500 internal_error)
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
+
+# Seconds a client is told to wait (``Retry-After``) before retrying a retriable 503.
+RETRY_AFTER: Final = 1
 
 
 class GatewayError(Exception):
@@ -162,4 +165,4 @@ class ConfigNotCopied(DependencyDown):
         **extra: Any,
     ) -> None:
         # The same signature as every other error, so code that copies errors can copy it.
-        super().__init__(detail, **{"dependency": "redis", "retry_after": 1, **extra})
+        super().__init__(detail, **{"dependency": "redis", "retry_after": RETRY_AFTER, **extra})

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.adapters.migrations import migrate_dsn
 from gateway.app import create_app
-from gateway.devservices import (
+from gateway.dev.services import (
     ServiceMissing,
     ensure_postgres,
     reachable,

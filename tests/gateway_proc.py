@@ -10,7 +10,7 @@ import time
 import urllib.request
 from typing import Any
 
-from gateway.devservices import free_port
+from gateway.dev.services import free_port
 from tests.conftest import KEYS
 
 

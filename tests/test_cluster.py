@@ -14,7 +14,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway.app import create_app
 from gateway.atp import keys as atp_keys
-from gateway.devservices import start_redis_cluster
+from gateway.dev.services import start_redis_cluster
 from gateway.reservation import keys
 from tests import test_reservations as single
 from tests.conftest import auth, make_settings

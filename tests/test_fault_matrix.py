@@ -31,7 +31,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
-from gateway.devservices import start_redis
+from gateway.dev.services import start_redis
 from tests.conftest import auth, make_settings
 from tests.helpers import event
 from tests.proxy import TcpProxy

@@ -32,7 +32,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
-from gateway.devservices import free_port
+from gateway.dev.services import free_port
 from gateway.settings import Settings
 from tests.conftest import KEYS, auth
 from tests.helpers import event

@@ -39,7 +39,7 @@ from gateway.adapters.dead_letters import (
 )
 from gateway.adapters.kafka import run_consumer
 from gateway.adapters.postgres import Postgres
-from gateway.devservices import free_port, reachable, tansu_binary
+from gateway.dev.services import free_port, reachable, tansu_binary
 from gateway.http.state import APPLIER, LIFECYCLE, POSTGRES
 from gateway.settings import Settings
 from tests.helpers import NOW, event

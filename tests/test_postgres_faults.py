@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.adapters.migrations import migrate_dsn
 from gateway.adapters.postgres import POOL_SIZE, Postgres
 from gateway.app import create_app
-from gateway.devservices import start_redis
+from gateway.dev.services import start_redis
 from gateway.errors import DependencyDown, GatewayError, OutcomeUnknown
 from gateway.http.state import POSTGRES
 from tests.conftest import auth, make_settings

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
-from gateway.devservices import start_redis
+from gateway.dev.services import start_redis
 from gateway.lifecycle import Readiness
 from tests.conftest import auth, make_settings
 from tests.proxy import TcpProxy

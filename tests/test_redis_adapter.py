@@ -113,7 +113,7 @@ async def test_lean_connection_authenticates_and_selects_db() -> None:
     import shutil
 
     from gateway.adapters.resp import RespConnection
-    from gateway.devservices import _spawn_redis, _wait_for, free_port
+    from gateway.dev.services import _spawn_redis, _wait_for, free_port
 
     binary = shutil.which("redis-server")
     assert binary is not None
@@ -170,7 +170,7 @@ async def test_a_stalled_redis_fails_its_waiters_and_is_replaced() -> None:
     import signal
 
     from gateway.adapters.resp import RespConnection
-    from gateway.devservices import _spawn_redis, _wait_for, free_port
+    from gateway.dev.services import _spawn_redis, _wait_for, free_port
 
     binary = shutil.which("redis-server")
     assert binary is not None
@@ -219,7 +219,7 @@ async def test_a_stall_closes_the_gate_and_a_probe_reopens_it() -> None:
     import shutil
     import signal
 
-    from gateway.devservices import _spawn_redis, _wait_for, free_port
+    from gateway.dev.services import _spawn_redis, _wait_for, free_port
 
     binary = shutil.which("redis-server")
     assert binary is not None
@@ -272,7 +272,7 @@ async def test_a_stall_closes_the_gate_and_a_probe_reopens_it() -> None:
 async def test_redis_down_closes_the_gate_and_refusals_are_not_retried() -> None:
     import shutil
 
-    from gateway.devservices import _spawn_redis, _wait_for, free_port
+    from gateway.dev.services import _spawn_redis, _wait_for, free_port
 
     number = free_port()
     port = RedisPort.from_url(f"redis://127.0.0.1:{number}/0", cluster=False, timeout=0.3)

@@ -26,7 +26,7 @@ from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.app import create_app
 from gateway.atp import keys as atp_keys
-from gateway.devservices import _spawn_redis, _wait_for, free_port, start_redis_cluster
+from gateway.dev.services import _spawn_redis, _wait_for, free_port, start_redis_cluster
 from gateway.reservation import keys
 from gateway.reservation.expiry import run_sweeper
 from gateway.reservation.service import ReservationService

@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 
 from gateway.adapters.redis import RedisPort
 from gateway.adapters.redis_errors import classify, error_reply
-from gateway.devservices import _spawn_redis, _wait_for, free_port
+from gateway.dev.services import _spawn_redis, _wait_for, free_port
 from gateway.errors import DependencyDown
 
 PASSWORD = "s3cret"

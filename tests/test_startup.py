@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.adapters.migrations import MIGRATION_LOCK_ID
 from gateway.app import create_app
-from gateway.devservices import free_port, start_redis
+from gateway.dev.services import free_port, start_redis
 from tests.conftest import auth, make_settings
 from tests.gateway_proc import GatewayProcess
 from tests.proxy import TcpProxy

@@ -17,10 +17,9 @@ from typing import Any, Final
 
 import structlog
 
-from gateway.adapters.gate import RETRY_AFTER
 from gateway.adapters.redis_errors import classify, error_reply, narrow, not_sent
 from gateway.adapters.resp import REPLY_TIMEOUT
-from gateway.errors import Overloaded, Unavailable
+from gateway.errors import RETRY_AFTER, Overloaded, Unavailable
 from gateway.metrics import REDIS_BATCH_SIZE
 
 log = structlog.get_logger(__name__)

@@ -14,18 +14,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final
 
 import structlog
 
-from gateway.errors import DependencyDown, GatewayError
+from gateway.errors import RETRY_AFTER, DependencyDown, GatewayError
 from gateway.metrics import DEPENDENCY_UP
 
 log = structlog.get_logger(__name__)
 
 Probe = Callable[[], Awaitable[object]]
-# Seconds a client is told to wait before retrying while a dependency is down.
-RETRY_AFTER: Final = 1
 
 
 class DependencyGate:

@@ -41,7 +41,7 @@ from typing import Any, Final, TypeVar
 import asyncpg
 import structlog
 
-from gateway.adapters.gate import RETRY_AFTER, DependencyGate
+from gateway.adapters.gate import DependencyGate
 from gateway.adapters.migrations import migrate_dsn
 from gateway.adapters.postgres_errors import (
     describe,
@@ -49,7 +49,7 @@ from gateway.adapters.postgres_errors import (
     is_request_error,
     proves_not_applied,
 )
-from gateway.errors import DependencyDown, GatewayError, OutcomeUnknown, Overloaded
+from gateway.errors import RETRY_AFTER, DependencyDown, GatewayError, OutcomeUnknown, Overloaded
 from gateway.metrics import DEPENDENCY_UP
 
 log = structlog.get_logger(__name__)

@@ -30,7 +30,7 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.adapters.batcher import CommandBatcher
-from gateway.adapters.gate import RETRY_AFTER, DependencyGate
+from gateway.adapters.gate import DependencyGate
 from gateway.adapters.redis_errors import (
     NoAnswer,
     classify,
@@ -42,7 +42,7 @@ from gateway.adapters.redis_errors import (
     raise_for_replies,
 )
 from gateway.adapters.resp import REPLY_TIMEOUT, RespConnection
-from gateway.errors import DependencyDown, GatewayError, Overloaded
+from gateway.errors import RETRY_AFTER, DependencyDown, GatewayError, Overloaded
 
 # Bounds how many single-slot script calls a cluster client has in flight for one request.
 _CLUSTER_FANOUT: Final = 64

@@ -34,8 +34,14 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.adapters.gate import RETRY_AFTER
-from gateway.errors import DependencyDown, GatewayError, OutcomeUnknown, Overloaded, Unavailable
+from gateway.errors import (
+    RETRY_AFTER,
+    DependencyDown,
+    GatewayError,
+    OutcomeUnknown,
+    Overloaded,
+    Unavailable,
+)
 
 # Commands that change nothing. Any verb not listed counts as a write: when in doubt, the honest
 # answer to a lost reply is "it may have been applied".

@@ -44,6 +44,7 @@ from gateway.atp import keys
 from gateway.atp.ports import CommandSender, CommandWriter
 from gateway.atp.schemas import LocationGroupOut, SafetyStockEntry
 from gateway.errors import (
+    RETRY_AFTER,
     ConfigNotCopied,
     NotFound,
     OutcomeUnknown,
@@ -57,7 +58,6 @@ T = TypeVar("T")
 MARKER: Final = keys.CONFIG_MARKER
 _PENDING: Final = b"pending:"
 _CHUNK: Final = 5000
-_RETRY_AFTER: Final = 1
 SYNC_INTERVAL: Final = 1.0
 # Its own generator: the global one is shared state (and property tests watch it).
 _JITTER: Final = random.Random()
@@ -162,7 +162,7 @@ class LocationConfig:
                 "the change is in the record (PostgreSQL) but Redis did not confirm its copy; "
                 "gateways copy the record to Redis within seconds. Retrying is safe",
                 dependency="redis",
-                retry_after=_RETRY_AFTER,
+                retry_after=RETRY_AFTER,
             ) from exc
 
     # -- reads -------------------------------------------------------------------------------

@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Final
 
-from gateway.adapters.gate import RETRY_AFTER
-from gateway.errors import Overloaded, ShuttingDown
+from gateway.errors import RETRY_AFTER, Overloaded, ShuttingDown
 from gateway.metrics import RESERVATIONS_PER_CALL
 from gateway.reservation.ports import ReservationScripts
 

@@ -10,8 +10,7 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
-from gateway.adapters.gate import RETRY_AFTER
-from gateway.errors import Conflict, GatewayError, OutcomeUnknown, Unavailable
+from gateway.errors import RETRY_AFTER, Conflict, GatewayError, OutcomeUnknown, Unavailable
 from gateway.reservation.schemas import HELD_LINES, HeldLine, Reservation
 
 # Refused and settled records stay this long so retries and GETs still find them.

@@ -14,10 +14,9 @@ from typing import Final
 
 import msgspec
 
-from gateway.adapters.gate import RETRY_AFTER
 from gateway.atp import keys as atp_keys
 from gateway.atp.ports import CommandSender
-from gateway.errors import Conflict, OutcomeUnknown, Unavailable
+from gateway.errors import RETRY_AFTER, Conflict, OutcomeUnknown, Unavailable
 from gateway.reservation import keys
 from gateway.reservation.ports import ReservationScripts
 from gateway.reservation.replies import (

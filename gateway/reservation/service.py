@@ -15,10 +15,10 @@ from typing import Any, Final
 
 import msgspec
 
-from gateway.adapters.gate import RETRY_AFTER
 from gateway.atp import keys as atp_keys
 from gateway.atp.ports import CommandSender
 from gateway.errors import (
+    RETRY_AFTER,
     ConfigNotCopied,
     Conflict,
     NotFound,

@@ -10,9 +10,11 @@ from typing import Final
 
 from aiohttp import web
 
+from gateway.app import create_app
 from gateway.atp.schemas import SafetyStockEntry, StockEvent
-from gateway.devservices import ServiceMissing, ensure_postgres, ensure_redis
+from gateway.dev.services import ServiceMissing, ensure_postgres, ensure_redis
 from gateway.http.state import APPLIER, LOCATION_CONFIG, SETTINGS
+from gateway.server import serve
 from gateway.settings import Settings, SettingsError
 
 DEMO_KEYS: Final = "storefront:demo-storefront,feed:demo-feed,ops:demo-ops"
@@ -90,9 +92,6 @@ Stop with Ctrl-C.
 
 
 def run_demo(config_file: str | None) -> int:
-    from gateway.app import create_app
-    from gateway.cli import serve
-
     environ = dict(os.environ)
     environ.setdefault("GATEWAY_API_KEYS", DEMO_KEYS)
     try:
