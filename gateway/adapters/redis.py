@@ -9,7 +9,6 @@ from ``.lua`` files and re-loaded after NOSCRIPT (a restart or a failover).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -19,7 +18,6 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
     MaxConnectionsError,
@@ -31,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.gate import DependencyGate
+from gateway.adapters.lua import CallLimiter, LuaScript
 from gateway.adapters.redis_errors import (
     NoAnswer,
     classify,
@@ -42,7 +41,7 @@ from gateway.adapters.redis_errors import (
     raise_for_replies,
 )
 from gateway.adapters.resp import REPLY_TIMEOUT, RespConnection
-from gateway.errors import RETRY_AFTER, DependencyDown, GatewayError, Overloaded
+from gateway.errors import DependencyDown, GatewayError
 
 # Bounds how many single-slot script calls a cluster client has in flight for one request.
 _CLUSTER_FANOUT: Final = 64
@@ -59,39 +58,6 @@ ScriptCall = tuple[Sequence[str], Sequence[str | int | bytes]]
 _PING: Final = (("PING",),)
 _EVALSHA: Final = (("EVALSHA",),)
 _T = TypeVar("_T")
-
-
-class LuaScript:
-    """One script file: its text, its SHA1 and redis-py's wrapper for cluster routing."""
-
-    def __init__(self, client: aioredis.Redis | RedisCluster, text: str) -> None:
-        self.text = text
-        self.sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
-        self.wrapper: AsyncScript = client.register_script(text)
-
-
-class _Limiter:
-    """At most ``size`` calls at once; a caller waits until its deadline at most, then 503."""
-
-    def __init__(self, size: int) -> None:
-        self._slots = asyncio.Semaphore(size)
-
-    async def acquire(self, deadline: float) -> None:
-        """Take a slot by ``deadline`` (loop time) or raise 503 ``overloaded``."""
-        slots = self._slots
-        if not slots.locked():
-            await slots.acquire()  # free: no timer
-            return
-        try:
-            async with asyncio.timeout_at(deadline):
-                await slots.acquire()
-        except TimeoutError:
-            raise Overloaded(
-                "too many Redis calls waiting; retry shortly", retry_after=RETRY_AFTER
-            ) from None
-
-    def release(self) -> None:
-        self._slots.release()
 
 
 class RedisPort:
@@ -116,7 +82,7 @@ class RedisPort:
         self.gate = DependencyGate("redis", self._probe, timeout=timeout)
         if fast is not None:
             fast.gate = self.gate
-        self._limiter = _Limiter(concurrency)
+        self._limiter = CallLimiter(concurrency)
 
     @classmethod
     def from_url(cls, url: str, *, cluster: bool, timeout: float = REPLY_TIMEOUT) -> RedisPort:
