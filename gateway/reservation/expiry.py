@@ -28,22 +28,12 @@ async def sweep_once(service: ReservationService, redis: CommandSender) -> int:
     """Expire what is due now; returns how many reservations this pass expired."""
     seconds, micros = await redis.call("TIME")
     now_ms = int(seconds) * 1000 + int(micros) // 1000
-    replies = await redis.call_many(
+    due_lists = await redis.call_many(
         [
-            *(
-                ("ZRANGEBYSCORE", keys.expiry_index(n), "-inf", now_ms, "LIMIT", 0, SLICE)
-                for n in range(keys.BUCKETS)
-            ),
-            # Holds made by a version that kept the index elsewhere (a rolling upgrade may
-            # still be adding to it): taken over, and expired from the next pass on.
-            *(("EXISTS", keys.legacy_expiry_index(n)) for n in range(keys.BUCKETS)),
+            ("ZRANGEBYSCORE", keys.expiry_index(n), "-inf", now_ms, "LIMIT", 0, SLICE)
+            for n in range(keys.BUCKETS)
         ]
     )
-    due_lists, legacy = replies[: keys.BUCKETS], replies[keys.BUCKETS :]
-    if any(legacy):
-        moved = await service.adopt_legacy_indexes([n for n, e in enumerate(legacy) if e])
-        if moved:
-            log.info("legacy_expiry_index_adopted", reservations=moved)
     due = [rid.decode() for rids in due_lists for rid in rids]
     RESERVATIONS_DUE.set(len(due))
     if not due:

@@ -30,12 +30,6 @@ def expiry_index(n: int) -> str:
     return f"{PREFIX}:rsv-expiry:{{rsv{n}}}"
 
 
-def legacy_expiry_index(n: int) -> str:
-    """Where versions before 2026-12 kept bucket n's expiry index (a record's namespace); the
-    sweeper moves what it finds there into :func:`expiry_index`."""
-    return f"{PREFIX}:rsv:{{rsv{n}}}:expiry"
-
-
 def holds(sku: str) -> str:
     """Per SKU: reservation id -> what it holds of the SKU, by location."""
     return f"{PREFIX}:{{{sku}}}:h"

@@ -59,24 +59,19 @@ def text(raw: Any) -> str:
 
 
 def held_lines(answer: Any) -> list[HeldLine]:
-    # Stored in line order, as the API answers them. Records of versions before 2026-12 carry
-    # each line's number ``n``, and a cluster saga of theirs stored its lines SKU by SKU.
-    raw = answer if isinstance(answer, bytes) else str(answer).encode()
-    if b'"n":' not in raw:  # codes cannot hold a quote: this is only ever the key
-        return HELD_LINES.decode(raw)
-    return [HeldLine(**e) for e in line_ordered(LINES.decode(raw))]
+    # Stored in line order, as the API answers them (the cluster saga merges its per-SKU
+    # answers before it stores them).
+    return HELD_LINES.decode(answer if isinstance(answer, bytes) else str(answer).encode())
 
 
 def shortfalls(answer: Any) -> list[dict[str, Any]]:
-    # In line order, as the API answers them; numbered (a cluster saga's per-SKU answers, or
-    # records of versions before 2026-12) when they still need merging into line order.
-    raw = answer if isinstance(answer, bytes) else str(answer).encode()
-    entries = LINES.decode(raw)
-    return entries if b'"n":' not in raw else line_ordered(entries)
+    # Stored and answered in line order, as the API answers them.
+    return LINES.decode(answer if isinstance(answer, bytes) else str(answer).encode())
 
 
 def line_ordered(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Numbered entries (``n``, the line) in line order, without their numbers."""
+    """A cluster saga's numbered per-SKU entries (``n``, the line) merged into line order,
+    without their numbers, as a single node's script answers them."""
     return [{k: v for k, v in e.items() if k != "n"} for e in sorted(entries, key=lambda e: e["n"])]
 
 

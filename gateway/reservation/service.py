@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
@@ -201,13 +200,6 @@ class ReservationService:
     async def confirm(self, rid: str) -> str:
         """Move a held reservation into ``committed``; idempotent. Returns the status after."""
         return await self._settle(rid, "confirm")
-
-    async def adopt_legacy_indexes(self, buckets: Sequence[int]) -> int:
-        """Move these buckets' expiry entries from their pre-2026-12 key to today's."""
-        calls: list[tuple[list[str], list[str]]] = [
-            ([keys.legacy_expiry_index(n), keys.expiry_index(n)], []) for n in buckets
-        ]
-        return sum(int(moved) for moved in await self._scripts.run("adopt_index.lua", calls))
 
     async def expire(self, rid: str) -> str:
         return await self._settle(rid, "expire")
