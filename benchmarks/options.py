@@ -1,0 +1,114 @@
+"""The command line of ``python -m benchmarks.run``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+from benchmarks.common import RESERVATION_TTL, Config
+
+
+def parse_args(argv: Sequence[str] | None, description: str | None) -> Config:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="about a minute: shorter, smaller")
+    parser.add_argument("--duration", type=float, help="seconds per wrk measurement (10; quick 4)")
+    parser.add_argument("--warmup", type=float, help="wrk warm-up seconds before each (2; quick 1)")
+    parser.add_argument("--rounds", type=int, help="wrk rounds, the median is kept (2; quick 1)")
+    parser.add_argument("--openloop-duration", type=float, help="seconds (10; quick 4)")
+    parser.add_argument("--http-events", type=int, help="events posted (300000; quick 100000)")
+    parser.add_argument("--kafka-events", type=int, help="events produced (300000; quick 100000)")
+    parser.add_argument("--kafka-partitions", type=int, default=4)
+    parser.add_argument("--http-connections", type=int, default=4)
+    parser.add_argument(
+        "--postgres-dsn",
+        default=os.environ.get(
+            "GATEWAY_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+        ),
+    )
+    parser.add_argument("--skip-kafka", action="store_true", help="no Kafka ingest figure")
+    parser.add_argument(
+        "--only",
+        metavar="PHASES",
+        help=f"comma-separated subset of {','.join(PHASES)} (openloop runs wrk "
+        "first: it needs the saturation rates; reservations runs the ceiling and redis "
+        "too); 'generator' checks the open-loop generator against the ceiling at a low "
+        "and a high rate",
+    )
+    parser.add_argument(
+        "--reservation-ttl",
+        type=int,
+        default=RESERVATION_TTL,
+        metavar="SECONDS",
+        help=f"ttl_seconds of the benchmark's reservations ({RESERVATION_TTL}: longer than a "
+        "run, so the expiry sweeper has nothing to release while measuring)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the gateway with py-spy (if installed) during each load",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="repeat a latency or saturation measurement disturbed by other "
+        "work on the machine up to this many times (2)",
+    )
+    parser.add_argument(
+        "--retry-budget",
+        type=float,
+        metavar="SECONDS",
+        help="no more retries once the run is this old (150; quick 45)",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to this long for other work on the machine to stop",
+    )
+    a = parser.parse_args(argv)
+    quick = a.quick
+    return Config(
+        duration=a.duration or (4.0 if quick else 10.0),
+        warmup=a.warmup if a.warmup is not None else (1.0 if quick else 2.0),
+        rounds=a.rounds or (1 if quick else 2),
+        openloop_duration=a.openloop_duration or (4.0 if quick else 10.0),
+        http_events=a.http_events or (100_000 if quick else 300_000),
+        kafka_events=a.kafka_events or (100_000 if quick else 300_000),
+        kafka_partitions=a.kafka_partitions,
+        http_connections=a.http_connections,
+        redis_requests=200_000 if quick else 500_000,
+        postgres_dsn=a.postgres_dsn,
+        phases=_phases(a.only, a.skip_kafka, parser),
+        profile=a.profile,
+        wait_quiet=a.wait_quiet,
+        retries=a.retries,
+        retry_budget=a.retry_budget or (45.0 if quick else 150.0),
+        reservation_ttl=a.reservation_ttl,
+    )
+
+
+PHASES = ("redis", "wrk", "openloop", "reservations", "http", "kafka")
+EXTRA_PHASES = ("generator",)  # only when asked for by --only
+
+
+def _phases(only: str | None, skip_kafka: bool, parser: argparse.ArgumentParser) -> frozenset[str]:
+    chosen = set(PHASES) if only is None else {p.strip() for p in only.split(",") if p.strip()}
+    unknown = chosen - set(PHASES) - set(EXTRA_PHASES)
+    if unknown:
+        parser.error(
+            f"unknown phase(s) {', '.join(sorted(unknown))}; choose from {PHASES + EXTRA_PHASES}"
+        )
+    if "openloop" in chosen:
+        chosen.add("wrk")
+    if "reservations" in chosen:  # its figures sit beside redis-benchmark's
+        chosen.add("redis")
+    if skip_kafka:
+        chosen.discard("kafka")
+    return frozenset(chosen)
