@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.adapters.migrations import migrate_dsn
 from gateway.app import create_app
@@ -27,6 +28,7 @@ from gateway.dev.services import (
     reachable,
     start_kafka,
     start_redis,
+    start_redis_cluster,
 )
 from gateway.settings import ApiKey, Settings
 
@@ -116,3 +118,21 @@ def settings(
 async def client(settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
     async with TestClient(TestServer(create_app(settings))) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="module")
+def cluster_url() -> Iterator[str]:
+    url, procs = start_redis_cluster(3)
+    yield url
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(5)
+
+
+@pytest.fixture
+async def cluster(cluster_url: str) -> AsyncIterator[RedisCluster]:
+    client = RedisCluster.from_url(cluster_url, decode_responses=True)
+    await client.flushall()
+    yield client
+    await client.aclose()

@@ -11,33 +11,15 @@ from aiohttp.test_utils import TestClient
 
 from gateway.atp import keys
 from tests.conftest import auth
-from tests.helpers import event
+from tests.helpers import assert_problem, availability, event, post_events
 
 Client = TestClient[Any, Any]
 # Raw bodies need it: aiohttp's client labels bytes application/octet-stream (a 415).
 JSON = {"Content-Type": "application/json"}
 
 
-async def post_events(client: Client, events: list[dict[str, Any]]) -> dict[str, Any]:
-    resp = await client.post("/v1/stock-events", json={"events": events}, headers=auth("feed"))
-    assert resp.status == 200, await resp.text()
-    return dict(await resp.json())
-
-
-async def availability(client: Client, **params: Any) -> dict[str, Any]:
-    resp = await client.get("/v1/availability", params=params, headers=auth("storefront"))
-    assert resp.status == 200, await resp.text()
-    return dict(await resp.json())
-
-
 async def stock_keys(redis: aioredis.Redis) -> list[str]:
     return [k async for k in redis.scan_iter(match="atp:{*")]
-
-
-def assert_problem(body: dict[str, Any], status: int, code: str) -> None:
-    assert body["status"] == status
-    assert body["code"] == code
-    assert {"type", "title", "detail"} <= body.keys()
 
 
 # --- auth -----------------------------------------------------------------------------------

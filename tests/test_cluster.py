@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -14,32 +14,12 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway.app import create_app
 from gateway.atp import keys as atp_keys
-from gateway.dev.services import start_redis_cluster
 from gateway.reservation import keys
-from tests import test_reservations as single
 from tests.conftest import auth, make_settings
-from tests.helpers import event
-from tests.test_api import availability, post_events
+from tests.helpers import availability, event, post_events, reserve, stock
+from tests.reservation_scenarios import SCENARIOS, Scenario
 
 Client = TestClient[Any, Any]
-
-
-@pytest.fixture(scope="module")
-def cluster_url() -> Iterator[str]:
-    url, procs = start_redis_cluster(3)
-    yield url
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        proc.wait(5)
-
-
-@pytest.fixture
-async def cluster(cluster_url: str) -> AsyncIterator[RedisCluster]:
-    client = RedisCluster.from_url(cluster_url, decode_responses=True)
-    await client.flushall()
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
@@ -55,23 +35,11 @@ async def _nodes_of(cluster: RedisCluster, skus: list[str]) -> set[str]:
     return {cluster.get_node_from_key(atp_keys.position(s)).name for s in skus}
 
 
-SINGLE_NODE_TESTS: list[Callable[[Client], Awaitable[None]]] = [
-    single.test_hold_counts_in_reserved_and_release,
-    single.test_lines_answer_in_request_order,
-    single.test_safety_stock_limits_holds,
-    single.test_group_allocation,
-    single.test_location_and_group_lines_of_one_sku_do_not_double_count,
-    single.test_extend_and_expiry,
-    single.test_confirm_moves_hold_to_committed,
-    single.test_unknown_reservation,
-]
-
-
-@pytest.mark.parametrize("scenario", SINGLE_NODE_TESTS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__)
 async def test_reservation_contract_on_cluster(
-    cluster_client: Client, scenario: Callable[[Client], Awaitable[None]]
+    cluster_client: Client, cluster: RedisCluster, scenario: Scenario
 ) -> None:
-    await scenario(cluster_client)
+    await scenario(cluster_client, cluster)
 
 
 async def test_multi_node_all_or_nothing(cluster_client: Client, cluster: RedisCluster) -> None:
@@ -85,7 +53,7 @@ async def test_multi_node_all_or_nothing(cluster_client: Client, cluster: RedisC
         ],
     )
     lines = [{"sku": s, "location": "L", "quantity": 2} for s in skus]
-    resp = await single.reserve(cluster_client, "multi", lines)
+    resp = await reserve(cluster_client, "multi", lines)
     assert resp.status == 409
     assert (await resp.json())["lines"] == [
         {"sku": "SKU-11", "location": "L", "requested": 2, "available": 1}
@@ -93,7 +61,7 @@ async def test_multi_node_all_or_nothing(cluster_client: Client, cluster: RedisC
     for s in skus:  # what was held on the other nodes was released
         assert await cluster.hlen(keys.holds(s)) == 0
         assert await cluster.hget(atp_keys.position(s), "res:L") in (None, "0")
-    ok = await single.reserve(cluster_client, "multi-ok", lines[:11])
+    ok = await reserve(cluster_client, "multi-ok", lines[:11])
     assert ok.status == 201
     items = (await availability(cluster_client, sku=skus, location="L"))["items"]
     assert [i["reserved"] for i in items] == [2] * 11 + [0]
@@ -104,14 +72,12 @@ async def test_multi_node_all_or_nothing(cluster_client: Client, cluster: RedisC
 
 
 async def test_idempotent_retries_on_cluster(cluster_client: Client) -> None:
-    await single.stock(cluster_client, A__L1=100, B__L1=100)
+    await stock(cluster_client, A__L1=100, B__L1=100)
     lines = [
         {"sku": "A", "location": "L1", "quantity": 3},
         {"sku": "B", "location": "L1", "quantity": 4},
     ]
-    responses = await asyncio.gather(
-        *(single.reserve(cluster_client, "same", lines) for _ in range(20))
-    )
+    responses = await asyncio.gather(*(reserve(cluster_client, "same", lines) for _ in range(20)))
     assert [r.status for r in responses] == [201] * 20
     items = (await availability(cluster_client, sku=["A", "B"], location="L1"))["items"]
     assert [i["reserved"] for i in items] == [3, 4]
@@ -125,10 +91,10 @@ async def test_a_burst_waits_its_turn_instead_of_failing(
     their turn (or are shed as 503 overloaded, with Retry-After), never fail."""
     skus = [f"B-{i}" for i in range(6)]
     assert len(await _nodes_of(cluster, skus)) == 3
-    await single.stock(cluster_client, **{f"{s}__L1": 1_000 for s in skus})
+    await stock(cluster_client, **{f"{s}__L1": 1_000 for s in skus})
     lines = [{"sku": s, "location": "L1", "quantity": 1} for s in skus[:3]]
     responses = await asyncio.gather(
-        *(single.reserve(cluster_client, f"burst-{i}", lines) for i in range(400))
+        *(reserve(cluster_client, f"burst-{i}", lines) for i in range(400))
     )
     statuses: dict[int, int] = {}
     for resp in responses:
@@ -169,7 +135,7 @@ async def test_a_saga_left_pending_is_answered_as_unknown(
     )
     async with TestClient(TestServer(create_app(settings))) as client:
         started = time.monotonic()
-        resp = await single.reserve(client, "left", lines)
+        resp = await reserve(client, "left", lines)
         elapsed = time.monotonic() - started
         assert resp.status == 503, await resp.text()
         assert (await resp.json())["code"] == "outcome_unknown"

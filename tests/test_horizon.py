@@ -10,18 +10,7 @@ import redis.asyncio as aioredis
 from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.atp import keys
 from gateway.atp.events import EventApplier
-from gateway.atp.schemas import StockEvent
-
-
-def _ev(event_id: str, kind: str, qty: int, when: datetime) -> StockEvent:
-    return StockEvent(
-        event_id=event_id,
-        type=kind,
-        sku="H",
-        location="L",
-        quantity=qty,  # type: ignore[arg-type]
-        occurred_at=when,
-    )
+from tests.helpers import stock_event
 
 
 async def test_fold_at_horizon(redis_url: str, redis: aioredis.Redis) -> None:
@@ -31,9 +20,9 @@ async def test_fold_at_horizon(redis_url: str, redis: aioredis.Redis) -> None:
         now = datetime.now(UTC)
         first = await applier.apply(
             [
-                _ev("s", "snapshot", 10, now - timedelta(milliseconds=500)),
-                _ev("a1", "adjustment", 5, now - timedelta(milliseconds=400)),
-                _ev("too-old", "adjustment", 100, now - timedelta(seconds=5)),
+                stock_event("s", "snapshot", 10, now - timedelta(milliseconds=500)),
+                stock_event("a1", "adjustment", 5, now - timedelta(milliseconds=400)),
+                stock_event("too-old", "adjustment", 100, now - timedelta(seconds=5)),
             ]
         )
         assert (first.applied, first.stale) == (2, 1)
@@ -42,11 +31,11 @@ async def test_fold_at_horizon(redis_url: str, redis: aioredis.Redis) -> None:
         later = datetime.now(UTC)
         second = await applier.apply(
             [
-                _ev("a2", "adjustment", 3, later),
+                stock_event("a2", "adjustment", 3, later),
                 # Redelivered after the horizon: its id is gone, but it is stale, not applied again.
-                _ev("a1", "adjustment", 5, now - timedelta(milliseconds=400)),
+                stock_event("a1", "adjustment", 5, now - timedelta(milliseconds=400)),
                 # A snapshot older than the horizon cannot override the folded checkpoint.
-                _ev("s-old", "snapshot", 999, now - timedelta(milliseconds=300)),
+                stock_event("s-old", "snapshot", 999, now - timedelta(milliseconds=300)),
             ]
         )
         assert (second.applied, second.duplicate, second.stale) == (1, 0, 2)
@@ -56,7 +45,9 @@ async def test_fold_at_horizon(redis_url: str, redis: aioredis.Redis) -> None:
         assert await redis.zcard(keys.adjustments("H", "L")) == 1
         assert await redis.zrange(keys.event_ids("H"), 0, -1) == ["a2"]
         # A snapshot after the fold still wins over everything before it.
-        third = await applier.apply([_ev("s2", "snapshot", 7, later + timedelta(milliseconds=1))])
+        third = await applier.apply(
+            [stock_event("s2", "snapshot", 7, later + timedelta(milliseconds=1))]
+        )
         assert third.applied == 1
         assert await redis.hget(keys.position("H"), "oh:L") == "7"
     finally:

@@ -42,7 +42,7 @@ from gateway.adapters.postgres import Postgres
 from gateway.dev.services import free_port, reachable, tansu_binary
 from gateway.http.state import APPLIER, LIFECYCLE, POSTGRES
 from gateway.settings import Settings
-from tests.helpers import NOW, event
+from tests.helpers import NOW, event, private_database
 from tests.test_kafka import (
     ROOT,
     Feed,
@@ -59,7 +59,6 @@ from tests.test_kafka import (
     serve_env,
     wait_for,
 )
-from tests.test_postgres_faults import private_database
 
 # A schema no record satisfies: tansu refuses every write to the topic it is named after.
 REFUSE_ALL = {"type": "object", "properties": {"value": {"not": {}}}, "required": ["value"]}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,13 +17,13 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.adapters.migrations import migrate_dsn
 from gateway.adapters.postgres import POOL_SIZE, Postgres
 from gateway.app import create_app
 from gateway.dev.services import start_redis
 from gateway.errors import DependencyDown, GatewayError, OutcomeUnknown
 from gateway.http.state import POSTGRES
 from tests.conftest import auth, make_settings
+from tests.helpers import private_database
 from tests.proxy import TcpProxy
 
 TIMEOUT = 0.5
@@ -42,23 +41,6 @@ async def proxied(url: str) -> AsyncIterator[tuple[TcpProxy, str]]:
         yield proxy, url.replace(f":{target.port}/", f":{proxy.port}/", 1)
     finally:
         await proxy.close()
-
-
-@contextlib.asynccontextmanager
-async def private_database(dsn: str) -> AsyncIterator[str]:
-    """A migrated database of the test's own on the same server, for faults that would disturb
-    other tests sharing the server's ``test`` database: locks held, a table that refuses rows,
-    the database dropped. (Advisory locks are per database too.)"""
-    name = f"atp_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-        private = urlsplit(dsn)._replace(path=f"/{name}").geturl()
-        await migrate_dsn(private)
-        yield private
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
 
 
 @contextlib.asynccontextmanager

@@ -22,7 +22,6 @@ from gateway.reservation import keys
 from tests.conftest import auth
 from tests.gateway_proc import GatewayProcess
 from tests.helpers import event
-from tests.test_cluster import cluster, cluster_url  # noqa: F401 - fixtures
 
 SKUS = [f"HOT-{i}" for i in range(10)]
 LOCATIONS = ["L1", "L2"]
@@ -67,8 +66,8 @@ async def test_flash_sale_two_processes(
 
 
 async def test_flash_sale_two_processes_on_cluster(
-    cluster_url: str,  # noqa: F811 - the fixture
-    cluster: RedisCluster,  # noqa: F811 - the fixture
+    cluster_url: str,
+    cluster: RedisCluster,
     postgres_dsn: str,
     pg: asyncpg.Connection,
 ) -> None:

@@ -23,7 +23,7 @@ from gateway.errors import (
     ShuttingDown,
 )
 from gateway.reservation.coalesce import ReserveCoalescer
-from tests.test_horizon import _ev
+from tests.helpers import stock_event
 
 
 @pytest.fixture
@@ -77,10 +77,10 @@ async def test_scripts_survive_a_flushed_script_cache(
 ) -> None:
     applier = EventApplier(ScriptRegistry(port, "gateway.atp"), horizon_seconds=3600)
     now = datetime.now(UTC)
-    assert (await applier.apply([_ev("e1", "snapshot", 5, now)])).applied == 1
+    assert (await applier.apply([stock_event("e1", "snapshot", 5, now)])).applied == 1
     await redis.script_flush()
     assert (
-        await applier.apply([_ev("e2", "adjustment", 2, now + timedelta(milliseconds=1))])
+        await applier.apply([stock_event("e2", "adjustment", 2, now + timedelta(milliseconds=1))])
     ).applied == 1
     assert await redis.hget("atp:{H}:p", "oh:L") == "7"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import shutil
 import signal
 import subprocess
 import time
@@ -26,54 +25,17 @@ from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.app import create_app
 from gateway.atp import keys as atp_keys
-from gateway.dev.services import _spawn_redis, _wait_for, free_port, start_redis_cluster
+from gateway.dev.services import free_port, start_redis_cluster
 from gateway.reservation import keys
 from gateway.reservation.expiry import run_sweeper
 from gateway.reservation.service import ReservationService
 from tests.conftest import auth, make_settings
-from tests.helpers import event
+from tests.helpers import OwnRedis, event
 
 Client = TestClient[Any, Any]
 TIMEOUT = 0.5
 BOUND = TIMEOUT + 1.0  # every answer within the Redis timeout plus one second
 FAST = 0.3  # "at once", with room for a loaded CI machine
-
-
-class OwnRedis:
-    """A redis-server this test may stop, resume, kill and start again on the same port."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary is not None
-        self.binary = binary
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = self._start()
-
-    def _start(self) -> subprocess.Popen[bytes]:
-        proc = _spawn_redis(self.binary, self.port)
-        _wait_for("127.0.0.1", self.port, proc, "redis-server")
-        return proc
-
-    def stall(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-
-    def kill(self) -> None:
-        self.resume()
-        self.proc.kill()
-        self.proc.wait(5)
-
-    def restart(self) -> None:
-        self.proc = self._start()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.resume()
-            self.proc.terminate()
-            self.proc.wait(5)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from gateway.errors import DependencyDown, GatewayError, OutcomeUnknown
 from gateway.reservation import keys
 from gateway.reservation.schemas import LineRequest, ReservationRequest
 from gateway.reservation.service import ReservationService
-from tests.test_redis_faults import OwnRedis
+from tests.helpers import OwnRedis
 
 TIMEOUT = 0.5
 BOUND = TIMEOUT + 1.0

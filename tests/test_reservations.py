@@ -15,8 +15,14 @@ from gateway.metrics import STOCK_SHORTFALL
 from gateway.reservation import keys
 from tests.conftest import auth
 from tests.helpers import assert_problem, availability, event, post_events, reserve, stock
+from tests.reservation_scenarios import SCENARIOS, Scenario
 
 Client = TestClient[Any, Any]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__)
+async def test_contract(client: Client, redis: aioredis.Redis, scenario: Scenario) -> None:
+    await scenario(client, redis)
 
 
 async def test_all_or_nothing(client: Client, redis: aioredis.Redis) -> None:

@@ -26,8 +26,8 @@ from gateway.app import create_app
 from gateway.dev.services import free_port, start_redis
 from tests.conftest import auth, make_settings
 from tests.gateway_proc import GatewayProcess
+from tests.helpers import private_database
 from tests.proxy import TcpProxy
-from tests.test_postgres_faults import private_database
 
 TIMEOUTS = {"GATEWAY_REDIS_TIMEOUT_SECONDS": "0.5", "GATEWAY_POSTGRES_TIMEOUT_SECONDS": "0.5"}
 
