@@ -22,7 +22,7 @@ from gateway.atp.ports import CommandWriter
 from gateway.http.state import BATCHER, POSTGRES, REDIS
 from gateway.settings import Settings
 from tests.conftest import auth, make_settings
-from tests.test_postgres_faults import private_database
+from tests.helpers import private_database
 
 Client = TestClient[Any, Any]
 
