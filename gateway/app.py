@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from gateway.adapters.batcher import CommandBatcher
+from gateway.adapters.config_record import PostgresConfigRecord
 from gateway.adapters.kafka import run_consumer
 from gateway.adapters.postgres import Postgres
 from gateway.adapters.redis import RedisPort, ScriptRegistry
@@ -107,7 +108,10 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[AVAILABILITY] = AvailabilityReader(app[BATCHER])
     config = LocationConfig(
-        app[POSTGRES], app[REDIS], app[BATCHER], redis_check=app[REDIS].gate.check
+        PostgresConfigRecord(app[POSTGRES]),
+        app[REDIS],
+        app[BATCHER],
+        redis_check=app[REDIS].gate.check,
     )
     app[LOCATION_CONFIG] = config
     if app[POSTGRES].connected:

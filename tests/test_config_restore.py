@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.adapters.config_record import PostgresConfigRecord
 from gateway.app import create_app
 from gateway.atp import keys
 from gateway.atp.config_store import MARKER, LocationConfig
@@ -142,8 +143,9 @@ async def test_an_older_copy_landing_late_is_never_vouched_for(
     group_key = keys.location_group("race")
     first = Stepper(app[REDIS], group_key)
     second = Stepper(app[REDIS], group_key)
-    w1 = LocationConfig(app[POSTGRES], first, app[BATCHER])
-    w2 = LocationConfig(app[POSTGRES], second, app[BATCHER])
+    record = PostgresConfigRecord(app[POSTGRES])
+    w1 = LocationConfig(record, first, app[BATCHER])
+    w2 = LocationConfig(record, second, app[BATCHER])
     w1_done = asyncio.Event()
     first.before_data = second.data_done
     second.after_data = w1_done

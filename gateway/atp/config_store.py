@@ -35,13 +35,12 @@ import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final
 
-import asyncpg
 import structlog
 
 from gateway.atp import keys
-from gateway.atp.ports import CommandSender, CommandWriter
+from gateway.atp.ports import CommandSender, CommandWriter, LocationConfigRecord, SafetyStockRow
 from gateway.atp.schemas import LocationGroupOut, SafetyStockEntry
 from gateway.errors import (
     RETRY_AFTER,
@@ -54,7 +53,6 @@ from gateway.metrics import CONFIG_RESTORES
 
 log = structlog.get_logger(__name__)
 
-T = TypeVar("T")
 MARKER: Final = keys.CONFIG_MARKER
 _PENDING: Final = b"pending:"
 _CHUNK: Final = 5000
@@ -63,39 +61,11 @@ SYNC_INTERVAL: Final = 1.0
 _JITTER: Final = random.Random()
 _MARKER_CAS: Final = resources.files("gateway.atp").joinpath("config_marker.lua").read_text()
 
-_BUMP_VERSION: Final = "UPDATE config_version SET version = version + 1 RETURNING version"
-_UPSERT_GROUP: Final = """
-    INSERT INTO location_groups (group_name, locations) VALUES ($1, $2)
-    ON CONFLICT (group_name)
-    DO UPDATE SET locations = EXCLUDED.locations, updated_at = now()"""
-_UPSERT_SAFETY_STOCK: Final = """
-    INSERT INTO safety_stock (location, sku, quantity) VALUES ($1, $2, $3)
-    ON CONFLICT (location, sku)
-    DO UPDATE SET quantity = EXCLUDED.quantity, updated_at = now()"""
-
-
-class Record(Protocol):
-    """The durable record: units of work on one PostgreSQL connection, bounded, failures as
-    :class:`DependencyDown` (nothing applied) or :class:`OutcomeUnknown` (COMMIT unanswered)."""
-
-    async def write(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T: ...
-
-    async def read(
-        self,
-        work: Callable[[asyncpg.Connection], Awaitable[T]],
-        *,
-        snapshot: bool = False,
-        bulk: bool = False,
-    ) -> T:
-        """``bulk``: a read that may be slow for its size, with a longer deadline of its own;
-        its timeout says nothing about the record's health (it does not mark it down)."""
-        ...
-
 
 class LocationConfig:
     def __init__(
         self,
-        record: Record,
+        record: LocationConfigRecord,
         redis: CommandWriter,
         batcher: CommandSender,
         *,
@@ -122,32 +92,27 @@ class LocationConfig:
         if errors:
             raise ValidationFailed(errors)
         members = list(locations)
-
-        async def save(conn: asyncpg.Connection) -> int:
-            await conn.execute(_UPSERT_GROUP, group, members)
-            return int(await conn.fetchval(_BUMP_VERSION))
-
-        await self._write([("SET", keys.location_group(group), ",".join(members))], save)
+        await self._write(
+            [("SET", keys.location_group(group), ",".join(members))],
+            lambda: self._record.save_group(group, members),
+        )
         log.info("location_group_updated", group=group, members=len(members))
         return LocationGroupOut(group=group, locations=members)
 
     async def put_safety_stock(self, items: Sequence[SafetyStockEntry]) -> int:
-        rows = [(i.location, i.sku or "", i.quantity) for i in items]
-
-        async def save(conn: asyncpg.Connection) -> int:
-            await conn.executemany(_UPSERT_SAFETY_STOCK, rows)
-            return int(await conn.fetchval(_BUMP_VERSION))
-
-        await self._write([_safety_command(*row) for row in rows], save)
+        rows = [SafetyStockRow(i.location, i.sku or "", i.quantity) for i in items]
+        await self._write(
+            [_safety_command(*row) for row in rows], lambda: self._record.save_safety_stock(rows)
+        )
         log.info("safety_stock_updated", items=len(rows))
         return len(rows)
 
     async def _write(
-        self, commands: list[tuple[Any, ...]], save: Callable[[asyncpg.Connection], Awaitable[int]]
+        self, commands: list[tuple[Any, ...]], save: Callable[[], Awaitable[int]]
     ) -> None:
         if self._redis_check is not None:
             self._redis_check()
-        version = await self._record.write(save)  # DependencyDown / OutcomeUnknown as they are
+        version = await save()  # DependencyDown / OutcomeUnknown as they are
         try:
             token = _token()
             await self._swap(str(version - 1), token)
@@ -199,7 +164,7 @@ class LocationConfig:
 
     async def sync(self) -> bool:
         """Copy the record to Redis if Redis does not hold its version; True if it copied."""
-        version = await self._record.read(_read_version)
+        version = await self._record.version()
         marker = await self._batcher.call("GET", MARKER)
         if marker is not None and bytes(marker) == str(version).encode():
             self._pending_seen = None
@@ -217,15 +182,12 @@ class LocationConfig:
         return True
 
     async def restore(self) -> int:
-        """Copy the whole record to Redis (one snapshot of it); returns the version copied.
-
-        A bulk read: a big config may take longer to read than a request may wait, and a slow
-        read is not an outage, so it must not mark PostgreSQL down for every other call."""
-        version, groups, stock = await self._record.read(_read_all, snapshot=True, bulk=True)
+        """Copy the whole record to Redis (one snapshot of it); returns the version copied."""
+        version, groups, stock = await self._record.snapshot()
         commands: list[tuple[Any, ...]] = [
-            ("SET", keys.location_group(r["group_name"]), ",".join(r["locations"])) for r in groups
+            ("SET", keys.location_group(group), ",".join(members)) for group, members in groups
         ]
-        commands += [_safety_command(r["location"], r["sku"], r["quantity"]) for r in stock]
+        commands += [_safety_command(*row) for row in stock]
         # A restore's own token: until the swap, readers know a missing group may not be back yet.
         token = keys.CONFIG_RESTORING.decode() + uuid.uuid4().hex
         await self._send([("SET", MARKER, token)])
@@ -248,19 +210,6 @@ class LocationConfig:
     async def _swap(self, expected: str, new: str) -> bool:
         (done,) = await self._redis.execute([("EVAL", _MARKER_CAS, 1, MARKER, expected, new)])
         return bool(done)
-
-
-async def _read_version(conn: asyncpg.Connection) -> int:
-    return int(await conn.fetchval("SELECT version FROM config_version"))
-
-
-async def _read_all(
-    conn: asyncpg.Connection,
-) -> tuple[int, list[asyncpg.Record], list[asyncpg.Record]]:
-    version = await _read_version(conn)
-    groups = await conn.fetch("SELECT group_name, locations FROM location_groups")
-    stock = await conn.fetch("SELECT location, sku, quantity FROM safety_stock")
-    return version, groups, stock
 
 
 def _token() -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from gateway.errors import GatewayError
 
@@ -52,3 +52,41 @@ class CommandWriter(Protocol):
     """Sends a batch of Redis commands now, in one round trip per node; raises on any error."""
 
     async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]: ...
+
+
+class SafetyStockRow(NamedTuple):
+    """One safety-stock setting: ``sku`` empty for the location's default."""
+
+    location: str
+    sku: str
+    quantity: int
+
+
+class ConfigSnapshot(NamedTuple):
+    """The whole location config as of one version, read in one snapshot."""
+
+    version: int
+    groups: Sequence[tuple[str, Sequence[str]]]
+    safety_stock: Sequence[SafetyStockRow]
+
+
+class LocationConfigRecord(Protocol):
+    """The durable record of the location config (groups and safety stock) and its version.
+
+    Each save applies its change and bumps the version in one transaction and returns the new
+    version. Failures are gateway errors: 503 ``dependency_unavailable`` when nothing was
+    applied (failed before COMMIT was sent), 503 ``outcome_unknown`` when COMMIT was sent and
+    not answered."""
+
+    async def version(self) -> int:
+        """The version the record holds now."""
+        ...
+
+    async def snapshot(self) -> ConfigSnapshot:
+        """Everything, in one consistent read. May be slow for its size: it has a longer
+        deadline of its own, and its timeout says nothing about the record's health."""
+        ...
+
+    async def save_group(self, group: str, locations: Sequence[str]) -> int: ...
+
+    async def save_safety_stock(self, rows: Sequence[SafetyStockRow]) -> int: ...
