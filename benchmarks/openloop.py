@@ -347,6 +347,7 @@ def run_open_loop(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _escaped = ID_PLACEHOLDER.replace("%", "%%")  # argparse %-formats help strings
     parser = argparse.ArgumentParser(
         prog="openloop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -360,10 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--paths-file", help="request paths, one a line, used in turn")
     parser.add_argument(
         "--bodies-file",
-        help=f"POST these bodies (one a line, used in turn) to the URL's path; {ID_PLACEHOLDER} "
+        help=f"POST these bodies (one a line, used in turn) to the URL's path; {_escaped} "
         "in a body becomes --id-prefix plus the request number",
     )
-    parser.add_argument("--id-prefix", default="", help=f"what {ID_PLACEHOLDER} starts with")
+    parser.add_argument("--id-prefix", default="", help=f"what {_escaped} starts with")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
     paths: list[str] = []
