@@ -258,15 +258,3 @@ async def test_kept_adjustments_are_bounded_by_magnitude(
         REJECTED,
     ]
     assert await redis.hget(keys.position("X"), "ag:L") == str(MAX_POSITION - 4)
-
-
-async def test_positions_from_before_the_bound_count_their_kept_adjustments(
-    applier: EventApplier, redis: aioredis.Redis
-) -> None:
-    """A position written by an earlier version (no ag field) has it counted on first use."""
-    when = int((datetime.now(UTC) - timedelta(seconds=10)).timestamp() * 1_000_000)
-    await redis.zadd(keys.adjustments("X", "L"), {"7|old-a": when, "-3|old-b": when + 1})
-    await _position(redis, b=0, oh=4, **{"as": 4})
-    assert await applier.apply_codes([adjustment("new", 5)]) == [APPLIED]
-    position = await redis.hgetall(keys.position("X"))
-    assert (position["oh:L"], position["ag:L"]) == ("9", "15")

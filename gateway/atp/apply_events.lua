@@ -45,15 +45,6 @@ local function drop_until(adj, score)
   return sum, gross
 end
 
--- ag of a position written before ag existed: the magnitudes of what its set keeps.
-local function gross_of(adj)
-  local gross = 0
-  for _, member in ipairs(redis.call('ZRANGE', adj, 0, -1)) do
-    gross = gross + math.abs(quantity_of(member))
-  end
-  return gross
-end
-
 -- Byte order, as the gateway compares event ids: Lua's '<' follows the server's locale.
 local function bytes_less(a, b)
   local n = math.min(#a, #b)
@@ -78,10 +69,6 @@ local function apply_group(key, arg)
                 bt = tonumber(f[2]), bi = f[3] or '', asum = tonumber(f[4]) or 0,
                 res = tonumber(f[5]) or 0, com = tonumber(f[6]) or 0,
                 gross = tonumber(f[7]) or 0, dirty = false}
-    if not f[7] and f[4] then
-      st.gross = gross_of(st.adj)
-      st.dirty = true
-    end
     -- Fold what fell behind the horizon into the base: nothing older can be applied any more.
     local folded, folded_gross = drop_until(st.adj, cutoff_s)
     if folded_gross ~= 0 then
