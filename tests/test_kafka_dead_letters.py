@@ -43,7 +43,7 @@ from gateway.dev.services import free_port, reachable, tansu_binary
 from gateway.http.state import APPLIER, LIFECYCLE, POSTGRES
 from gateway.settings import Settings
 from tests.helpers import NOW, event, private_database
-from tests.test_kafka import (
+from tests.kafka_feed import (
     ROOT,
     Feed,
     assert_state,

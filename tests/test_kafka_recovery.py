@@ -30,8 +30,7 @@ from gateway.http.state import LIFECYCLE
 from gateway.settings import Settings
 from tests.conftest import auth
 from tests.helpers import event
-from tests.proxy import TcpProxy
-from tests.test_kafka import (
+from tests.kafka_feed import (
     PARTITIONS,
     Feed,
     Position,
@@ -45,6 +44,7 @@ from tests.test_kafka import (
     sample,
     wait_for,
 )
+from tests.proxy import TcpProxy
 
 STALLED = 3.0  # seconds Redis answers nothing, then it refuses connections
 OUTAGE = 10.0  # seconds at least, in all
