@@ -50,6 +50,12 @@ class GatewayProcess:
                 time.sleep(0.05)
         raise RuntimeError("gateway did not become ready")
 
+    def log_text(self) -> str:
+        """What the process has written to stderr so far: its log lines. Read with pread: the
+        child shares the file's offset, so seeking here would move where it writes next."""
+        fd = self._log.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode()
+
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(10)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from typing import Any
 
+import aiohttp
+import asyncpg
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from gateway.atp import keys
-from tests.conftest import auth
+from tests.conftest import KEYS, auth
+from tests.gateway_proc import GatewayProcess
 from tests.helpers import assert_problem, availability, event, post_events
 
 Client = TestClient[Any, Any]
@@ -64,12 +69,34 @@ async def test_open_endpoints(client: Client) -> None:
     assert "gateway_http_requests_total" in await metrics.text()
 
 
-async def test_keys_never_logged(client: Client, capsys: pytest.CaptureFixture[str]) -> None:
-    await client.get(
-        "/v1/availability?sku=A&location=L", headers={"Authorization": "Bearer secret-xyz"}
+async def test_keys_never_logged(
+    redis_url: str, redis: aioredis.Redis, postgres_dsn: str, pg: asyncpg.Connection
+) -> None:
+    # A real ``gateway serve``: the gateway's own logging config (structlog, JSON lines on
+    # stderr) with the access log on, so each request below is logged, and the keys are not.
+    gateway = GatewayProcess(
+        redis_url, postgres_dsn, GATEWAY_ACCESS_LOG="1", GATEWAY_LOG_LEVEL="info"
     )
-    captured = capsys.readouterr()
-    assert "secret-xyz" not in captured.out + captured.err
+    try:
+        url = f"{gateway.url}/v1/availability?sku=A&location=L"
+        async with aiohttp.ClientSession() as session:
+            for request_id, key, status in [
+                ("keys-401", "secret-xyz", 401),
+                ("keys-200", KEYS["storefront"], 200),
+            ]:
+                headers = {"Authorization": f"Bearer {key}", "X-Request-ID": request_id}
+                async with session.get(url, headers=headers) as resp:
+                    assert resp.status == status
+        gateway.proc.terminate()  # its shutdown lines too
+        assert await asyncio.to_thread(gateway.proc.wait, 15) == 0
+        text = gateway.log_text()
+    finally:
+        gateway.stop()
+    lines = [orjson.loads(line) for line in text.splitlines() if line.strip()]
+    logged = {(e.get("request_id"), e.get("status")) for e in lines if e["event"] == "http_request"}
+    assert {("keys-401", 401), ("keys-200", 200)} <= logged, text[-2000:]
+    for key in ["secret-xyz", *KEYS.values()]:
+        assert key not in text
 
 
 # --- stock events ---------------------------------------------------------------------------
