@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from typing import Any
 
 import pytest
@@ -14,7 +15,17 @@ from gateway.atp import keys as atp_keys
 from gateway.metrics import STOCK_SHORTFALL
 from gateway.reservation import keys
 from tests.conftest import auth
-from tests.helpers import assert_problem, availability, event, post_events, reserve, stock
+from tests.helpers import (
+    SWEEP_PROMISE,
+    assert_problem,
+    availability,
+    backdate_expiry,
+    event,
+    eventually,
+    post_events,
+    reserve,
+    stock,
+)
 from tests.reservation_scenarios import SCENARIOS, Scenario
 
 Client = TestClient[Any, Any]
@@ -200,17 +211,39 @@ async def test_outcomes_are_counted(client: Client) -> None:
     }
 
 
-async def test_any_id_is_a_record_never_an_index(client: Client) -> None:
+async def test_a_hold_expires_on_the_real_clock(client: Client) -> None:
+    # The one expiry test that waits for real time (the others back-date their reservations):
+    # a 1 s hold is released by the sweeper no sooner than 1 s, and within its promise.
+    await stock(client, RT__L1=5)
+    started = time.monotonic()
+    line = [{"sku": "RT", "location": "L1", "quantity": 2}]
+    assert (await reserve(client, "real-time", line, ttl_seconds=1)).status == 201
+
+    async def released() -> bool:
+        return (await availability(client, sku="RT", location="L1"))["items"][0]["reserved"] == 0
+
+    await eventually(released, 1 + SWEEP_PROMISE, "the 1 s hold expired")
+    assert time.monotonic() - started >= 1.0
+    got = await client.get("/v1/reservations/real-time", headers=auth("storefront"))
+    assert (await got.json())["status"] == "expired"
+
+
+async def test_any_id_is_a_record_never_an_index(client: Client, redis: aioredis.Redis) -> None:
     # An id spelling another key of its bucket ("expiry" once named the expiry index) must
     # neither fail nor stop expiry for the reservations around it.
     await stock(client, X__L1=30)
     line = [{"sku": "X", "location": "L1", "quantity": 1}]
     ids = ["expiry", "rsv-expiry", ":expiry", *(f"x{i}" for i in range(20))]
-    answers = await asyncio.gather(*(reserve(client, rid, line, ttl_seconds=1) for rid in ids))
+    answers = await asyncio.gather(*(reserve(client, rid, line, ttl_seconds=60) for rid in ids))
     assert [a.status for a in answers] == [201] * len(ids)
     assert (await availability(client, sku="X", location="L1"))["items"][0]["reserved"] == 23
-    await asyncio.sleep(2.3)  # expiry (1 s) plus the sweeper's promise (within 1 s)
-    assert (await availability(client, sku="X", location="L1"))["items"][0]["reserved"] == 0
+    for rid in ids:
+        await backdate_expiry(redis, rid, 120)
+
+    async def all_released() -> bool:
+        return (await availability(client, sku="X", location="L1"))["items"][0]["reserved"] == 0
+
+    await eventually(all_released, SWEEP_PROMISE, "every reservation expired")
 
 
 async def test_release_racing_its_reserve_releases_what_it_held(
