@@ -76,6 +76,10 @@ class ProblemRequestHandler(RequestHandler):
         self._headers_due: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
+        if self._close or self._force_close:
+            # aiohttp drops every byte once a connection is closing; see _drain_body.
+            self._drain_body(data)
+            return
         _parse(self, data)
         # On the hot path (a request whole in one read) this is two attribute reads: the waiter
         # is then done, or None while a request is handled.
@@ -88,6 +92,25 @@ class ProblemRequestHandler(RequestHandler):
         elif self._headers_due is not None:
             self._headers_due.cancel()
             self._headers_due = None
+
+    def _drain_body(self, data: bytes) -> None:
+        """Feed the body of the request being handled, though the connection is closing.
+
+        Shutdown closes every connection (``Server.pre_shutdown``, then ``shutdown``) before it
+        waits for their handlers, and aiohttp's ``data_received`` ignores whatever arrives once
+        closing: a handler reading its body when SIGTERM came got no more of it and answered
+        408 at its body deadline, past the drain. Only that body is parsed: a request
+        pipelined behind it is never served, as ``start`` stops after the current one.
+        """
+        request = self._current_request
+        if request is None or request.content.is_eof() or self.transport is None:
+            return
+        close, force_close = self._close, self._force_close
+        self._close = self._force_close = False
+        try:
+            _parse(self, data)
+        finally:
+            self._close, self._force_close = close, force_close
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._headers_due is not None:
