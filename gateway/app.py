@@ -23,6 +23,7 @@ from gateway.adapters.config_record import PostgresConfigRecord
 from gateway.adapters.kafka import run_consumer
 from gateway.adapters.postgres import Postgres
 from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.reserve_coalescer import ReserveCoalescer
 from gateway.atp.availability import AvailabilityReader
 from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
@@ -123,9 +124,11 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
                 await config.sync()
         except Exception as exc:  # noqa: BLE001 - not there yet, or slow: the worker retries
             log.warning("config_sync_deferred", error=f"{type(exc).__name__}: {exc}")
+    reservation_scripts = ScriptRegistry(app[REDIS], "gateway.reservation", app[BATCHER])
     reservations = ReservationService(
-        ScriptRegistry(app[REDIS], "gateway.reservation", app[BATCHER]),
+        reservation_scripts,
         app[BATCHER],
+        ReserveCoalescer(reservation_scripts),
         cluster=settings.redis_cluster,
         max_ttl_seconds=settings.reservation_max_ttl,
     )

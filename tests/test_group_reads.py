@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.reserve_coalescer import ReserveCoalescer
 from gateway.atp import keys
 from gateway.atp.availability import AvailabilityReader
 from gateway.errors import ConfigNotCopied, NotFound, ValidationFailed
@@ -58,7 +59,11 @@ async def sender(redis_url: str, redis: aioredis.Redis) -> AsyncIterator[Recordi
 async def service(sender: Recording, redis_url: str) -> AsyncIterator[ReservationService]:
     port = RedisPort.from_url(redis_url, cluster=False)
     svc = ReservationService(
-        ScriptRegistry(port, "gateway.reservation"), sender, cluster=False, max_ttl_seconds=3600
+        ScriptRegistry(port, "gateway.reservation"),
+        sender,
+        ReserveCoalescer(ScriptRegistry(port, "gateway.reservation")),
+        cluster=False,
+        max_ttl_seconds=3600,
     )
     yield svc
     await svc.close()

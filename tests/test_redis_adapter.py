@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.reserve_coalescer import ReserveCoalescer
 from gateway.atp.events import EventApplier
 from gateway.errors import (
     DependencyDown,
@@ -22,7 +23,6 @@ from gateway.errors import (
     Overloaded,
     ShuttingDown,
 )
-from gateway.reservation.coalesce import ReserveCoalescer
 from tests.helpers import stock_event
 
 
@@ -139,13 +139,13 @@ async def test_closing_the_coalescer_ends_every_waiter(redis_url: str) -> None:
     port = RedisPort(aioredis.Redis.from_url(redis_url), None)
     coalescer = ReserveCoalescer(ScriptRegistry(port, "gateway.reservation"))
     try:
-        futures = [coalescer.submit([f"k{i}"], ["v"] * 7, 1) for i in range(40)]
+        futures = [coalescer.hold([f"k{i}"], ["v"] * 7, 1) for i in range(40)]
         await asyncio.sleep(0)  # the end-of-tick flush starts the last call's task
         await coalescer.close()
         assert all(f.cancelled() for f in futures)
         assert coalescer._waiting == 0
         with pytest.raises(ShuttingDown):
-            coalescer.submit(["k"], ["v"] * 7, 1)
+            coalescer.hold(["k"], ["v"] * 7, 1)
     finally:
         await port.close()
 

@@ -23,6 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.reserve_coalescer import ReserveCoalescer
 from gateway.app import create_app
 from gateway.atp import keys as atp_keys
 from gateway.dev.services import free_port, start_redis_cluster
@@ -392,6 +393,7 @@ async def test_the_sweeper_rides_out_an_outage() -> None:
     service = ReservationService(
         ScriptRegistry(port, "gateway.reservation", batcher),
         batcher,
+        ReserveCoalescer(ScriptRegistry(port, "gateway.reservation", batcher)),
         cluster=False,
         max_ttl_seconds=3600,
     )

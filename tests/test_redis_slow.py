@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.reserve_coalescer import ReserveCoalescer
 from gateway.atp import keys as atp_keys
 from gateway.errors import DependencyDown, GatewayError, OutcomeUnknown
 from gateway.reservation import keys
@@ -110,6 +111,7 @@ async def test_a_backlog_on_a_busy_redis_never_holds_a_request_past_its_timeout(
     service = ReservationService(
         ScriptRegistry(port, "gateway.reservation", batcher),
         batcher,
+        ReserveCoalescer(ScriptRegistry(port, "gateway.reservation", batcher)),
         cluster=False,
         max_ttl_seconds=3600,
     )

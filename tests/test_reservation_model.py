@@ -17,6 +17,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.reserve_coalescer import ReserveCoalescer
 from gateway.atp import keys as atp_keys
 from gateway.atp.events import EventApplier
 from gateway.atp.schemas import StockEvent
@@ -109,6 +110,7 @@ class ReservationMachine(RuleBasedStateMachine):
         self.service = ReservationService(
             ScriptRegistry(self.port, "gateway.reservation", self.batcher),
             self.batcher,
+            ReserveCoalescer(ScriptRegistry(self.port, "gateway.reservation", self.batcher)),
             cluster=False,
             max_ttl_seconds=3600,
         )

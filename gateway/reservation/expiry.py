@@ -12,10 +12,10 @@ from typing import Final
 
 import structlog
 
-from gateway.atp.ports import CommandSender
 from gateway.errors import Unavailable
 from gateway.metrics import RESERVATIONS, RESERVATIONS_DUE
 from gateway.reservation import keys
+from gateway.reservation.ports import RecordReader
 from gateway.reservation.service import ReservationService
 
 log = structlog.get_logger(__name__)
@@ -24,7 +24,7 @@ SLICE: Final = 200
 _CONCURRENCY: Final = 32
 
 
-async def sweep_once(service: ReservationService, redis: CommandSender) -> int:
+async def sweep_once(service: ReservationService, redis: RecordReader) -> int:
     """Expire what is due now; returns how many reservations this pass expired."""
     seconds, micros = await redis.call("TIME")
     now_ms = int(seconds) * 1000 + int(micros) // 1000
@@ -57,7 +57,7 @@ async def sweep_once(service: ReservationService, redis: CommandSender) -> int:
     return expired
 
 
-async def run_sweeper(service: ReservationService, redis: CommandSender) -> None:
+async def run_sweeper(service: ReservationService, redis: RecordReader) -> None:
     down = False
     while True:
         try:

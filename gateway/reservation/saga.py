@@ -15,10 +15,9 @@ from typing import Final
 import msgspec
 
 from gateway.atp import keys as atp_keys
-from gateway.atp.ports import CommandSender
 from gateway.errors import RETRY_AFTER, Conflict, OutcomeUnknown, Unavailable
 from gateway.reservation import keys
-from gateway.reservation.ports import ReservationScripts
+from gateway.reservation.ports import RecordReader, ReservationScripts
 from gateway.reservation.replies import (
     ENCODER,
     LINES,
@@ -42,7 +41,7 @@ _PENDING_WAIT: Final = 5.0
 
 
 class ClusterSaga:
-    def __init__(self, scripts: ReservationScripts, redis: CommandSender) -> None:
+    def __init__(self, scripts: ReservationScripts, redis: RecordReader) -> None:
         self._scripts = scripts
         self._redis = redis
         # The retry's own answer is due within the timeout (plus a second) like any other.

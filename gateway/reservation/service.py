@@ -15,7 +15,6 @@ from typing import Any, Final
 import msgspec
 
 from gateway.atp import keys as atp_keys
-from gateway.atp.ports import CommandSender
 from gateway.errors import (
     RETRY_AFTER,
     ConfigNotCopied,
@@ -26,8 +25,7 @@ from gateway.errors import (
     ValidationFailed,
 )
 from gateway.reservation import keys
-from gateway.reservation.coalesce import ReserveCoalescer
-from gateway.reservation.ports import ReservationScripts
+from gateway.reservation.ports import RecordReader, ReservationHolder, ReservationScripts
 from gateway.reservation.replies import (
     ENCODER,
     RETENTION_SECONDS,
@@ -52,7 +50,8 @@ class ReservationService:
     def __init__(
         self,
         scripts: ReservationScripts,
-        redis: CommandSender,
+        redis: RecordReader,
+        holder: ReservationHolder,
         *,
         cluster: bool,
         max_ttl_seconds: int,
@@ -61,12 +60,12 @@ class ReservationService:
         self._redis = redis
         self._cluster = cluster
         self._max_ttl = max_ttl_seconds
-        self._coalescer = ReserveCoalescer(scripts)
+        self._holder = holder
         self._saga = ClusterSaga(scripts, redis)
 
     async def close(self) -> None:
         """Cancel reservation calls still in flight (their requests are being cancelled too)."""
-        await self._coalescer.close()
+        await self._holder.close()
 
     # --- reserve ------------------------------------------------------------------------------
 
@@ -97,7 +96,7 @@ class ReservationService:
         locations = (
             sum(len(ln.members) if ln.members else 1 for ln in lines) if groups else len(lines)
         )
-        reply = await self._coalescer.submit(call_keys, values, locations)
+        reply = await self._holder.hold(call_keys, values, locations)
         return outcome(rid, reply, self._scripts.script_error)
 
     def _check(self, request: ReservationRequest, ttl: int) -> set[str]:

@@ -1,4 +1,5 @@
-"""Merge the reservations of one event-loop tick into few script calls (single Redis node).
+"""Merge the reservations of one event-loop tick into few script calls (single Redis node):
+the :class:`gateway.reservation.ports.ReservationHolder` the reservation service holds through.
 
 A reservation script has a fixed cost (dispatch, set-up, the clock) beside its per-line work, and
 each call costs the gateway a command to encode and a reply to match. Under load many carts
@@ -17,9 +18,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Final
 
+from gateway.adapters.redis import ScriptRegistry
 from gateway.errors import RETRY_AFTER, Overloaded, ShuttingDown
 from gateway.metrics import RESERVATIONS_PER_CALL
-from gateway.reservation.ports import ReservationScripts
 
 MAX_PER_CALL: Final = 32
 # Reservations waiting for a call or in one; beyond it new ones are refused (503, retry).
@@ -56,14 +57,14 @@ class _Call:
 
 
 class ReserveCoalescer:
-    def __init__(self, scripts: ReservationScripts) -> None:
+    def __init__(self, scripts: ScriptRegistry) -> None:
         self._scripts = scripts
         self._open: _Call | None = None
         self._waiting = 0
         self._closed = False
         self._tasks: dict[asyncio.Task[None], _Call] = {}
 
-    def submit(self, keys: list[str], values: list[Any], locations: int) -> asyncio.Future[Any]:
+    def hold(self, keys: list[str], values: list[Any], locations: int) -> asyncio.Future[Any]:
         """Put one reservation (its keys, its 7 values, how many locations its lines check) in
         a shared call; the future of its reply. Not a coroutine: the caller awaits the future
         itself, one frame less to resume."""
