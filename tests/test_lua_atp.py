@@ -5,10 +5,16 @@ it has one) and called with a plain EVAL; the keys are the caller's to name."""
 
 from __future__ import annotations
 
+import pathlib
+import re
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+
+import gateway.atp
+from gateway.atp import keys as atp_keys
+from gateway.atp.availability import compute_available
 
 POS, IDS = "t:{A}:p", "t:{A}:ids"
 ADJ_L1, ADJ_L2 = "t:{A}:adj:L1", "t:{A}:adj:L2"
@@ -168,3 +174,44 @@ async def test_config_marker_compare_and_set(redis: aioredis.Redis) -> None:
     assert await redis.get("t:marker") == "v2"
     assert await run(redis, "config_marker.lua", ["t:marker"], ["v1", "v3"]) == 0
     assert await redis.get("t:marker") == "dirty"
+
+
+async def test_lib_names_the_fields_and_formula_keys_py_does(redis: aioredis.Redis) -> None:
+    """lib.lua and gateway/atp/keys.py are the two homes of the layout: they must agree, and
+    Lua's availability formula must answer as Python's."""
+    body = (
+        "local f = position_fields(ARGV[1])\n"
+        "return {f.oh, f.res, f.com, f.ss, f.b, f.bt, f.bi, f.as, f.ag,"
+        " available(10, 2, 3, 1), available(1, 2, 3, 4), shortfall(1, 2, 3), shortfall(9, 2, 3)}"
+    )
+    lib = resources.files("gateway.atp").joinpath("lib.lua").read_text()
+    reply = await redis.eval(lib + "\n" + body, 0, "L7")
+    assert reply[:9] == [
+        *atp_keys.figure_fields("L7"),
+        *(
+            prefix + "L7"
+            for prefix in (
+                atp_keys.BASE,
+                atp_keys.BASE_TIME,
+                atp_keys.BASE_EVENT_ID,
+                atp_keys.ADJUSTMENT_SUM,
+                atp_keys.ADJUSTMENT_GROSS,
+            )
+        ),
+    ]
+    assert reply[9:11] == [compute_available(10, 2, 3, 1), compute_available(1, 2, 3, 4)]
+    assert reply[11:] == [4, 0]
+
+
+def test_field_names_are_spelled_only_in_keys_py() -> None:
+    """No other module of gateway/atp spells a key or hash-field name of the layout."""
+    spelled = re.compile(r"""["'](atp:|oh:|res:|com:|ss:|b:|bt:|bi:|as:|ag:)""")
+    root = pathlib.Path(gateway.atp.__file__).parent
+    offenders = [
+        f"{path.name}:{n}"
+        for path in sorted(root.glob("*.py"))
+        if path.name != "keys.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if spelled.search(line) or "PREFIX}:" in line
+    ]
+    assert offenders == []

@@ -9,10 +9,7 @@
 --           2 stale, 3 rejected), and location, units pairs where reserved + committed
 --           exceed on-hand
 --
--- Position fields: b: base (snapshot quantity plus adjustments folded at the horizon),
--- bt:/bi: the newest snapshot's time and event id, as: sum of the adjustments kept in the
--- location's adjustment set, ag: sum of their magnitudes, oh: on-hand = b + as (what readers
--- use).
+-- Position fields: see lib.lua (prepended to this script), which names them.
 -- Validation happened in the gateway: a Lua error half-way would keep the writes before it.
 --
 -- Exactness: Lua numbers are doubles, exact for integers up to 2^53 (~9.007e15). The gateway
@@ -63,9 +60,10 @@ local function apply_group(key, arg)
   local state = {}
   for i = 1, nloc do
     local loc = ARGV[arg + 1 + i]
-    local f = redis.call('HMGET', pos, 'b:' .. loc, 'bt:' .. loc, 'bi:' .. loc, 'as:' .. loc,
-                         'res:' .. loc, 'com:' .. loc, 'ag:' .. loc)
-    local st = {loc = loc, adj = KEYS[key + 1 + i], base = tonumber(f[1]) or 0,
+    local names = position_fields(loc)
+    local f = redis.call('HMGET', pos, names.b, names.bt, names.bi, names.as, names.res,
+                         names.com, names.ag)
+    local st = {loc = loc, names = names, adj = KEYS[key + 1 + i], base = tonumber(f[1]) or 0,
                 bt = tonumber(f[2]), bi = f[3] or '', asum = tonumber(f[4]) or 0,
                 res = tonumber(f[5]) or 0, com = tonumber(f[6]) or 0,
                 gross = tonumber(f[7]) or 0, dirty = false}
@@ -130,19 +128,19 @@ local function apply_group(key, arg)
   for i = 1, nloc do
     local st = state[i]
     if st.dirty then
-      local loc = st.loc
+      local names = st.names
       local on_hand = st.base + st.asum
       -- Holds are never dropped when stock falls below them: report the shortfall instead.
-      local gap = st.res + st.com - on_hand
+      local gap = shortfall(on_hand, st.res, st.com)
       if gap > 0 and st.res > 0 then
-        table.insert(short, loc); table.insert(short, string.format('%d', gap))
+        table.insert(short, st.loc); table.insert(short, string.format('%d', gap))
       end
-      local fields = {'b:' .. loc, string.format('%d', st.base), 'as:' .. loc,
-                      string.format('%d', st.asum), 'ag:' .. loc, string.format('%d', st.gross),
-                      'oh:' .. loc, string.format('%d', on_hand)}
+      local fields = {names.b, string.format('%d', st.base), names.as,
+                      string.format('%d', st.asum), names.ag, string.format('%d', st.gross),
+                      names.oh, string.format('%d', on_hand)}
       if st.bt then
-        table.insert(fields, 'bt:' .. loc); table.insert(fields, string.format('%d', st.bt))
-        table.insert(fields, 'bi:' .. loc); table.insert(fields, st.bi)
+        table.insert(fields, names.bt); table.insert(fields, string.format('%d', st.bt))
+        table.insert(fields, names.bi); table.insert(fields, st.bi)
       end
       redis.call('HSET', pos, unpack(fields))
     end

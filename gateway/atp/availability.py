@@ -25,7 +25,10 @@ def _int(raw: Any) -> int:
 
 
 def compute_available(on_hand: int, reserved: int, committed: int, safety_stock: int) -> int:
-    return max(0, on_hand - reserved - committed - safety_stock)
+    """The availability formula, the only one on the Python side (``lib.lua`` is its Lua twin)."""
+    # A comparison, not max(): this runs for every SKU and location of every storefront query.
+    available = on_hand - reserved - committed - safety_stock
+    return available if available > 0 else 0
 
 
 class AvailabilityReader:
@@ -37,18 +40,17 @@ class AvailabilityReader:
         default_ss, *rows = await self._redis.call_many(
             [
                 ("HMGET", keys.LOCATION_SAFETY_STOCK, location),
-                *[("HMGET", f"{keys.PREFIX}:{{{sku}}}:p", *fields) for sku in skus],
+                *[("HMGET", position, *fields) for position in keys.positions(skus)],
             ]
         )
         default = int(default_ss[0]) if default_ss[0] is not None else 0
         items = []
-        # Inlined arithmetic: this loop runs for every SKU of every storefront query.
+        # Parsing inlined: this loop runs for every SKU of every storefront query.
         for sku, (oh, res, com, ss) in zip(skus, rows, strict=True):
             on_hand = int(oh) if oh is not None else 0
             reserved = int(res) if res is not None else 0
             committed = int(com) if com is not None else 0
             safety = int(ss) if ss is not None else default
-            available = on_hand - reserved - committed - safety
             items.append(
                 PositionAvailability(
                     sku=sku,
@@ -57,7 +59,7 @@ class AvailabilityReader:
                     reserved=reserved,
                     committed=committed,
                     safety_stock=safety,
-                    available=available if available > 0 else 0,
+                    available=compute_available(on_hand, reserved, committed, safety),
                 )
             )
         return items
@@ -70,7 +72,7 @@ class AvailabilityReader:
         default_ss, *rows = await self._redis.call_many(
             [
                 ("HMGET", keys.LOCATION_SAFETY_STOCK, *members),
-                *(("HMGET", keys.position(sku), *fields) for sku in skus),
+                *(("HMGET", position, *fields) for position in keys.positions(skus)),
             ]
         )
         defaults = [_int(v) for v in default_ss]

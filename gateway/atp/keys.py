@@ -1,12 +1,14 @@
-"""Redis key names of the availability aggregate, all in one place.
+"""Redis key and hash-field names of the availability aggregate, all in one place.
 
-Every key that belongs to a SKU carries the ``{sku}`` hash tag, so one SKU's keys share a
-Redis Cluster slot and a Lua script may touch all of them atomically.
+``lib.lua`` names the same fields for the scripts. Every key that belongs to a SKU carries the
+``{sku}`` hash tag, so one SKU's keys share a Redis Cluster slot and a Lua script may touch all
+of them atomically.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Final
 
 PREFIX: Final = "atp"
@@ -31,6 +33,11 @@ def position(sku: str) -> str:
     return f"{PREFIX}:{{{sku}}}:p"
 
 
+def positions(skus: Iterable[str]) -> list[str]:
+    """``position`` of each SKU: one call per request on the read path, not one per SKU."""
+    return [f"{PREFIX}:{{{sku}}}:p" for sku in skus]
+
+
 def event_ids(sku: str) -> str:
     """Sorted set of event ids seen for the SKU within the horizon, scored by occurrence."""
     return f"{PREFIX}:{{{sku}}}:ids"
@@ -45,12 +52,32 @@ def location_group(group: str) -> str:
     return f"{PREFIX}:lg:{group}"
 
 
-# Hash fields of a position: on-hand, reserved, committed, sku-specific safety stock.
+# Hash fields of a position, each ``<figure>:<location>``. What readers use: on-hand,
+# reserved, committed, SKU-specific safety stock (wins over LOCATION_SAFETY_STOCK).
+ON_HAND: Final = "oh:"
+RESERVED: Final = "res:"
+COMMITTED: Final = "com:"
+SAFETY_STOCK: Final = "ss:"
+# The event rule's own (apply_events.lua): base (the newest snapshot plus adjustments folded at
+# the horizon), that snapshot's time and event id, sum and gross of the adjustments kept.
+BASE: Final = "b:"
+BASE_TIME: Final = "bt:"
+BASE_EVENT_ID: Final = "bi:"
+ADJUSTMENT_SUM: Final = "as:"
+ADJUSTMENT_GROSS: Final = "ag:"
+
+
 @functools.lru_cache(maxsize=4096)
 def figure_fields(location: str) -> tuple[str, str, str, str]:
+    """On-hand, reserved, committed and safety-stock fields of a location, in that order."""
     # Cached: every availability read asks for them, and locations are few.
-    return (f"oh:{location}", f"res:{location}", f"com:{location}", f"ss:{location}")
+    return (
+        ON_HAND + location,
+        RESERVED + location,
+        COMMITTED + location,
+        SAFETY_STOCK + location,
+    )
 
 
 def safety_stock_field(location: str) -> str:
-    return f"ss:{location}"
+    return SAFETY_STOCK + location
