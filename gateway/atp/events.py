@@ -16,12 +16,12 @@ import structlog
 from gateway.atp import keys
 from gateway.atp.ports import ScriptRunner
 from gateway.atp.schemas import IngestResult, StockEvent
+from gateway.atp.store import ApplyCall, AtpStore
 from gateway.atp.validation import parse_timestamp
 from gateway.metrics import STOCK_SHORTFALL
 
 log = structlog.get_logger(__name__)
 
-APPLY_SCRIPT: Final = "apply_events.lua"
 APPLIED, DUPLICATE, STALE, REJECTED = 0, 1, 2, 3
 # Indexed by the script's outcome codes. ``rejected``: an adjustment that would take its position
 # beyond the bounds the script can sum exactly (see apply_events.lua); never applied, id not kept.
@@ -36,7 +36,7 @@ class EventApplier:
     ) -> None:
         """``shared_slots``: one script may touch several SKUs (a single Redis node). On a
         cluster each SKU's keys live in their own slot, so each SKU is a call of its own."""
-        self._scripts = scripts
+        self._store = AtpStore(scripts)
         self._horizon_us = str(horizon_seconds * 1_000_000)
         self._events_per_call = _EVENTS_PER_CALL if shared_slots else 1
 
@@ -56,13 +56,13 @@ class EventApplier:
             by_sku.setdefault(event.sku, []).append(index)
         # SKU groups are packed into calls of up to _EVENTS_PER_CALL events: the script's fixed
         # cost is paid once per call, and one call stays short enough not to stall Redis.
-        calls: list[tuple[list[str], list[str]]] = []
+        calls: list[ApplyCall] = []
         call_keys: list[str] = []
         args: list[str] = []
         in_call = 0
         for sku, indexes in by_sku.items():
             if in_call and in_call + len(indexes) > self._events_per_call:
-                calls.append((call_keys, args))
+                calls.append(ApplyCall(call_keys, args))
                 call_keys, args, in_call = [], [], 0
             if not args:
                 args.append(self._horizon_us)
@@ -83,13 +83,12 @@ class EventApplier:
             call_keys += (keys.adjustments(sku, loc) for loc in locations)
             in_call += len(indexes)
         if args:
-            calls.append((call_keys, args))
-        replies = await self._scripts.run(APPLY_SCRIPT, calls)
+            calls.append(ApplyCall(call_keys, args))
+        outcomes = await self._store.apply_events(calls)
         codes = [0] * len(events)
-        groups = (group for reply in replies for group in reply)
-        for (sku, indexes), (sku_codes, short) in zip(by_sku.items(), groups, strict=True):
-            for index, code in zip(indexes, sku_codes, strict=True):
-                codes[index] = int(code)
+        for (sku, indexes), outcome in zip(by_sku.items(), outcomes, strict=True):
+            for index, code in zip(indexes, outcome.codes, strict=True):
+                codes[index] = code
                 if codes[index] == REJECTED:
                     event = events[index]
                     log.warning(
@@ -99,8 +98,9 @@ class EventApplier:
                         event_id=event.event_id,
                         reason="the position would leave the bounds the event rule sums exactly",
                     )
-            for i in range(0, len(short), 2):
-                location, units = short[i].decode(), int(short[i + 1])
+            for short in outcome.shortfalls:
                 STOCK_SHORTFALL.inc()
-                log.warning("stock_below_holds", sku=sku, location=location, short_by=units)
+                log.warning(
+                    "stock_below_holds", sku=sku, location=short.location, short_by=short.units
+                )
         return codes
