@@ -253,14 +253,14 @@ async def test_release_racing_its_reserve_releases_what_it_held(
     # made in between, the script must not mark it released while its holds stay.
     from gateway.adapters.redis import ScriptRegistry
     from gateway.http.state import REDIS
-    from gateway.reservation.service import _record_keys
+    from gateway.reservation.store import record_keys
 
     await stock(client, Y__L1=10)
     assert (
         await reserve(client, "race", [{"sku": "Y", "location": "L1", "quantity": 4}])
     ).status == 201
     scripts = ScriptRegistry(client.app[REDIS], "gateway.reservation")
-    stale = [_record_keys("race"), ["race", "release", "60", ""]]  # read before the reserve
+    stale = [record_keys("race"), ["race", "release", "60", ""]]  # read before the reserve
     ((status,),) = await scripts.run("settle.lua", [(stale[0], stale[1])])
     assert status == b"retry"
     assert await redis.hget(keys.holds("Y"), "race") == "L1=4"

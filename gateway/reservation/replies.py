@@ -1,16 +1,18 @@
-"""What the reservation scripts answer, read as the API answers it; shared by the single-node
-path (:mod:`gateway.reservation.service`) and the cluster saga (:mod:`gateway.reservation.saga`).
+"""What the reservation scripts' results answer, read as the API answers it; shared by the
+single-node path (:mod:`gateway.reservation.service`) and the cluster saga
+(:mod:`gateway.reservation.saga`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple
 
 import msgspec
 
 from gateway.errors import RETRY_AFTER, Conflict, GatewayError, OutcomeUnknown, Unavailable
+from gateway.reservation.results import Failed, Held, Mismatch, Replayed, ReserveResult, Short
 from gateway.reservation.schemas import HELD_LINES, HeldLine, Reservation
 
 # Refused and settled records stay this long so retries and GETs still find them.
@@ -84,46 +86,44 @@ def public_status(status: str, exp: str) -> str:
 
 
 def outcome(
-    rid: str, reply: Sequence[str | bytes], script_error: Callable[[str], GatewayError]
+    rid: str, result: ReserveResult, script_error: Callable[[str], GatewayError]
 ) -> Outcome:
-    """A reserve script's reply (``held``, ``short``, ``error``, ``conflict`` or a replay)."""
-    kind = text(reply[0])
-    if kind == "held":
+    """What a reservation's script result answers the API."""
+    if type(result) is Held:
         return Outcome(
             Reservation(
                 reservation_id=rid,
                 status="held",
-                expires_at=iso(reply[2]),
+                expires_at=iso(result.expires_ms),
                 # The script's answer is already the API's JSON for these lines.
-                lines=msgspec.Raw(reply[1]),
+                lines=msgspec.Raw(result.lines),
             ),
         )
-    if kind == "short":
-        return Outcome(shortfalls=shortfalls(reply[1]))
-    if kind == "error":
+    if type(result) is Short:
+        return Outcome(shortfalls=shortfalls(result.shortfalls))
+    if type(result) is Failed:
         # This reservation's script step raised; the others of its call went on. Redis
         # refusing a write (out of memory, a replica, a failover) is a 503 the adapter
         # names; damaged data or a defect, not the client's doing, a 500, logged.
-        message = text(reply[1])
-        error = script_error(message)
+        error = script_error(result.message)
         if isinstance(error, Unavailable):
             raise error
-        raise GatewayError(f"reservation {rid!r} failed in Redis: {message}")
-    if kind == "conflict":
+        raise GatewayError(f"reservation {rid!r} failed in Redis: {result.message}")
+    if type(result) is Mismatch:
         raise Conflict(
             "idempotency_conflict",
             f"reservation {rid!r} was already made with a different body",
         )
+    assert type(result) is Replayed
     # A replay: answer what the first call answered, with the status as it is now.
-    status, answer, exp = text(reply[1]), reply[2], text(reply[3])
-    if status == "rejected":
-        return Outcome(shortfalls=shortfalls(answer), replayed=True)
+    if result.status == "rejected":
+        return Outcome(shortfalls=shortfalls(result.answer), replayed=True)
     return Outcome(
         Reservation(
             reservation_id=rid,
-            status=public_status(status, exp),  # type: ignore[arg-type]
-            expires_at=iso(exp),
-            lines=held_lines(answer),
+            status=public_status(result.status, result.expires_ms),  # type: ignore[arg-type]
+            expires_at=iso(result.expires_ms),
+            lines=held_lines(result.answer),
         ),
         replayed=True,
     )

@@ -12,16 +12,12 @@ from __future__ import annotations
 import asyncio
 from typing import Final
 
-import msgspec
-
 from gateway.atp import keys as atp_keys
 from gateway.errors import RETRY_AFTER, Conflict, OutcomeUnknown, Unavailable
-from gateway.reservation import keys
-from gateway.reservation.ports import RecordReader, ReservationScripts
+from gateway.reservation.ports import RecordReader
 from gateway.reservation.replies import (
     ENCODER,
     LINES,
-    RETENTION_SECONDS,
     Line,
     Outcome,
     line_ordered,
@@ -30,7 +26,20 @@ from gateway.reservation.replies import (
     text,
     unknown,
 )
+from gateway.reservation.results import (
+    Go,
+    Held,
+    Marked,
+    Mismatch,
+    Missing,
+    Replayed,
+    ReserveResult,
+    Settled,
+    SkuHeld,
+    SkuShort,
+)
 from gateway.reservation.schemas import ReservationRequest
+from gateway.reservation.store import ReservationStore
 
 # A cluster reservation whose request died is released by the sweeper after this.
 CLUSTER_LEASE_MS: Final = 30_000
@@ -41,11 +50,11 @@ _PENDING_WAIT: Final = 5.0
 
 
 class ClusterSaga:
-    def __init__(self, scripts: ReservationScripts, redis: RecordReader) -> None:
-        self._scripts = scripts
+    def __init__(self, store: ReservationStore, redis: RecordReader) -> None:
+        self._store = store
         self._redis = redis
         # The retry's own answer is due within the timeout (plus a second) like any other.
-        self._pending_wait = min(_PENDING_WAIT, scripts.timeout)
+        self._pending_wait = min(_PENDING_WAIT, store.timeout)
 
     async def default_safety_stock(
         self, request: ReservationRequest, members: dict[str, list[str]]
@@ -61,8 +70,8 @@ class ClusterSaga:
             loc: int(v) if v is not None else 0 for loc, v in zip(locations, defaults, strict=True)
         }
 
-    def _outcome(self, rid: str, reply: list[str]) -> Outcome:
-        return outcome(rid, reply, self._scripts.script_error)
+    def _outcome(self, rid: str, result: ReserveResult) -> Outcome:
+        return outcome(rid, result, self._store.script_error)
 
     async def reserve(
         self,
@@ -73,13 +82,11 @@ class ClusterSaga:
         lines: list[Line],
         record: list[str],
     ) -> Outcome:
-        begin_args = [rid, fingerprint, str(CLUSTER_LEASE_MS), ENCODER.encode(skus).decode()]
-        (begin,) = await self._scripts.run("cluster_begin.lua", [(record, begin_args)])
-        reply = [text(r) for r in begin]
-        if reply[0] != "new":
-            if reply[0] == "replay" and reply[1] == "pending":
-                return await self._await_pending(rid, fingerprint, ttl, skus, lines, record)
-            return self._outcome(rid, reply)
+        begun = await self._store.begin(rid, fingerprint, CLUSTER_LEASE_MS, skus, record)
+        if type(begun) is Replayed and begun.status == "pending":
+            return await self._await_pending(rid, fingerprint, ttl, skus, lines, record)
+        if type(begun) is Replayed or type(begun) is Mismatch:
+            return self._outcome(rid, begun)
         try:
             return await self._hold_and_finish(rid, ttl, skus, lines, record)
         except OutcomeUnknown:
@@ -93,43 +100,24 @@ class ClusterSaga:
     async def _hold_and_finish(
         self, rid: str, ttl: int, skus: list[str], lines: list[Line], record: list[str]
     ) -> Outcome:
-        per_sku = [
-            (
-                [atp_keys.position(sku), keys.holds(sku)],
-                [
-                    rid,
-                    ENCODER.encode(
-                        [msgspec.structs.replace(ln, k=1) for ln in lines if ln.sku == sku]
-                    ).decode(),
-                ],
-            )
-            for sku in skus
-        ]
-        results = [
-            [text(r) for r in res] for res in await self._scripts.run("cluster_hold.lua", per_sku)
-        ]
-        short = [r for r in results if r[0] == "short"]
+        results = await self._store.hold_skus(rid, skus, lines)
+        short = [r for r in results if type(r) is SkuShort]
         if short:
-            held = [call for call, r in zip(per_sku, results, strict=True) if r[0] == "held"]
-            await self._scripts.run("cluster_unhold.lua", [(k, [rid, "release"]) for k, _ in held])
+            held = [sku for sku, r in zip(skus, results, strict=True) if type(r) is SkuHeld]
+            await self._store.unhold(rid, "release", held)
             # Stored in line order, as a single node's script stores them.
-            answer = ENCODER.encode(line_ordered(e for r in short for e in LINES.decode(r[1])))
-            await self._scripts.run(
-                "cluster_mark.lua",
-                [(record, [rid, "finish", "rejected", answer, "0", str(RETENTION_SECONDS)])],
-            )
+            answer = ENCODER.encode(line_ordered(e for r in short for e in LINES.decode(r.entries)))
+            await self._store.finish(rid, "rejected", answer, 0, record)
             return Outcome(shortfalls=shortfalls(answer))
         # Stored in line order and as the API answers them, as a single node's script does.
-        held_json = ENCODER.encode(line_ordered(e for r in results for e in LINES.decode(r[1])))
-        (done,) = await self._scripts.run(
-            "cluster_mark.lua",
-            [(record, [rid, "finish", "held", held_json, str(ttl * 1000), str(RETENTION_SECONDS)])],
+        held_json = ENCODER.encode(
+            line_ordered(e for r in results for e in LINES.decode(r.entries))
         )
-        done = [text(r) for r in done]
-        if done[0] != "held":
+        done = await self._store.finish(rid, "held", held_json, ttl * 1000, record)
+        if type(done) is not Marked:
             # The lease ran out and the sweeper released the holds: the request took too long.
             raise Conflict("reservation_expired", f"reservation {rid!r} expired while being made")
-        return outcome(rid, ["held", held_json, done[1]], self._scripts.script_error)
+        return self._outcome(rid, Held(held_json, done.expires_ms))
 
     async def _await_pending(
         self,
@@ -145,11 +133,8 @@ class ClusterSaga:
             async with asyncio.timeout(self._pending_wait):
                 while True:
                     await asyncio.sleep(_PENDING_POLL)
-                    reply = await self._redis.call_many(
-                        [("HMGET", keys.record(rid), "st", "resp", "exp")]
-                    )
-                    status, answer, exp = reply[0]
-                    if status is None or text(status) != "pending":
+                    found = await self._store.record(rid)
+                    if found is None or found.status != "pending":
                         break
         except TimeoutError:
             # Its request died mid-way, or is slow: the lease decides, within CLUSTER_LEASE_MS.
@@ -158,32 +143,24 @@ class ClusterSaga:
                 reservation_id=rid,
                 retry_after=RETRY_AFTER,
             ) from None
-        if status is None:  # expired while pending: nothing holds, start afresh
+        if found is None:  # expired while pending: nothing holds, start afresh
             return await self.reserve(rid, fingerprint, ttl, skus, lines, record)
         return self._outcome(
-            rid, ["replay", text(status), text(answer or b"[]"), text(exp or b"0")]
+            rid,
+            Replayed(found.status, text(found.answer or b"[]"), text(found.expires_ms or b"0")),
         )
 
-    async def settle(self, rid: str, action: str, record: list[str]) -> str:
-        (mark,) = await self._scripts.run(
-            "cluster_mark.lua", [(record, [rid, action, "", "", "0", str(RETENTION_SECONDS)])]
-        )
-        reply = [text(r) for r in mark]
-        if reply[0] != "go":
-            return reply[0]
-        final, skus = reply[1], msgspec.json.decode(reply[2])
-        how = "confirm" if final == "confirmed" else "release"
+    async def settle(self, rid: str, action: str, record: list[str]) -> Settled | Missing:
+        mark = await self._store.mark(rid, action, record)
+        if not isinstance(mark, Go):
+            return mark
+        how = "confirm" if mark.final == "confirmed" else "release"
         try:
-            await self._scripts.run(
-                "cluster_unhold.lua",
-                [([atp_keys.position(s), keys.holds(s)], [rid, how]) for s in skus],
-            )
-            (done,) = await self._scripts.run(
-                "cluster_mark.lua", [(record, [rid, "done", "", "", "0", str(RETENTION_SECONDS)])]
-            )
+            await self._store.unhold(rid, how, mark.skus)
+            done = await self._store.done(rid, record)
         except OutcomeUnknown:
             raise
         except Unavailable as exc:
             # Marked settling: a retry resumes the settlement where this one stopped.
             raise unknown(rid, exc) from exc
-        return text(done[0])
+        return done

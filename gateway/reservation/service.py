@@ -8,11 +8,8 @@ cluster a reservation's SKUs live on different nodes, so it runs as a saga
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from typing import Any, Final
-
-import msgspec
 
 from gateway.atp import keys as atp_keys
 from gateway.errors import (
@@ -24,11 +21,9 @@ from gateway.errors import (
     Unavailable,
     ValidationFailed,
 )
-from gateway.reservation import keys
 from gateway.reservation.ports import RecordReader, ReservationHolder, ReservationScripts
 from gateway.reservation.replies import (
     ENCODER,
-    RETENTION_SECONDS,
     Line,
     Outcome,
     held_lines,
@@ -38,10 +33,11 @@ from gateway.reservation.replies import (
     text,
     unknown,
 )
+from gateway.reservation.results import Missing, NotHeld, Retry, Settled, SettleResult
 from gateway.reservation.saga import ClusterSaga
 from gateway.reservation.schemas import DEFAULT_TTL_SECONDS, Reservation, ReservationRequest
+from gateway.reservation.store import ReservationStore, record_keys, reserve_result
 
-_RETENTION: Final = str(RETENTION_SECONDS)
 # A settle retried this often is racing something that keeps changing the record.
 _SETTLE_ATTEMPTS: Final = 5
 
@@ -56,16 +52,15 @@ class ReservationService:
         cluster: bool,
         max_ttl_seconds: int,
     ) -> None:
-        self._scripts = scripts
         self._redis = redis
         self._cluster = cluster
         self._max_ttl = max_ttl_seconds
-        self._holder = holder
-        self._saga = ClusterSaga(scripts, redis)
+        self._store = ReservationStore(scripts, redis, holder)
+        self._saga = ClusterSaga(self._store, redis)
 
     async def close(self) -> None:
         """Cancel reservation calls still in flight (their requests are being cancelled too)."""
-        await self._holder.close()
+        await self._store.close()
 
     # --- reserve ------------------------------------------------------------------------------
 
@@ -79,25 +74,17 @@ class ReservationService:
         )
         skus, lines = _plan(request, members, default_ss)
         rid = request.reservation_id
+        record = record_keys(rid)
         if self._cluster:
-            return await self._saga.reserve(rid, fingerprint, ttl, skus, lines, _record_keys(rid))
-        call_keys = [*_record_keys(rid), atp_keys.LOCATION_SAFETY_STOCK]
-        for sku in skus:
-            call_keys += _sku_keys(sku)
-        values = [
-            rid,
-            fingerprint,
-            str(ttl * 1000),
-            ENCODER.encode(lines),
-            ENCODER.encode(skus),
-            _RETENTION,
-        ]
+            return await self._saga.reserve(rid, fingerprint, ttl, skus, lines, record)
         # Without groups each line checks one location.
         locations = (
             sum(len(ln.members) if ln.members else 1 for ln in lines) if groups else len(lines)
         )
-        reply = await self._holder.hold(call_keys, values, locations)
-        return outcome(rid, reply, self._scripts.script_error)
+        reply = await self._store.reserve(
+            record, rid, fingerprint, ttl * 1000, lines, skus, locations
+        )
+        return outcome(rid, reserve_result(reply), self._store.script_error)
 
     def _check(self, request: ReservationRequest, ttl: int) -> set[str]:
         """What the schema cannot say; returns the location groups the lines name."""
@@ -168,16 +155,15 @@ class ReservationService:
     # --- read, release, confirm, extend --------------------------------------------------------
 
     async def get(self, rid: str) -> Reservation:
-        ((status, answer, exp),) = await self._redis.call_many(
-            [("HMGET", keys.record(rid), "st", "resp", "exp")]
-        )
-        if status is None or text(status) in ("rejected", "pending"):
+        found = await self._store.record(rid)
+        if found is None or found.status in ("rejected", "pending"):
             raise NotFound(f"reservation {rid!r} does not exist", reservation_id=rid)
+        assert found.expires_ms is not None
         return Reservation(
             reservation_id=rid,
-            status=public_status(text(status), text(exp)),  # type: ignore[arg-type]
-            expires_at=iso(exp),
-            lines=held_lines(answer),
+            status=public_status(found.status, text(found.expires_ms)),  # type: ignore[arg-type]
+            expires_at=iso(found.expires_ms),
+            lines=held_lines(found.answer),
         )
 
     async def release(self, rid: str) -> Reservation:
@@ -208,46 +194,32 @@ class ReservationService:
             raise ValidationFailed(
                 [{"field": "ttl_seconds", "message": f"must be at most {self._max_ttl}"}]
             )
-        record = _record_keys(rid)
-        (reply,) = await self._scripts.run("extend.lua", [(record, [rid, str(ttl_seconds * 1000)])])
-        status = text(reply[0])
-        if status == "missing":
+        result = await self._store.extend(rid, ttl_seconds * 1000, record_keys(rid))
+        if type(result) is Missing:
             raise NotFound(f"reservation {rid!r} does not exist", reservation_id=rid)
-        if status != "held":
-            raise Conflict("not_held", f"reservation {rid!r} is {status}, not held")
+        if type(result) is NotHeld:
+            raise Conflict("not_held", f"reservation {rid!r} is {result.status}, not held")
         return await self._get_after_write(rid)
 
     async def _settle(self, rid: str, action: str) -> str:
-        record = _record_keys(rid)
+        record = record_keys(rid)
+        result: SettleResult
         if self._cluster:
-            status = await self._saga.settle(rid, action, record)
+            result = await self._saga.settle(rid, action, record)
         else:
-            status = "retry"
+            result = Retry()
             for _ in range(_SETTLE_ATTEMPTS):
-                status = await self._settle_once(rid, action, record)
-                if status != "retry":
+                result = await self._store.settle(rid, action, record)
+                if type(result) is not Retry:
                     break
             else:
                 raise Unavailable(
                     f"reservation {rid!r} kept changing; retry", retry_after=RETRY_AFTER
                 )
-        if status == "missing":
+        if type(result) is Missing:
             raise NotFound(f"reservation {rid!r} does not exist", reservation_id=rid)
-        return status
-
-    async def _settle_once(self, rid: str, action: str, record: list[str]) -> str:
-        # The script needs the SKUs' keys up front, so they are read first; if the reservation
-        # is made between this read and the script (a release racing its own reserve), the
-        # script sees other SKUs than were sent and answers 'retry' rather than lose holds.
-        ((raw_skus,),) = await self._redis.call_many([("HMGET", record[0], "skus")])
-        skus: list[str] = msgspec.json.decode(raw_skus) if raw_skus else []
-        call_keys = list(record)
-        for sku in skus:
-            call_keys += _sku_keys(sku)
-        (reply,) = await self._scripts.run(
-            "settle.lua", [(call_keys, [rid, action, _RETENTION, raw_skus or b""])]
-        )
-        return text(reply[0])
+        assert type(result) is Settled
+        return result.status
 
 
 def _plan(
@@ -277,14 +249,3 @@ def _plan(
             candidates = [[location, default_ss[location]]] if default_ss else None
         lines.append(Line(n, k, line.sku, line.quantity, label, group, candidates))
     return skus, lines
-
-
-@functools.lru_cache(maxsize=65_536)
-def _sku_keys(sku: str) -> tuple[str, str]:
-    """A SKU's (position, holds) keys: a hot SKU's are built once, not on every reservation."""
-    return atp_keys.position(sku), keys.holds(sku)
-
-
-def _record_keys(rid: str) -> list[str]:
-    bucket = keys.bucket(rid)
-    return [keys.record(rid, bucket), keys.expiry_index(bucket)]

@@ -1,0 +1,234 @@
+"""The reservation scripts, one method each: typed arguments in, a tagged result out.
+
+This is the only module that calls the reservation scripts or reads their replies; the service
+(:mod:`gateway.reservation.service`) and the cluster saga (:mod:`gateway.reservation.saga`)
+match on the results below and never see a reply's layout. The replies' shapes are those the
+scripts document at their top.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Sequence
+from typing import Any, Final
+
+import msgspec
+
+from gateway.atp import keys as atp_keys
+from gateway.errors import GatewayError
+from gateway.reservation import keys
+from gateway.reservation.ports import RecordReader, ReservationHolder, ReservationScripts
+from gateway.reservation.replies import ENCODER, RETENTION_SECONDS, Line, text
+from gateway.reservation.results import (
+    BeginResult,
+    Begun,
+    Extended,
+    ExtendResult,
+    Failed,
+    FinishResult,
+    Go,
+    Held,
+    Marked,
+    MarkResult,
+    Mismatch,
+    Missing,
+    NotHeld,
+    Replayed,
+    ReserveResult,
+    Retry,
+    Settled,
+    SettleResult,
+    Short,
+    SkuHeld,
+    SkuResult,
+    SkuShort,
+)
+
+_RETENTION: Final = str(RETENTION_SECONDS)
+
+
+class Record(msgspec.Struct):
+    """A reservation record as stored: its status, stored answer (JSON) and expiry."""
+
+    status: str
+    answer: bytes | str | None
+    expires_ms: bytes | str | None
+
+
+def reserve_result(reply: Sequence[Any]) -> ReserveResult:
+    """What a ``reserve.lua`` reply for one reservation (what :meth:`ReservationStore.reserve`
+    answers) says."""
+    kind = text(reply[0])
+    if kind == "held":
+        return Held(reply[1], reply[2])
+    if kind == "short":
+        return Short(reply[1])
+    if kind == "error":
+        return Failed(text(reply[1]))
+    if kind == "conflict":
+        return Mismatch()
+    return Replayed(text(reply[1]), reply[2], text(reply[3]))
+
+
+class ReservationStore:
+    def __init__(
+        self, scripts: ReservationScripts, redis: RecordReader, holder: ReservationHolder
+    ) -> None:
+        self._scripts = scripts
+        self._redis = redis
+        self._holder = holder
+
+    @property
+    def timeout(self) -> float:
+        return self._scripts.timeout
+
+    def script_error(self, message: str) -> GatewayError:
+        """What a :class:`Failed` reservation's message means (see the port)."""
+        return self._scripts.script_error(message)
+
+    async def close(self) -> None:
+        await self._holder.close()
+
+    def reserve(
+        self,
+        record: list[str],
+        rid: str,
+        fingerprint: str,
+        ttl_ms: int,
+        lines: list[Line],
+        skus: list[str],
+        locations: int,
+    ) -> Awaitable[Any]:
+        """Hold one reservation on a single node (``reserve.lua``); ``locations``: how many its
+        lines check. Read the reply with :func:`reserve_result`. Not a coroutine: the hot path
+        awaits the holder's answer directly, one frame less to resume."""
+        call_keys = [*record, atp_keys.LOCATION_SAFETY_STOCK]
+        for sku in skus:
+            call_keys += sku_keys(sku)
+        values = [
+            rid,
+            fingerprint,
+            str(ttl_ms),
+            ENCODER.encode(lines),
+            ENCODER.encode(skus),
+            _RETENTION,
+        ]
+        return self._holder.hold(call_keys, values, locations)
+
+    async def record(self, rid: str) -> Record | None:
+        ((status, answer, exp),) = await self._redis.call_many(
+            [("HMGET", keys.record(rid), "st", "resp", "exp")]
+        )
+        if status is None:
+            return None
+        return Record(text(status), answer, exp)
+
+    async def settle(self, rid: str, action: str, record: list[str]) -> SettleResult:
+        # The script needs the SKUs' keys up front, so they are read first; if the reservation
+        # is made between this read and the script (a release racing its own reserve), the
+        # script sees other SKUs than were sent and answers 'retry' rather than lose holds.
+        ((raw_skus,),) = await self._redis.call_many([("HMGET", record[0], "skus")])
+        skus: list[str] = msgspec.json.decode(raw_skus) if raw_skus else []
+        call_keys = list(record)
+        for sku in skus:
+            call_keys += sku_keys(sku)
+        (reply,) = await self._scripts.run(
+            "settle.lua", [(call_keys, [rid, action, _RETENTION, raw_skus or b""])]
+        )
+        status = text(reply[0])
+        if status == "missing":
+            return Missing()
+        if status == "retry":
+            return Retry()
+        return Settled(status)
+
+    async def extend(self, rid: str, ttl_ms: int, record: list[str]) -> ExtendResult:
+        (reply,) = await self._scripts.run("extend.lua", [(record, [rid, str(ttl_ms)])])
+        status = text(reply[0])
+        if status == "missing":
+            return Missing()
+        if status == "held":
+            return Extended(text(reply[1]))
+        return NotHeld(status)
+
+    # --- the cluster saga's steps ---------------------------------------------------------------
+
+    async def begin(
+        self, rid: str, fingerprint: str, lease_ms: int, skus: list[str], record: list[str]
+    ) -> BeginResult:
+        args = [rid, fingerprint, str(lease_ms), ENCODER.encode(skus).decode()]
+        (reply,) = await self._scripts.run("cluster_begin.lua", [(record, args)])
+        kind = text(reply[0])
+        if kind == "new":
+            return Begun()
+        if kind == "conflict":
+            return Mismatch()
+        return Replayed(text(reply[1]), text(reply[2]), text(reply[3]))
+
+    async def hold_skus(self, rid: str, skus: list[str], lines: list[Line]) -> list[SkuResult]:
+        """Hold each SKU's lines atomically on its own (``cluster_hold.lua``), in ``skus``
+        order."""
+        per_sku = [
+            (
+                list(sku_keys(sku)),
+                [
+                    rid,
+                    ENCODER.encode(
+                        [msgspec.structs.replace(ln, k=1) for ln in lines if ln.sku == sku]
+                    ).decode(),
+                ],
+            )
+            for sku in skus
+        ]
+        replies = await self._scripts.run("cluster_hold.lua", per_sku)
+        return [
+            SkuHeld(text(r[1])) if text(r[0]) == "held" else SkuShort(text(r[1])) for r in replies
+        ]
+
+    async def unhold(self, rid: str, how: str, skus: Sequence[str]) -> None:
+        """Release (``release``) or confirm (``confirm``) the SKUs' holds of a reservation."""
+        await self._scripts.run(
+            "cluster_unhold.lua", [(list(sku_keys(sku)), [rid, how]) for sku in skus]
+        )
+
+    async def finish(
+        self, rid: str, status: str, answer: bytes, ttl_ms: int, record: list[str]
+    ) -> FinishResult:
+        """Record a cluster reservation's outcome (``held`` or ``rejected``)."""
+        kind, reply = await self._mark(record, [rid, "finish", status, answer, str(ttl_ms)])
+        if kind == "missing":
+            return Missing()
+        if kind == "held":
+            return Marked(text(reply[1]))
+        return Settled(kind)
+
+    async def mark(self, rid: str, action: str, record: list[str]) -> MarkResult:
+        """Mark a cluster settlement (``release``, ``confirm``, ``expire``) before its SKUs are
+        settled."""
+        kind, reply = await self._mark(record, [rid, action, "", "", "0"])
+        if kind == "missing":
+            return Missing()
+        if kind == "go":
+            return Go(text(reply[1]), msgspec.json.decode(reply[2]))
+        return Settled(kind)
+
+    async def done(self, rid: str, record: list[str]) -> Settled | Missing:
+        """Mark a cluster settlement done once its SKUs are settled."""
+        kind, _ = await self._mark(record, [rid, "done", "", "", "0"])
+        return Missing() if kind == "missing" else Settled(kind)
+
+    async def _mark(self, record: list[str], args: list[Any]) -> tuple[str, Sequence[Any]]:
+        (reply,) = await self._scripts.run("cluster_mark.lua", [(record, [*args, _RETENTION])])
+        return text(reply[0]), reply
+
+
+@functools.lru_cache(maxsize=65_536)
+def sku_keys(sku: str) -> tuple[str, str]:
+    """A SKU's (position, holds) keys: a hot SKU's are built once, not on every reservation."""
+    return atp_keys.position(sku), keys.holds(sku)
+
+
+def record_keys(rid: str) -> list[str]:
+    """A reservation's record and the expiry index of its bucket."""
+    bucket = keys.bucket(rid)
+    return [keys.record(rid, bucket), keys.expiry_index(bucket)]
