@@ -6,7 +6,7 @@ import redis.asyncio as aioredis
 
 from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.atp import keys
-from gateway.atp.store import ApplyCall, AtpStore, Shortfall, SkuOutcome
+from gateway.atp.store import ApplyCall, AtpStore, Shortfall, SkuOutcome, swap_config_marker
 
 HOUR_US = str(3600 * 1_000_000)
 
@@ -37,5 +37,20 @@ async def test_apply_events_answers_typed_outcomes(redis_url: str, redis: aiored
             SkuOutcome(codes=[0], shortfalls=[]),
         ]
         assert await redis.hget(keys.position("T1"), keys.figure_fields("L")[0]) == "7"
+    finally:
+        await port.close()
+
+
+async def test_swap_config_marker_is_a_compare_and_set(
+    redis_url: str, redis: aioredis.Redis
+) -> None:
+    port = RedisPort.from_url(redis_url, cluster=False)
+    try:
+        await redis.set(keys.CONFIG_MARKER, "3")
+        assert await swap_config_marker(port, "3", "4") is True
+        assert await redis.get(keys.CONFIG_MARKER) == "4"
+        # Another writer came in between: nobody can vouch for the copy any more.
+        assert await swap_config_marker(port, "3", "5") is False
+        assert await redis.get(keys.CONFIG_MARKER) == "dirty"
     finally:
         await port.close()

@@ -34,7 +34,6 @@ import asyncio
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from importlib import resources
 from typing import Any, Final
 
 import structlog
@@ -42,6 +41,7 @@ import structlog
 from gateway.atp import keys
 from gateway.atp.ports import CommandSender, CommandWriter, LocationConfigRecord, SafetyStockRow
 from gateway.atp.schemas import LocationGroupOut, SafetyStockEntry
+from gateway.atp.store import swap_config_marker
 from gateway.errors import (
     RETRY_AFTER,
     ConfigNotCopied,
@@ -59,7 +59,6 @@ _CHUNK: Final = 5000
 SYNC_INTERVAL: Final = 1.0
 # Its own generator: the global one is shared state (and property tests watch it).
 _JITTER: Final = random.Random()
-_MARKER_CAS: Final = resources.files("gateway.atp").joinpath("config_marker.lua").read_text()
 
 
 class LocationConfig:
@@ -208,8 +207,7 @@ class LocationConfig:
             await self._redis.execute(commands[start : start + _CHUNK])
 
     async def _swap(self, expected: str, new: str) -> bool:
-        (done,) = await self._redis.execute([("EVAL", _MARKER_CAS, 1, MARKER, expected, new)])
-        return bool(done)
+        return await swap_config_marker(self._redis, expected, new)
 
 
 def _token() -> str:

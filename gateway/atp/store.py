@@ -1,19 +1,25 @@
 """The availability domain's scripts, called from here only; their replies come back typed.
 
 ``apply_events.lua`` answers positional arrays (see its header); this module is the one place
-that knows their shape, so the services read fields, never indexes.
+that knows their shape, so the services read fields, never indexes. ``config_marker.lua`` is
+called here too (``swap_config_marker``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib import resources
 from typing import Final
 
 import msgspec
 
-from gateway.atp.ports import ScriptRunner
+from gateway.atp import keys
+from gateway.atp.ports import CommandWriter, ScriptRunner
 
 APPLY_SCRIPT: Final = "apply_events.lua"
+# Sent as EVAL text, not through a ScriptRunner: the marker is written by the config sync, which
+# runs its commands on the writer port, in the order it sends them.
+_MARKER_CAS: Final = resources.files("gateway.atp").joinpath("config_marker.lua").read_text()
 
 
 class Shortfall(msgspec.Struct, frozen=True):
@@ -55,3 +61,10 @@ class AtpStore:
             for reply in replies
             for codes, short in reply
         ]
+
+
+async def swap_config_marker(redis: CommandWriter, expected: str, new: str) -> bool:
+    """Set the config marker to ``new`` if it holds ``expected``; else leave it ``dirty`` and
+    answer False (see config_marker.lua)."""
+    (done,) = await redis.execute([("EVAL", _MARKER_CAS, 1, keys.CONFIG_MARKER, expected, new)])
+    return bool(done)
