@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
-
-from gateway.errors import GatewayError
 
 
 class CommandSender(Protocol):
@@ -29,23 +26,6 @@ class ScriptRunner(Protocol):
         calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
         cost: int | None = None,
     ) -> list[Any]: ...
-
-
-class ImmediateScriptRunner(ScriptRunner, Protocol):
-    """A script runner that can also write one call at once, within the caller's step."""
-
-    def run_now(
-        self, name: str, keys: Sequence[str], args: Sequence[Any]
-    ) -> asyncio.Future[list[Any]] | None: ...
-
-    def must_rerun(self, reply: Any) -> bool:
-        """Whether a reply of ``run_now`` says the script did not run and ``run`` must retry."""
-        ...
-
-    def script_error(self, message: str) -> GatewayError:
-        """What an error a script step caught and answered as data means: Redis refusing a
-        write (a 503 to retry) or damaged data or a defect (a 500)."""
-        ...
 
 
 class CommandWriter(Protocol):

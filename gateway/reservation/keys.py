@@ -14,6 +14,13 @@ from gateway.atp.keys import PREFIX
 
 BUCKETS: Final = 16
 
+# Fields of a reservation record (a hash; see reserve.lua and lib.lua for the Lua side): its
+# status, the answer it gave (held lines or shortfalls, as JSON), its expiry (ms) and its SKUs.
+STATUS: Final = "st"
+ANSWER: Final = "resp"
+EXPIRES: Final = "exp"
+SKUS: Final = "skus"
+
 
 def bucket(reservation_id: str) -> int:
     return zlib.crc32(reservation_id.encode()) % BUCKETS

@@ -117,7 +117,7 @@ class ReservationStore:
 
     async def record(self, rid: str) -> Record | None:
         ((status, answer, exp),) = await self._redis.call_many(
-            [("HMGET", keys.record(rid), "st", "resp", "exp")]
+            [("HMGET", keys.record(rid), keys.STATUS, keys.ANSWER, keys.EXPIRES)]
         )
         if status is None:
             return None
@@ -127,7 +127,7 @@ class ReservationStore:
         # The script needs the SKUs' keys up front, so they are read first; if the reservation
         # is made between this read and the script (a release racing its own reserve), the
         # script sees other SKUs than were sent and answers 'retry' rather than lose holds.
-        ((raw_skus,),) = await self._redis.call_many([("HMGET", record[0], "skus")])
+        ((raw_skus,),) = await self._redis.call_many([("HMGET", record[0], keys.SKUS)])
         skus: list[str] = msgspec.json.decode(raw_skus) if raw_skus else []
         call_keys = list(record)
         for sku in skus:
