@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
@@ -31,6 +31,9 @@ from gateway.dev.services import (
     start_redis_cluster,
 )
 from gateway.settings import ApiKey, Settings
+
+if TYPE_CHECKING:
+    from tests.helpers import OwnRedis
 
 KEYS = {"storefront": "sf-key", "feed": "feed-key", "ops": "ops-key"}
 
@@ -136,3 +139,15 @@ async def cluster(cluster_url: str) -> AsyncIterator[RedisCluster]:
     await client.flushall()
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    """A private redis-server the test may stop, pause or restart."""
+    from tests.helpers import OwnRedis  # here: tests.helpers imports this module
+
+    server = OwnRedis()
+    try:
+        yield server
+    finally:
+        server.stop()

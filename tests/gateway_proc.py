@@ -15,6 +15,9 @@ from tests.conftest import KEYS
 
 
 class GatewayProcess:
+    # What start-up waits for: a 200 here.
+    ready_path = "/readyz"
+
     def __init__(self, redis_url: str, postgres_dsn: str, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -43,12 +46,12 @@ class GatewayProcess:
                 self._log.seek(0)
                 raise RuntimeError(f"gateway exited: {self._log.read().decode()[-2000:]}")
             try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as resp:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=1) as resp:
                     if resp.status == 200:
                         return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError("gateway did not become ready")
+        raise RuntimeError(f"gateway did not answer 200 on {self.ready_path}")
 
     def log_text(self) -> str:
         """What the process has written to stderr so far: its log lines. Read with pread: the

@@ -40,15 +40,6 @@ FAST = 0.3  # "at once", with room for a loaded CI machine
 
 
 @pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    server = OwnRedis()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 async def gw(
     own_redis: OwnRedis, postgres_dsn: str, pg: asyncpg.Connection
 ) -> AsyncIterator[Client]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -37,15 +37,6 @@ local start = us()
 while us() - start < tonumber(ARGV[1]) * 1000 do end
 return 1
 """
-
-
-@pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    server = OwnRedis()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
