@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +28,7 @@ from gateway.dev.services import (
     start_kafka,
     start_redis,
     start_redis_cluster,
+    stop_process,
 )
 from gateway.settings import ApiKey, Settings
 
@@ -74,12 +74,7 @@ def kafka_bootstrap() -> Iterator[str]:
     except ServiceMissing as exc:
         pytest.exit(f"Kafka tests need a broker: {exc}", 2)
     yield bootstrap
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+    stop_process(proc)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import time
 import urllib.request
 from typing import Any
 
-from gateway.dev.services import free_port
+from gateway.dev.services import free_port, stop_process
 from tests.conftest import KEYS
 
 
@@ -64,12 +64,6 @@ class GatewayProcess:
         self.proc.wait(10)
 
     def stop(self) -> Any:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, grace=15)
         self._log.close()
         return self.proc.returncode

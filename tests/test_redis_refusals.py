@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -17,7 +16,7 @@ from redis.exceptions import ResponseError
 
 from gateway.adapters.redis import RedisPort
 from gateway.adapters.redis_errors import classify, error_reply
-from gateway.dev.services import _spawn_redis, _wait_for, free_port
+from gateway.dev.services import _spawn_redis, _wait_for, free_port, stop_process
 from gateway.errors import DependencyDown
 
 PASSWORD = "s3cret"
@@ -44,12 +43,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[int]:
         _wait_for("127.0.0.1", number, proc, "redis-server")
         yield number
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
 
 
 @pytest.fixture

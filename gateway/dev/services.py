@@ -56,16 +56,19 @@ def _wait_for(host: str, port: int, proc: subprocess.Popen[bytes], what: str) ->
     raise ServiceMissing(f"{what} did not start listening on {host}:{port}")
 
 
-def _own(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
-    def stop() -> None:
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
         if proc.poll() is None:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
-            if proc.poll() is None:
-                proc.kill()
+            proc.kill()
+            proc.wait(5)
 
-    atexit.register(stop)
+
+def _own(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    atexit.register(stop_process, proc)
     return proc
 
 
