@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pathlib
 import re
-from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
 
 import gateway.atp
+from gateway.adapters.lua import lua_libs, lua_source
 from gateway.atp import keys as atp_keys
 from gateway.atp.availability import compute_available
 
@@ -23,10 +23,7 @@ APPLIED, DUPLICATE, STALE, REJECTED = 0, 1, 2, 3
 
 
 def script(name: str) -> str:
-    files = resources.files("gateway.atp")
-    lib = files.joinpath("lib.lua")
-    prefix = lib.read_text() + "\n" if lib.is_file() else ""
-    return prefix + files.joinpath(name).read_text()
+    return lua_source("gateway.atp", name)
 
 
 async def run(redis: aioredis.Redis, name: str, keys: list[str], args: list[Any]) -> Any:
@@ -184,8 +181,7 @@ async def test_lib_names_the_fields_and_formula_keys_py_does(redis: aioredis.Red
         "return {f.oh, f.res, f.com, f.ss, f.b, f.bt, f.bi, f.as, f.ag,"
         " available(10, 2, 3, 1), available(1, 2, 3, 4), shortfall(1, 2, 3), shortfall(9, 2, 3)}"
     )
-    lib = resources.files("gateway.atp").joinpath("lib.lua").read_text()
-    reply = await redis.eval(lib + "\n" + body, 0, "L7")
+    reply = await redis.eval(lua_libs("gateway.atp") + body, 0, "L7")
     assert reply[:9] == [
         *atp_keys.figure_fields("L7"),
         *(

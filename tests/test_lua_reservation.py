@@ -1,15 +1,21 @@
 """Each reservation script on its own against real Redis: the KEYS/ARGV/returns contract in its
 header, its normal answers and its failure answers (short, conflict, replay, missing, retry,
-error). The scripts are loaded as the gateway loads them (``lib.lua`` first) and called with a
-plain EVAL; the keys are the caller's to name, so these use short ones of their own."""
+error). The scripts are loaded as the gateway loads them (``lua_source``: the libs first) and
+called with a plain EVAL; the keys are the caller's to name, so these use short ones of
+their own."""
 
 from __future__ import annotations
 
 import json
-from importlib import resources
+import pathlib
+import re
 from typing import Any
 
 import redis.asyncio as aioredis
+
+import gateway.reservation
+from gateway.adapters.lua import lua_libs, lua_source
+from gateway.reservation import keys as rsv_keys
 
 REC, IDX, SS = "t:{r}:rec", "t:{r}:idx", "t:ss"
 POS, HOLDS = "t:{A}:p", "t:{A}:h"
@@ -18,8 +24,7 @@ DAY = "86400"
 
 
 def script(name: str) -> str:
-    files = resources.files("gateway.reservation")
-    return files.joinpath("lib.lua").read_text() + "\n" + files.joinpath(name).read_text()
+    return lua_source("gateway.reservation", name)
 
 
 async def run(redis: aioredis.Redis, name: str, keys: list[str], args: list[Any]) -> Any:
@@ -306,3 +311,30 @@ async def test_cluster_mark_expires_a_dead_saga_after_its_lease(redis: aioredis.
     assert await mark(redis, "r1", "done") == ["expired"]
     # Finishing after the sweeper took it: not held any more.
     assert await mark(redis, "r1", "finish", "held", "[]", 60_000) == ["expired"]
+
+
+async def test_rec_names_the_record_fields_keys_py_does(redis: aioredis.Redis) -> None:
+    """REC in lib.lua and gateway/reservation/keys.py are the two homes of the record's fields."""
+    lib = lua_libs("gateway.reservation")
+    body = "return {REC.status, REC.fingerprint, REC.answer, REC.expires, REC.skus}"
+    assert await redis.eval(lib + body, 0) == [
+        rsv_keys.STATUS,
+        rsv_keys.FINGERPRINT,
+        rsv_keys.ANSWER,
+        rsv_keys.EXPIRES,
+        rsv_keys.SKUS,
+    ]
+
+
+def test_scripts_spell_no_field_name_of_their_own() -> None:
+    """Position fields come from atp's lib.lua, record fields from REC: no reservation script
+    (lib.lua included) spells one, nor an availability formula of its own."""
+    spelled = re.compile(r"""'(oh|res|com|ss):|'(st|fp|resp|exp|skus)'""")
+    root = pathlib.Path(gateway.reservation.__file__).parent
+    offenders = [
+        f"{path.name}:{n}"
+        for path in sorted(root.glob("*.lua"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if spelled.search(line) and not line.startswith("local REC = ")
+    ]
+    assert offenders == []

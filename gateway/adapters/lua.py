@@ -4,12 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
+from importlib import resources
+from typing import Final
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from gateway.errors import RETRY_AFTER, Overloaded
+
+_LIB: Final = "lib.lua"
+# A lib.lua may build on another package's: ``--! include gateway.atp`` as a line of its own.
+_INCLUDE: Final = re.compile(r"^--! include ([\w.]+)$", re.MULTILINE)
+
+
+def lua_source(package: str, name: str) -> str:
+    """A script's text as Redis runs it: the libs it builds on, its package's ``lib.lua``, then
+    the script itself (Redis cannot include one script from another)."""
+    return lua_libs(package) + resources.files(package).joinpath(name).read_text()
+
+
+def lua_libs(package: str) -> str:
+    """The libs a package's scripts run after: those its ``lib.lua`` includes, then its own."""
+    return "".join(_lib_chain(package, set()))
+
+
+def _lib_chain(package: str, seen: set[str]) -> list[str]:
+    if package in seen:
+        return []
+    seen.add(package)
+    lib = resources.files(package).joinpath(_LIB)
+    if not lib.is_file():
+        return []
+    text = lib.read_text()
+    chain = [part for base in _INCLUDE.findall(text) for part in _lib_chain(base, seen)]
+    return [*chain, text + "\n"]
 
 
 class LuaScript:

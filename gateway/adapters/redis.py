@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from importlib import resources
 from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
@@ -29,7 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.gate import DependencyGate
-from gateway.adapters.lua import CallLimiter, LuaScript
+from gateway.adapters.lua import CallLimiter, LuaScript, lua_source
 from gateway.adapters.redis_errors import (
     NoAnswer,
     classify,
@@ -53,7 +52,6 @@ REDIS_PY_CONCURRENCY: Final = 64
 # Connections a pool may open beyond the calls let through: the gate's probe, readiness.
 _POOL_SPARE: Final = 4
 
-_LIB: Final = "lib.lua"
 ScriptCall = tuple[Sequence[str], Sequence[str | int | bytes]]
 _PING: Final = (("PING",),)
 _EVALSHA: Final = (("EVALSHA",),)
@@ -105,11 +103,8 @@ class RedisPort:
         return cls(aioredis.Redis.from_url(url, **options), fast, timeout=timeout)
 
     def script(self, package: str, name: str) -> LuaScript:
-        """Load ``name`` from ``package``, after the package's ``lib.lua`` when it has one."""
-        files = resources.files(package)
-        lib = files.joinpath(_LIB)
-        prefix = lib.read_text() + "\n" if lib.is_file() else ""
-        return LuaScript(self.client, prefix + files.joinpath(name).read_text())
+        """Load ``name`` from ``package``, after the libs it builds on (see :func:`lua_source`)."""
+        return LuaScript(self.client, lua_source(package, name))
 
     async def execute(
         self,

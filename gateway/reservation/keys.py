@@ -14,9 +14,11 @@ from gateway.atp.keys import PREFIX
 
 BUCKETS: Final = 16
 
-# Fields of a reservation record (a hash; see reserve.lua and lib.lua for the Lua side): its
-# status, the answer it gave (held lines or shortfalls, as JSON), its expiry (ms) and its SKUs.
+# Fields of a reservation record (a hash; REC in lib.lua names them for the scripts): its status,
+# the request's fingerprint, the answer it gave (held lines or shortfalls, as JSON), its expiry
+# (ms) and its SKUs.
 STATUS: Final = "st"
+FINGERPRINT: Final = "fp"
 ANSWER: Final = "resp"
 EXPIRES: Final = "exp"
 SKUS: Final = "skus"

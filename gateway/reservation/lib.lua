@@ -1,12 +1,15 @@
--- Shared functions of the reservation scripts. The gateway prepends this file to each script
--- (Redis cannot include one script from another), so every rule lives in one place.
+--! include gateway.atp
+-- Shared functions of the reservation scripts. The gateway prepends this file to each script,
+-- after gateway/atp/lib.lua (the line above), so every rule lives in one place: the position
+-- fields and the availability formula are atp's (position_fields, available).
 --
--- Data: per SKU (hash tag {sku}) the position hash atp:{sku}:p with fields res:<loc> (reserved),
--- com:<loc> (committed), oh:<loc> (on hand), ss:<loc> (SKU safety stock), and the holds hash
+-- Data: per SKU (hash tag {sku}) the position hash atp:{sku}:p (atp/lib.lua) and the holds hash
 -- atp:{sku}:h, field <reservation id> = "<loc>=<qty>;<loc>=<qty>..." (what that reservation
--- holds of the SKU). Per reservation the record hash atp:rsv:{rsvN}:<id> (st status, fp body
--- fingerprint, exp expiry ms, skus JSON, resp answer JSON) and, per bucket N, the expiry index
--- atp:rsv-expiry:{rsvN}.
+-- holds of the SKU). Per reservation the record hash atp:rsv:{rsvN}:<id> with the fields REC
+-- names below and, per bucket N, the expiry index atp:rsv-expiry:{rsvN}.
+-- gateway/reservation/keys.py names the same record fields for the Python side.
+
+local REC = {status = 'st', fingerprint = 'fp', answer = 'resp', expires = 'exp', skus = 'skus'}
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -20,17 +23,6 @@ end
 local function by_most_available(x, y)
   if x.a ~= y.a then return x.a > y.a end
   return x.i < y.i
-end
-
--- A location's field names in a position hash, built once per script call, not once per line.
-local field_names = {}
-local function fields_of(loc)
-  local names = field_names[loc]
-  if not names then
-    names = {'oh:' .. loc, 'res:' .. loc, 'com:' .. loc, 'ss:' .. loc}
-    field_names[loc] = names
-  end
-  return names
 end
 
 -- Hold the lines of one or more SKUs, all or nothing. pairs_from: index in KEYS of the first
@@ -52,8 +44,8 @@ local function hold_lines(rid, lines, pairs_from, ss_key, numbered)
   local taken = {}
   local defaults = {}
   local function avail(pos, loc, default_ss)
-    local names = fields_of(loc)
-    local f = redis.call('HMGET', pos, names[1], names[2], names[3], names[4])
+    local names = position_fields(loc)
+    local f = redis.call('HMGET', pos, names.oh, names.res, names.com, names.ss)
     local ss = tonumber(f[4])
     if not ss then
       if default_ss == nil and ss_key then
@@ -64,7 +56,8 @@ local function hold_lines(rid, lines, pairs_from, ss_key, numbered)
       end
       ss = default_ss or 0
     end
-    return (tonumber(f[1]) or 0) - (tonumber(f[2]) or 0) - (tonumber(f[3]) or 0) - ss
+    -- Clamped before what this call took is counted: a location below zero stays short.
+    return available(tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0, ss)
       - (taken[pos .. '|' .. loc] or 0)
   end
   local allocations, short = {}, {}
@@ -150,7 +143,7 @@ local function hold_lines(rid, lines, pairs_from, ss_key, numbered)
     redis.call('HSET', KEYS[pairs_from + 2 * (k - 1) + 1], rid, held)
   end
   for _, p in ipairs(plan) do
-    redis.call('HINCRBY', KEYS[pairs_from + 2 * (p.k - 1)], fields_of(p.loc)[2], fmt(p.q))
+    redis.call('HINCRBY', KEYS[pairs_from + 2 * (p.k - 1)], position_fields(p.loc).res, fmt(p.q))
   end
   return true, '[' .. table.concat(allocations, ',') .. ']'
 end
@@ -164,9 +157,10 @@ local function settle_holds(rid, pairs_from, action)
     if held then
       redis.call('HDEL', holds, rid)
       for loc, q in string.gmatch(held, '([^;=]+)=(%d+)') do
-        redis.call('HINCRBY', pos, 'res:' .. loc, -tonumber(q))
+        local names = position_fields(loc)
+        redis.call('HINCRBY', pos, names.res, -tonumber(q))
         if action == 'confirm' then
-          redis.call('HINCRBY', pos, 'com:' .. loc, tonumber(q))
+          redis.call('HINCRBY', pos, names.com, tonumber(q))
         end
       end
     end

@@ -14,7 +14,7 @@ local now = now_ms()
 
 local function reserve_one(k, a)
   local rec, idx, rid, fp = KEYS[k], KEYS[k + 1], ARGV[a], ARGV[a + 1]
-  local seen = redis.call('HMGET', rec, 'fp', 'st', 'resp', 'exp')
+  local seen = redis.call('HMGET', rec, REC.fingerprint, REC.status, REC.answer, REC.expires)
   if seen[1] then
     if seen[1] ~= fp then return {'conflict'} end
     return {'replay', seen[2], seen[3], seen[4] or ''}
@@ -25,12 +25,13 @@ local function reserve_one(k, a)
   redis.call('ZSCORE', idx, rid)
   local ok, answer = hold_lines(rid, cjson.decode(ARGV[a + 3]), k + 3, KEYS[k + 2])
   if not ok then
-    redis.call('HSET', rec, 'st', 'rejected', 'fp', fp, 'resp', answer)
+    redis.call('HSET', rec, REC.status, 'rejected', REC.fingerprint, fp, REC.answer, answer)
     redis.call('EXPIRE', rec, ARGV[a + 5])
     return {'short', answer}
   end
   local exp = fmt(now + tonumber(ARGV[a + 2]))
-  redis.call('HSET', rec, 'st', 'held', 'fp', fp, 'resp', answer, 'exp', exp, 'skus', ARGV[a + 4])
+  redis.call('HSET', rec, REC.status, 'held', REC.fingerprint, fp, REC.answer, answer,
+    REC.expires, exp, REC.skus, ARGV[a + 4])
   redis.call('ZADD', idx, exp, rid)
   return {'held', answer, exp}
 end

@@ -7,7 +7,7 @@
 -- 'retry': the record's SKUs are not those whose keys were sent (the reservation was made
 -- after the caller read them): read them again and call again.
 local rec, idx, rid, action = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
-local f = redis.call('HMGET', rec, 'st', 'exp', 'skus')
+local f = redis.call('HMGET', rec, REC.status, REC.expires, REC.skus)
 local st, exp = f[1], tonumber(f[2])
 if not st or st == 'rejected' then
   redis.call('ZREM', idx, rid)
@@ -23,7 +23,7 @@ if action == 'expire' and not overdue then return {'held'} end
 local final = 'expired'
 if not overdue then final = (action == 'confirm') and 'confirmed' or 'released' end
 settle_holds(rid, 3, final == 'confirmed' and 'confirm' or 'release')
-redis.call('HSET', rec, 'st', final)
+redis.call('HSET', rec, REC.status, final)
 redis.call('ZREM', idx, rid)
 redis.call('EXPIRE', rec, ARGV[3])
 return {final}
