@@ -22,11 +22,13 @@ from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.config_record import PostgresConfigRecord
 from gateway.adapters.kafka import run_consumer
 from gateway.adapters.postgres import Postgres
+from gateway.adapters.records import RedisRecords, RedisRecordWriter
 from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.adapters.reserve_coalescer import ReserveCoalescer
 from gateway.atp.availability import AvailabilityReader
 from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
+from gateway.atp.store import AtpStore
 from gateway.http import atp_routes, health, ops_routes, reservation_routes
 from gateway.http.auth import Authenticator
 from gateway.http.codec import MAX_BODY
@@ -102,16 +104,18 @@ async def _ping_redis(port: RedisPort) -> None:
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     scripts = ScriptRegistry(app[REDIS], "gateway.atp")
+    records = RedisRecords(app[BATCHER])
     app[APPLIER] = EventApplier(
         scripts,
         horizon_seconds=settings.event_horizon_seconds,
         shared_slots=not settings.redis_cluster,
     )
-    app[AVAILABILITY] = AvailabilityReader(app[BATCHER])
+    app[AVAILABILITY] = AvailabilityReader(records)
     config = LocationConfig(
         PostgresConfigRecord(app[POSTGRES]),
-        app[REDIS],
-        app[BATCHER],
+        AtpStore(scripts),
+        RedisRecordWriter(app[REDIS]),
+        records,
         redis_check=app[REDIS].gate.check,
     )
     app[LOCATION_CONFIG] = config
@@ -127,7 +131,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     reservation_scripts = ScriptRegistry(app[REDIS], "gateway.reservation", app[BATCHER])
     reservations = ReservationService(
         reservation_scripts,
-        app[BATCHER],
+        records,
         ReserveCoalescer(reservation_scripts),
         cluster=settings.redis_cluster,
         max_ttl_seconds=settings.reservation_max_ttl,
@@ -141,7 +145,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
-    worker = functools.partial(run_sweeper, app[RESERVATIONS_SERVICE], app[BATCHER])
+    worker = functools.partial(run_sweeper, app[RESERVATIONS_SERVICE], RedisRecords(app[BATCHER]))
     async with supervised("expiry-sweeper", worker, app[LIFECYCLE]):
         yield
 

@@ -6,7 +6,7 @@ import redis.asyncio as aioredis
 
 from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.atp import keys
-from gateway.atp.store import ApplyCall, AtpStore, Shortfall, SkuOutcome, swap_config_marker
+from gateway.atp.store import ApplyCall, AtpStore, Shortfall, SkuOutcome
 
 HOUR_US = str(3600 * 1_000_000)
 
@@ -46,11 +46,12 @@ async def test_swap_config_marker_is_a_compare_and_set(
 ) -> None:
     port = RedisPort.from_url(redis_url, cluster=False)
     try:
+        store = AtpStore(ScriptRegistry(port, "gateway.atp"))
         await redis.set(keys.CONFIG_MARKER, "3")
-        assert await swap_config_marker(port, "3", "4") is True
+        assert await store.swap_config_marker("3", "4") is True
         assert await redis.get(keys.CONFIG_MARKER) == "4"
         # Another writer came in between: nobody can vouch for the copy any more.
-        assert await swap_config_marker(port, "3", "5") is False
+        assert await store.swap_config_marker("3", "5") is False
         assert await redis.get(keys.CONFIG_MARKER) == "dirty"
     finally:
         await port.close()

@@ -16,11 +16,14 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.adapters.config_record import PostgresConfigRecord
+from gateway.adapters.records import RedisRecords, RedisRecordWriter
+from gateway.adapters.redis import ScriptRegistry
 from gateway.app import create_app
 from gateway.atp import keys
 from gateway.atp.config_store import MARKER, LocationConfig
-from gateway.atp.ports import CommandWriter
+from gateway.atp.store import AtpStore
 from gateway.http.state import BATCHER, POSTGRES, REDIS
+from gateway.ports import FieldWrite, RecordWriter, ValueWrite
 from gateway.settings import Settings
 from tests.conftest import auth, make_settings
 from tests.helpers import private_database
@@ -107,7 +110,7 @@ class Stepper:
     """The gateway's Redis port, with the calls of one writer held at chosen points, so a test
     can interleave two writers as a slow network would."""
 
-    def __init__(self, port: CommandWriter, group_key: str) -> None:
+    def __init__(self, port: RecordWriter, group_key: str) -> None:
         self._port = port
         self._group_key = group_key
         self.at_data = asyncio.Event()  # set when the writer's copy is about to go
@@ -115,17 +118,16 @@ class Stepper:
         self.before_data = _open_event()  # the copy waits for this
         self.after_data = _open_event()  # what follows the copy waits for this
 
-    async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        is_data = any(c[0] == "SET" and c[1] == self._group_key for c in commands)
+    async def write(self, writes: Sequence[ValueWrite | FieldWrite]) -> None:
+        is_data = any(w.key == self._group_key for w in writes)
         if is_data:
             self.at_data.set()
             await self.before_data.wait()
         elif self.data_done.is_set():
             await self.after_data.wait()
-        replies = await self._port.execute(commands)
+        await self._port.write(writes)
         if is_data:
             self.data_done.set()
-        return replies
 
 
 def _open_event() -> asyncio.Event:
@@ -141,11 +143,13 @@ async def test_an_older_copy_landing_late_is_never_vouched_for(
     last. Stamping the marker with the writer's version would vouch for OLD for good."""
     app = client.server.app
     group_key = keys.location_group("race")
-    first = Stepper(app[REDIS], group_key)
-    second = Stepper(app[REDIS], group_key)
+    first = Stepper(RedisRecordWriter(app[REDIS]), group_key)
+    second = Stepper(RedisRecordWriter(app[REDIS]), group_key)
     record = PostgresConfigRecord(app[POSTGRES])
-    w1 = LocationConfig(record, first, app[BATCHER])
-    w2 = LocationConfig(record, second, app[BATCHER])
+    store = AtpStore(ScriptRegistry(app[REDIS], "gateway.atp"))
+    records = RedisRecords(app[BATCHER])
+    w1 = LocationConfig(record, store, first, records)
+    w2 = LocationConfig(record, store, second, records)
     w1_done = asyncio.Event()
     first.before_data = second.data_done
     second.after_data = w1_done

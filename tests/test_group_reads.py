@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.adapters.batcher import CommandBatcher
+from gateway.adapters.records import RedisRecords
 from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.adapters.reserve_coalescer import ReserveCoalescer
 from gateway.atp import keys
@@ -60,7 +61,7 @@ async def service(sender: Recording, redis_url: str) -> AsyncIterator[Reservatio
     port = RedisPort.from_url(redis_url, cluster=False)
     svc = ReservationService(
         ScriptRegistry(port, "gateway.reservation"),
-        sender,
+        RedisRecords(sender),
         ReserveCoalescer(ScriptRegistry(port, "gateway.reservation")),
         cluster=False,
         max_ttl_seconds=3600,
@@ -79,7 +80,7 @@ def _request(rid: str, group: str) -> ReservationRequest:
 async def test_an_availability_read_over_a_group_sends_no_marker_read(
     sender: Recording, redis: aioredis.Redis
 ) -> None:
-    reader = AvailabilityReader(sender)
+    reader = AvailabilityReader(RedisRecords(sender))
     (item,) = await reader.in_group(["A"], "g")
     assert item.available == 8
     assert not sender.asked_for_marker()

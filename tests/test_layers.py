@@ -4,6 +4,7 @@ adapters above the domain) hold, and this suite fails the moment an import break
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -30,3 +31,20 @@ def test_import_contracts_hold() -> None:
     contracts = config["tool"]["importlinter"]["contracts"]
     assert len(contracts) >= 3
     assert f"Contracts: {len(contracts)} kept, 0 broken." in done.stdout, done.stdout
+
+
+def test_the_domain_speaks_no_redis_commands() -> None:
+    """The ports are named for what the domain asks (gateway/ports.py): no Python module of a
+    domain package spells a Redis command for an adapter to send."""
+    command = re.compile(
+        r"""["'](GET|SET|MGET|HGET|HMGET|HSET|HDEL|HINCRBY|ZADD|ZREM|ZSCORE|ZRANGEBYSCORE|"""
+        r"""EVAL|EVALSHA|SCRIPT|TIME|EXPIRE|DEL|PING)["']"""
+    )
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for package in ("atp", "reservation", "buffering")
+        for path in sorted((ROOT / "gateway" / package).glob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if command.search(line)
+    ]
+    assert offenders == []

@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.adapters.batcher import CommandBatcher
+from gateway.adapters.records import RedisRecords
 from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.adapters.reserve_coalescer import ReserveCoalescer
 from gateway.app import create_app
@@ -383,13 +384,13 @@ async def test_the_sweeper_rides_out_an_outage() -> None:
     batcher = CommandBatcher(functools.partial(port.execute, raise_on_error=False))
     service = ReservationService(
         ScriptRegistry(port, "gateway.reservation", batcher),
-        batcher,
+        RedisRecords(batcher),
         ReserveCoalescer(ScriptRegistry(port, "gateway.reservation", batcher)),
         cluster=False,
         max_ttl_seconds=3600,
     )
     runner = asyncio.create_task(batcher.run())
-    sweeper = asyncio.create_task(run_sweeper(service, batcher))
+    sweeper = asyncio.create_task(run_sweeper(service, RedisRecords(batcher)))
     try:
         await asyncio.sleep(1)  # four passes with Redis down
         assert not sweeper.done(), sweeper.exception()

@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.adapters.batcher import CommandBatcher
+from gateway.adapters.records import RedisRecords
 from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.adapters.reserve_coalescer import ReserveCoalescer
 from gateway.atp import keys as atp_keys
@@ -101,7 +102,7 @@ async def test_a_backlog_on_a_busy_redis_never_holds_a_request_past_its_timeout(
     writes = [batcher.call_many([("SET", f"w{i}", "1")], dedupe=False) for i in range(300)]
     service = ReservationService(
         ScriptRegistry(port, "gateway.reservation", batcher),
-        batcher,
+        RedisRecords(batcher),
         ReserveCoalescer(ScriptRegistry(port, "gateway.reservation", batcher)),
         cluster=False,
         max_ttl_seconds=3600,

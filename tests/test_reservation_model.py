@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 from gateway.adapters.batcher import CommandBatcher
+from gateway.adapters.records import RedisRecords
 from gateway.adapters.redis import RedisPort, ScriptRegistry
 from gateway.adapters.reserve_coalescer import ReserveCoalescer
 from gateway.atp import keys as atp_keys
@@ -109,7 +110,7 @@ class ReservationMachine(RuleBasedStateMachine):
         self.applier = EventApplier(ScriptRegistry(self.port, "gateway.atp"), horizon_seconds=86400)
         self.service = ReservationService(
             ScriptRegistry(self.port, "gateway.reservation", self.batcher),
-            self.batcher,
+            RedisRecords(self.batcher),
             ReserveCoalescer(ScriptRegistry(self.port, "gateway.reservation", self.batcher)),
             cluster=False,
             max_ttl_seconds=3600,
@@ -234,7 +235,7 @@ class ReservationMachine(RuleBasedStateMachine):
                 # Expiry is due now: move the deadline into the past, then let the sweeper run.
                 await self.redis.hset(keys.record(rid), "exp", 1)
                 await self.redis.zadd(keys.expiry_index(keys.bucket(rid)), {rid: 1})
-            return await sweep_once(self.service, self.batcher)
+            return await sweep_once(self.service, RedisRecords(self.batcher))
 
         expired = self.run(force())
         if status == "held":

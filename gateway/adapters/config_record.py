@@ -14,7 +14,7 @@ from typing import Final
 import asyncpg
 
 from gateway.adapters.postgres import Postgres
-from gateway.atp.ports import ConfigSnapshot, SafetyStockRow
+from gateway.ports import ConfigSnapshot, SafetyStockRow
 
 _BUMP_VERSION: Final = "UPDATE config_version SET version = version + 1 RETURNING version"
 _UPSERT_GROUP: Final = """
@@ -28,7 +28,7 @@ _UPSERT_SAFETY_STOCK: Final = """
 
 
 class PostgresConfigRecord:
-    """:class:`gateway.atp.ports.LocationConfigRecord` on the gateway's PostgreSQL port."""
+    """:class:`gateway.ports.LocationConfigRecord` on the gateway's PostgreSQL port."""
 
     def __init__(self, db: Postgres) -> None:
         self._db = db

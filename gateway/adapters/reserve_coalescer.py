@@ -1,5 +1,5 @@
 """Merge the reservations of one event-loop tick into few script calls (single Redis node):
-the :class:`gateway.reservation.ports.ReservationHolder` the reservation service holds through.
+the :class:`gateway.ports.ReservationHolder` the reservation service holds through.
 
 A reservation script has a fixed cost (dispatch, set-up, the clock) beside its per-line work, and
 each call costs the gateway a command to encode and a reply to match. Under load many carts

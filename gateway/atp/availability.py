@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.atp import keys
-from gateway.atp.ports import CommandSender
 from gateway.atp.schemas import (
     GroupAvailability,
     LocationAvailability,
     PositionAvailability,
 )
 from gateway.errors import ConfigNotCopied, NotFound
+from gateway.ports import FieldsRead, Records
 
 
 def _int(raw: Any) -> int:
@@ -32,15 +32,15 @@ def compute_available(on_hand: int, reserved: int, committed: int, safety_stock:
 
 
 class AvailabilityReader:
-    def __init__(self, redis: CommandSender) -> None:
-        self._redis = redis
+    def __init__(self, records: Records) -> None:
+        self._records = records
 
     async def at_location(self, skus: Sequence[str], location: str) -> list[PositionAvailability]:
         fields = keys.figure_fields(location)
-        default_ss, *rows = await self._redis.call_many(
+        default_ss, *rows = await self._records.fields(
             [
-                ("HMGET", keys.LOCATION_SAFETY_STOCK, location),
-                *[("HMGET", position, *fields) for position in keys.positions(skus)],
+                FieldsRead(keys.LOCATION_SAFETY_STOCK, (location,)),
+                *[FieldsRead(position, fields) for position in keys.positions(skus)],
             ]
         )
         default = int(default_ss[0]) if default_ss[0] is not None else 0
@@ -69,10 +69,10 @@ class AvailabilityReader:
         if members is None:
             raise NotFound(f"location group {group!r} does not exist", group=group)
         fields = [f for location in members for f in keys.figure_fields(location)]
-        default_ss, *rows = await self._redis.call_many(
+        default_ss, *rows = await self._records.fields(
             [
-                ("HMGET", keys.LOCATION_SAFETY_STOCK, *members),
-                *(("HMGET", position, *fields) for position in keys.positions(skus)),
+                FieldsRead(keys.LOCATION_SAFETY_STOCK, members),
+                *[FieldsRead(position, fields) for position in keys.positions(skus)],
             ]
         )
         defaults = [_int(v) for v in default_ss]
@@ -99,13 +99,13 @@ class AvailabilityReader:
         return items
 
     async def group_members(self, group: str) -> list[str] | None:
-        read = ("GET", keys.location_group(group))
-        raw = await self._redis.call(*read)
+        key = keys.location_group(group)
+        raw = await self._records.value(key)
         if raw is None:
             # Rare: only now is the config marker worth a round trip. The group is read again
             # beside it, so that a copy landing between the two reads cannot make a group that
             # exists look unknown.
-            raw, marker = await self._redis.call_many([read, ("GET", keys.CONFIG_MARKER)])
+            raw, marker = await self._records.values([key, keys.CONFIG_MARKER])
             if raw is None:
                 if keys.config_copy_missing(marker):
                     raise ConfigNotCopied()

@@ -34,14 +34,13 @@ import asyncio
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
 from gateway.atp import keys
-from gateway.atp.ports import CommandSender, CommandWriter, LocationConfigRecord, SafetyStockRow
 from gateway.atp.schemas import LocationGroupOut, SafetyStockEntry
-from gateway.atp.store import swap_config_marker
+from gateway.atp.store import AtpStore
 from gateway.errors import (
     RETRY_AFTER,
     ConfigNotCopied,
@@ -50,6 +49,14 @@ from gateway.errors import (
     ValidationFailed,
 )
 from gateway.metrics import CONFIG_RESTORES
+from gateway.ports import (
+    FieldWrite,
+    LocationConfigRecord,
+    Records,
+    RecordWriter,
+    SafetyStockRow,
+    ValueWrite,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -65,14 +72,16 @@ class LocationConfig:
     def __init__(
         self,
         record: LocationConfigRecord,
-        redis: CommandWriter,
-        batcher: CommandSender,
+        store: AtpStore,
+        writer: RecordWriter,
+        records: Records,
         *,
         redis_check: Callable[[], None] | None = None,
     ) -> None:
         self._record = record
-        self._redis = redis
-        self._batcher = batcher
+        self._store = store
+        self._writer = writer
+        self._records = records
         # Raises DependencyDown while Redis is known down: a write then fails before it
         # touches the record, and answers "nothing applied" instead of "outcome unknown".
         self._redis_check = redis_check
@@ -92,7 +101,7 @@ class LocationConfig:
             raise ValidationFailed(errors)
         members = list(locations)
         await self._write(
-            [("SET", keys.location_group(group), ",".join(members))],
+            [ValueWrite(keys.location_group(group), ",".join(members))],
             lambda: self._record.save_group(group, members),
         )
         log.info("location_group_updated", group=group, members=len(members))
@@ -101,13 +110,13 @@ class LocationConfig:
     async def put_safety_stock(self, items: Sequence[SafetyStockEntry]) -> int:
         rows = [SafetyStockRow(i.location, i.sku or "", i.quantity) for i in items]
         await self._write(
-            [_safety_command(*row) for row in rows], lambda: self._record.save_safety_stock(rows)
+            [_safety_write(*row) for row in rows], lambda: self._record.save_safety_stock(rows)
         )
         log.info("safety_stock_updated", items=len(rows))
         return len(rows)
 
     async def _write(
-        self, commands: list[tuple[Any, ...]], save: Callable[[], Awaitable[int]]
+        self, writes: list[ValueWrite | FieldWrite], save: Callable[[], Awaitable[int]]
     ) -> None:
         if self._redis_check is not None:
             self._redis_check()
@@ -115,7 +124,7 @@ class LocationConfig:
         try:
             token = _token()
             await self._swap(str(version - 1), token)
-            await self._send(commands)
+            await self._send(writes)
             await self._swap(token, str(version))
         except asyncio.CancelledError:
             raise
@@ -132,9 +141,7 @@ class LocationConfig:
     # -- reads -------------------------------------------------------------------------------
 
     async def get_group(self, group: str) -> LocationGroupOut:
-        raw, marker = await self._batcher.call_many(
-            [("GET", keys.location_group(group)), ("GET", MARKER)]
-        )
+        raw, marker = await self._records.values([keys.location_group(group), MARKER])
         if raw is None:
             if keys.config_copy_missing(marker):
                 raise ConfigNotCopied()
@@ -164,7 +171,7 @@ class LocationConfig:
     async def sync(self) -> bool:
         """Copy the record to Redis if Redis does not hold its version; True if it copied."""
         version = await self._record.version()
-        marker = await self._batcher.call("GET", MARKER)
+        marker = await self._records.value(MARKER)
         if marker is not None and bytes(marker) == str(version).encode():
             self._pending_seen = None
             return False
@@ -183,14 +190,14 @@ class LocationConfig:
     async def restore(self) -> int:
         """Copy the whole record to Redis (one snapshot of it); returns the version copied."""
         version, groups, stock = await self._record.snapshot()
-        commands: list[tuple[Any, ...]] = [
-            ("SET", keys.location_group(group), ",".join(members)) for group, members in groups
+        writes: list[ValueWrite | FieldWrite] = [
+            ValueWrite(keys.location_group(group), ",".join(members)) for group, members in groups
         ]
-        commands += [_safety_command(*row) for row in stock]
+        writes += [_safety_write(*row) for row in stock]
         # A restore's own token: until the swap, readers know a missing group may not be back yet.
         token = keys.CONFIG_RESTORING.decode() + uuid.uuid4().hex
-        await self._send([("SET", MARKER, token)])
-        await self._send(commands)
+        await self._send([ValueWrite(MARKER, token)])
+        await self._send(writes)
         vouched = await self._swap(token, str(version))
         CONFIG_RESTORES.inc()
         log.info(
@@ -202,19 +209,19 @@ class LocationConfig:
         )
         return version
 
-    async def _send(self, commands: Sequence[tuple[Any, ...]]) -> None:
-        for start in range(0, len(commands), _CHUNK):
-            await self._redis.execute(commands[start : start + _CHUNK])
+    async def _send(self, writes: Sequence[ValueWrite | FieldWrite]) -> None:
+        for start in range(0, len(writes), _CHUNK):
+            await self._writer.write(writes[start : start + _CHUNK])
 
     async def _swap(self, expected: str, new: str) -> bool:
-        return await swap_config_marker(self._redis, expected, new)
+        return await self._store.swap_config_marker(expected, new)
 
 
 def _token() -> str:
     return f"{_PENDING.decode()}{uuid.uuid4().hex}"
 
 
-def _safety_command(location: str, sku: str, quantity: int) -> tuple[Any, ...]:
+def _safety_write(location: str, sku: str, quantity: int) -> FieldWrite:
     if sku:
-        return ("HSET", keys.position(sku), keys.safety_stock_field(location), quantity)
-    return ("HSET", keys.LOCATION_SAFETY_STOCK, location, quantity)
+        return FieldWrite(keys.position(sku), keys.safety_stock_field(location), quantity)
+    return FieldWrite(keys.LOCATION_SAFETY_STOCK, location, quantity)

@@ -14,11 +14,11 @@ from typing import Final
 import structlog
 
 from gateway.atp import keys
-from gateway.atp.ports import ScriptRunner
 from gateway.atp.schemas import IngestResult, StockEvent
 from gateway.atp.store import ApplyCall, AtpStore
 from gateway.atp.validation import parse_timestamp
 from gateway.metrics import STOCK_SHORTFALL
+from gateway.ports import Scripts
 
 log = structlog.get_logger(__name__)
 
@@ -32,7 +32,7 @@ _EVENTS_PER_CALL: Final = 256
 
 class EventApplier:
     def __init__(
-        self, scripts: ScriptRunner, *, horizon_seconds: int, shared_slots: bool = True
+        self, scripts: Scripts, *, horizon_seconds: int, shared_slots: bool = True
     ) -> None:
         """``shared_slots``: one script may touch several SKUs (a single Redis node). On a
         cluster each SKU's keys live in their own slot, so each SKU is a call of its own."""

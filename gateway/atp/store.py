@@ -2,24 +2,21 @@
 
 ``apply_events.lua`` answers positional arrays (see its header); this module is the one place
 that knows their shape, so the services read fields, never indexes. ``config_marker.lua`` is
-called here too (``swap_config_marker``).
+called here too (:meth:`AtpStore.swap_config_marker`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from importlib import resources
 from typing import Final
 
 import msgspec
 
 from gateway.atp import keys
-from gateway.atp.ports import CommandWriter, ScriptRunner
+from gateway.ports import Scripts
 
 APPLY_SCRIPT: Final = "apply_events.lua"
-# Sent as EVAL text, not through a ScriptRunner: the marker is written by the config sync, which
-# runs its commands on the writer port, in the order it sends them.
-_MARKER_CAS: Final = resources.files("gateway.atp").joinpath("config_marker.lua").read_text()
+MARKER_SCRIPT: Final = "config_marker.lua"
 
 
 class Shortfall(msgspec.Struct, frozen=True):
@@ -45,7 +42,7 @@ class ApplyCall(msgspec.Struct, frozen=True):
 
 
 class AtpStore:
-    def __init__(self, scripts: ScriptRunner) -> None:
+    def __init__(self, scripts: Scripts) -> None:
         self._scripts = scripts
 
     async def apply_events(self, calls: Sequence[ApplyCall]) -> list[SkuOutcome]:
@@ -62,9 +59,8 @@ class AtpStore:
             for codes, short in reply
         ]
 
-
-async def swap_config_marker(redis: CommandWriter, expected: str, new: str) -> bool:
-    """Set the config marker to ``new`` if it holds ``expected``; else leave it ``dirty`` and
-    answer False (see config_marker.lua)."""
-    (done,) = await redis.execute([("EVAL", _MARKER_CAS, 1, keys.CONFIG_MARKER, expected, new)])
-    return bool(done)
+    async def swap_config_marker(self, expected: str, new: str) -> bool:
+        """Set the config marker to ``new`` if it holds ``expected``; else leave it ``dirty``
+        and answer False (see config_marker.lua)."""
+        (done,) = await self._scripts.run(MARKER_SCRIPT, [([keys.CONFIG_MARKER], [expected, new])])
+        return bool(done)

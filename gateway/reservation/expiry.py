@@ -14,27 +14,22 @@ import structlog
 
 from gateway.errors import Unavailable
 from gateway.metrics import RESERVATIONS, RESERVATIONS_DUE
+from gateway.ports import Records
 from gateway.reservation import keys
-from gateway.reservation.ports import RecordReader
 from gateway.reservation.service import ReservationService
 
 log = structlog.get_logger(__name__)
 SWEEP_INTERVAL: Final = 0.25
 SLICE: Final = 200
 _CONCURRENCY: Final = 32
+_INDEXES: Final = tuple(keys.expiry_index(n) for n in range(keys.BUCKETS))
 
 
-async def sweep_once(service: ReservationService, redis: RecordReader) -> int:
+async def sweep_once(service: ReservationService, records: Records) -> int:
     """Expire what is due now; returns how many reservations this pass expired."""
-    seconds, micros = await redis.call("TIME")
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
-    due_lists = await redis.call_many(
-        [
-            ("ZRANGEBYSCORE", keys.expiry_index(n), "-inf", now_ms, "LIMIT", 0, SLICE)
-            for n in range(keys.BUCKETS)
-        ]
-    )
-    due = [rid.decode() for rids in due_lists for rid in rids]
+    now_ms = await records.now_ms()
+    due_lists = await records.due(_INDEXES, now_ms, SLICE)
+    due = [rid for rids in due_lists for rid in rids]
     RESERVATIONS_DUE.set(len(due))
     if not due:
         return 0
@@ -57,11 +52,11 @@ async def sweep_once(service: ReservationService, redis: RecordReader) -> int:
     return expired
 
 
-async def run_sweeper(service: ReservationService, redis: RecordReader) -> None:
+async def run_sweeper(service: ReservationService, records: Records) -> None:
     down = False
     while True:
         try:
-            await sweep_once(service, redis)
+            await sweep_once(service, records)
         except Unavailable as exc:
             # Redis down or stalled: the next pass tries again. Not a crash: the supervisor's
             # backoff (up to 30 s) would hold expiry back long after Redis came back.

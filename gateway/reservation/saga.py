@@ -14,7 +14,7 @@ from typing import Final
 
 from gateway.atp import keys as atp_keys
 from gateway.errors import RETRY_AFTER, Conflict, OutcomeUnknown, Unavailable
-from gateway.reservation.ports import RecordReader
+from gateway.ports import FieldsRead, Records
 from gateway.reservation.replies import (
     ENCODER,
     LINES,
@@ -50,9 +50,9 @@ _PENDING_WAIT: Final = 5.0
 
 
 class ClusterSaga:
-    def __init__(self, store: ReservationStore, redis: RecordReader) -> None:
+    def __init__(self, store: ReservationStore, records: Records) -> None:
         self._store = store
-        self._redis = redis
+        self._records = records
         # The retry's own answer is due within the timeout (plus a second) like any other.
         self._pending_wait = min(_PENDING_WAIT, store.timeout)
 
@@ -63,8 +63,8 @@ class ClusterSaga:
         along. (On a single node the script reads them itself, atomically with the check.)"""
         direct = {ln.location for ln in request.lines if ln.location}
         locations = sorted(direct.union(*members.values()))
-        (defaults,) = await self._redis.call_many(
-            [("HMGET", atp_keys.LOCATION_SAFETY_STOCK, *locations)]
+        (defaults,) = await self._records.fields(
+            [FieldsRead(atp_keys.LOCATION_SAFETY_STOCK, locations)]
         )
         return {
             loc: int(v) if v is not None else 0 for loc, v in zip(locations, defaults, strict=True)

@@ -21,7 +21,7 @@ from gateway.errors import (
     Unavailable,
     ValidationFailed,
 )
-from gateway.reservation.ports import RecordReader, ReservationHolder, ReservationScripts
+from gateway.ports import Records, ReservationHolder, Scripts
 from gateway.reservation.replies import (
     ENCODER,
     Line,
@@ -45,18 +45,18 @@ _SETTLE_ATTEMPTS: Final = 5
 class ReservationService:
     def __init__(
         self,
-        scripts: ReservationScripts,
-        redis: RecordReader,
+        scripts: Scripts,
+        records: Records,
         holder: ReservationHolder,
         *,
         cluster: bool,
         max_ttl_seconds: int,
     ) -> None:
-        self._redis = redis
+        self._records = records
         self._cluster = cluster
         self._max_ttl = max_ttl_seconds
-        self._store = ReservationStore(scripts, redis, holder)
-        self._saga = ClusterSaga(self._store, redis)
+        self._store = ReservationStore(scripts, records, holder)
+        self._saga = ClusterSaga(self._store, records)
 
     async def close(self) -> None:
         """Cancel reservation calls still in flight (their requests are being cancelled too)."""
@@ -130,15 +130,13 @@ class ReservationService:
 
     async def _group_members(self, groups: set[str]) -> dict[str, list[str]]:
         names = sorted(groups)
-        reads = [("GET", atp_keys.location_group(g)) for g in names]
-        replies = await self._redis.call_many(reads)
+        reads = [atp_keys.location_group(g) for g in names]
+        replies = await self._records.values(reads)
         if None in replies:
             # Rare: only now is the config marker worth a round trip. The groups are read
             # again beside it, so that a copy landing between the two reads cannot make a
             # group that exists look unknown.
-            *replies, marker = await self._redis.call_many(
-                [*reads, ("GET", atp_keys.CONFIG_MARKER)]
-            )
+            *replies, marker = await self._records.values([*reads, atp_keys.CONFIG_MARKER])
             if None in replies and atp_keys.config_copy_missing(marker):
                 raise ConfigNotCopied()
         members: dict[str, list[str]] = {}

@@ -16,8 +16,8 @@ import msgspec
 
 from gateway.atp import keys as atp_keys
 from gateway.errors import GatewayError
+from gateway.ports import FieldsRead, Records, ReservationHolder, Scripts
 from gateway.reservation import keys
-from gateway.reservation.ports import RecordReader, ReservationHolder, ReservationScripts
 from gateway.reservation.replies import ENCODER, RETENTION_SECONDS, Line, text
 from gateway.reservation.results import (
     BeginResult,
@@ -45,6 +45,8 @@ from gateway.reservation.results import (
 )
 
 _RETENTION: Final = str(RETENTION_SECONDS)
+_RECORD_FIELDS: Final = (keys.STATUS, keys.ANSWER, keys.EXPIRES)
+_SKUS_FIELD: Final = (keys.SKUS,)
 
 
 class Record(msgspec.Struct):
@@ -71,11 +73,9 @@ def reserve_result(reply: Sequence[Any]) -> ReserveResult:
 
 
 class ReservationStore:
-    def __init__(
-        self, scripts: ReservationScripts, redis: RecordReader, holder: ReservationHolder
-    ) -> None:
+    def __init__(self, scripts: Scripts, records: Records, holder: ReservationHolder) -> None:
         self._scripts = scripts
-        self._redis = redis
+        self._records = records
         self._holder = holder
 
     @property
@@ -116,8 +116,8 @@ class ReservationStore:
         return self._holder.hold(call_keys, values, locations)
 
     async def record(self, rid: str) -> Record | None:
-        ((status, answer, exp),) = await self._redis.call_many(
-            [("HMGET", keys.record(rid), keys.STATUS, keys.ANSWER, keys.EXPIRES)]
+        ((status, answer, exp),) = await self._records.fields(
+            [FieldsRead(keys.record(rid), _RECORD_FIELDS)]
         )
         if status is None:
             return None
@@ -127,7 +127,7 @@ class ReservationStore:
         # The script needs the SKUs' keys up front, so they are read first; if the reservation
         # is made between this read and the script (a release racing its own reserve), the
         # script sees other SKUs than were sent and answers 'retry' rather than lose holds.
-        ((raw_skus,),) = await self._redis.call_many([("HMGET", record[0], keys.SKUS)])
+        ((raw_skus,),) = await self._records.fields([FieldsRead(record[0], _SKUS_FIELD)])
         skus: list[str] = msgspec.json.decode(raw_skus) if raw_skus else []
         call_keys = list(record)
         for sku in skus:

@@ -1,0 +1,128 @@
+"""What the domain packages need from the outside, as protocols the adapters implement.
+
+One neutral home for every port, named for what the domain asks (run this script on these keys,
+read these fields of these records, keep this config), never for a transport's commands: the
+adapters (:mod:`gateway.adapters`) translate, batch and classify. Every port fails with gateway
+errors only: 503 ``dependency_unavailable`` when nothing was applied (nothing sent, or only
+reads), 503 ``outcome_unknown`` when a write was sent and not answered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+from gateway.errors import GatewayError
+
+# One script call: the keys it touches and its arguments.
+ScriptCall = tuple[Sequence[str], Sequence[Any]]
+
+
+class Scripts(Protocol):
+    """A domain's Lua scripts, by file name: one run per call, the replies in order."""
+
+    async def run(self, name: str, calls: Sequence[ScriptCall]) -> list[Any]: ...
+
+    @property
+    def timeout(self) -> float:
+        """The longest a call may take (``GATEWAY_REDIS_TIMEOUT_SECONDS``)."""
+        ...
+
+    def script_error(self, message: str) -> GatewayError:
+        """What an error a script step caught and answered as data means: a refused write to
+        retry (503, nothing written) or damaged data or a defect (500)."""
+        ...
+
+
+class FieldsRead(NamedTuple):
+    """Some fields of one record (a hash): the values come back in the order named."""
+
+    key: str
+    fields: Sequence[str]
+
+
+class Records(Protocol):
+    """Reads of the records the scripts keep. The reads of one call are answered together, and
+    the adapter may share their round trip with other callers'; a missing value is None."""
+
+    async def fields(self, reads: Sequence[FieldsRead]) -> list[list[Any]]: ...
+
+    async def values(self, keys: Sequence[str]) -> list[Any]: ...
+
+    async def value(self, key: str) -> Any: ...
+
+    async def now_ms(self) -> int:
+        """The store's clock (the one the scripts read), in milliseconds."""
+        ...
+
+    async def due(self, indexes: Sequence[str], until_ms: int, limit: int) -> list[list[str]]:
+        """Per time-ordered index, up to ``limit`` members due at or before ``until_ms``."""
+        ...
+
+
+class ValueWrite(NamedTuple):
+    key: str
+    value: str
+
+
+class FieldWrite(NamedTuple):
+    key: str
+    field: str
+    value: str | int
+
+
+class RecordWriter(Protocol):
+    """Writes values and record fields now, in the order given; raises on any failure."""
+
+    async def write(self, writes: Sequence[ValueWrite | FieldWrite]) -> None: ...
+
+
+class ReservationHolder(Protocol):
+    """Holds single-node reservations: each all or nothing on its own (``reserve.lua``), in
+    arrival order; how many share a call is the adapter's business."""
+
+    def hold(self, keys: list[str], values: list[Any], locations: int) -> Awaitable[Any]:
+        """The reserve script's reply for one reservation: its keys, its values, and how many
+        locations its lines check. Not a coroutine: the caller awaits the answer itself, one
+        frame less to resume."""
+        ...
+
+    async def close(self) -> None:
+        """Refuse new reservations and cancel those not yet written."""
+        ...
+
+
+class SafetyStockRow(NamedTuple):
+    """One safety-stock setting: ``sku`` empty for the location's default."""
+
+    location: str
+    sku: str
+    quantity: int
+
+
+class ConfigSnapshot(NamedTuple):
+    """The whole location config as of one version, read in one snapshot."""
+
+    version: int
+    groups: Sequence[tuple[str, Sequence[str]]]
+    safety_stock: Sequence[SafetyStockRow]
+
+
+class LocationConfigRecord(Protocol):
+    """The durable record of the location config (groups and safety stock) and its version.
+
+    Each save applies its change and bumps the version in one transaction and returns the new
+    version; a failure before COMMIT was sent applied nothing, an unanswered COMMIT may have."""
+
+    async def version(self) -> int:
+        """The version the record holds now."""
+        ...
+
+    async def snapshot(self) -> ConfigSnapshot:
+        """Everything, in one consistent read. May be slow for its size: it has a longer
+        deadline of its own, and its timeout says nothing about the record's health."""
+        ...
+
+    async def save_group(self, group: str, locations: Sequence[str]) -> int: ...
+
+    async def save_safety_stock(self, rows: Sequence[SafetyStockRow]) -> int: ...
