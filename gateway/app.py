@@ -23,8 +23,9 @@ from gateway.adapters.config_record import PostgresConfigRecord
 from gateway.adapters.kafka import run_consumer
 from gateway.adapters.postgres import Postgres
 from gateway.adapters.records import RedisRecords, RedisRecordWriter
-from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.redis import RedisPort
 from gateway.adapters.reserve_coalescer import ReserveCoalescer
+from gateway.adapters.scripts import ScriptRegistry
 from gateway.atp.availability import AvailabilityReader
 from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.redis import RedisPort
+from gateway.adapters.scripts import ScriptRegistry
 from gateway.atp import keys
 from gateway.atp.store import ApplyCall, AtpStore, Shortfall, SkuOutcome
 

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.adapters.config_record import PostgresConfigRecord
 from gateway.adapters.records import RedisRecords, RedisRecordWriter
-from gateway.adapters.redis import ScriptRegistry
+from gateway.adapters.scripts import ScriptRegistry
 from gateway.app import create_app
 from gateway.atp import keys
 from gateway.atp.config_store import MARKER, LocationConfig

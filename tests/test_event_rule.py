@@ -12,7 +12,8 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.redis import RedisPort
+from gateway.adapters.scripts import ScriptRegistry
 from gateway.atp import keys
 from gateway.atp.events import EventApplier
 from gateway.atp.schemas import StockEvent

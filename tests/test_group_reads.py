@@ -14,8 +14,9 @@ import redis.asyncio as aioredis
 
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.records import RedisRecords
-from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.redis import RedisPort
 from gateway.adapters.reserve_coalescer import ReserveCoalescer
+from gateway.adapters.scripts import ScriptRegistry
 from gateway.atp import keys
 from gateway.atp.availability import AvailabilityReader
 from gateway.errors import ConfigNotCopied, NotFound, ValidationFailed

@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import redis.asyncio as aioredis
 
-from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.redis import RedisPort
+from gateway.adapters.scripts import ScriptRegistry
 from gateway.atp import keys
 from gateway.atp.events import EventApplier
 from tests.helpers import stock_event

@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from multidict import MultiDict
 from yarl import URL
 
-from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.redis import RedisPort
+from gateway.adapters.scripts import ScriptRegistry
 from gateway.app import create_app
 from gateway.atp import keys
 from gateway.atp.events import EventApplier

@@ -13,8 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.adapters.batcher import CommandBatcher
-from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.redis import RedisPort
 from gateway.adapters.reserve_coalescer import ReserveCoalescer
+from gateway.adapters.scripts import ScriptRegistry
 from gateway.atp.events import EventApplier
 from gateway.errors import (
     DependencyDown,
@@ -248,7 +249,7 @@ async def test_a_stall_closes_the_gate_and_a_probe_reopens_it() -> None:
             with pytest.raises(DependencyDown, match="no reply"):
                 await port.execute([("SET", "k", "never")])
             with pytest.raises(DependencyDown):
-                port.script_now(port.script("gateway.atp", "apply_events.lua"), [], [])
+                port.send_now([("SET", "k", "never")])
             assert time.monotonic() - started < 0.05  # at once
         finally:
             proc.send_signal(signal.SIGCONT)

@@ -23,8 +23,9 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.records import RedisRecords
-from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.redis import RedisPort
 from gateway.adapters.reserve_coalescer import ReserveCoalescer
+from gateway.adapters.scripts import ScriptRegistry
 from gateway.app import create_app
 from gateway.atp import keys as atp_keys
 from gateway.dev.services import free_port, start_redis_cluster

@@ -18,8 +18,9 @@ import redis.asyncio as aioredis
 
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.records import RedisRecords
-from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.redis import RedisPort
 from gateway.adapters.reserve_coalescer import ReserveCoalescer
+from gateway.adapters.scripts import ScriptRegistry
 from gateway.atp import keys as atp_keys
 from gateway.errors import DependencyDown, GatewayError, OutcomeUnknown
 from gateway.reservation import keys

@@ -17,8 +17,9 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.records import RedisRecords
-from gateway.adapters.redis import RedisPort, ScriptRegistry
+from gateway.adapters.redis import RedisPort
 from gateway.adapters.reserve_coalescer import ReserveCoalescer
+from gateway.adapters.scripts import ScriptRegistry
 from gateway.atp import keys as atp_keys
 from gateway.atp.events import EventApplier
 from gateway.atp.schemas import StockEvent

@@ -251,7 +251,7 @@ async def test_release_racing_its_reserve_releases_what_it_held(
 ) -> None:
     # A release reads the reservation's SKUs, then settles by script. If the reservation is
     # made in between, the script must not mark it released while its holds stay.
-    from gateway.adapters.redis import ScriptRegistry
+    from gateway.adapters.scripts import ScriptRegistry
     from gateway.http.state import REDIS
     from gateway.reservation.store import record_keys
 

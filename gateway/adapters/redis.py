@@ -2,8 +2,8 @@
 
 The rest of the gateway talks to :class:`RedisPort`; it does not care whether a cluster routes
 its commands. On a single node (no TLS) batches go through the lean multiplexed
-:class:`RespConnection`; on a cluster, through redis-py, which routes by slot. Scripts are loaded
-from ``.lua`` files and re-loaded after NOSCRIPT (a restart or a failover).
+:class:`RespConnection`; on a cluster, through redis-py, which routes by slot. Script calls
+reach it through :class:`gateway.adapters.scripts.ScriptRegistry` only.
 """
 
 from __future__ import annotations
@@ -20,20 +20,16 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
     MaxConnectionsError,
-    NoScriptError,
     RedisClusterException,
-    ResponseError,
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.gate import DependencyGate
 from gateway.adapters.lua import CallLimiter, LuaScript, lua_source
 from gateway.adapters.redis_errors import (
     NoAnswer,
     classify,
     combine,
-    error_reply,
     has_writes,
     no_reply,
     not_sent,
@@ -210,46 +206,8 @@ class RedisPort:
             self.gate.trip(f"{type(exc).__name__}: {exc}")
         return classify(exc, commands)
 
-    async def run_script(
-        self,
-        script: LuaScript,
-        calls: Sequence[ScriptCall],
-        batcher: CommandBatcher | None = None,
-        cost: int | None = None,
-    ) -> list[Any]:
-        """Run one script per call: pipelined on a single node (in the batcher's next batch when
-        one is given); on a cluster each call is routed to the node of its keys."""
-        if not calls:
-            return []
-        if self.cluster:
-            return await self._run_on_cluster(script, calls)
-        commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls]
-
-        async def send(batch: Sequence[tuple[Any, ...]]) -> list[Any]:
-            if batcher is None:
-                return await self.execute(batch, raise_on_error=False)
-            return await batcher.call_many(batch, dedupe=False, raise_on_error=False, cost=cost)
-
-        replies = await send(commands)
-        missing = [i for i, r in enumerate(replies) if is_noscript(r)]
-        if missing:
-            # The server lost its script cache: load once, then run only what did not run.
-            try:
-                await self.execute([("SCRIPT", "LOAD", script.text)])
-                again = await send([commands[i] for i in missing])
-            except GatewayError as exc:
-                if len(missing) == len(commands):
-                    raise
-                # The calls that did run may not be taken back.
-                raise combine(replies, commands, [exc]) from exc
-            for i, reply in zip(missing, again, strict=True):
-                replies[i] = reply
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise_for_replies(replies, commands)
-        return replies
-
-    async def _run_on_cluster(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
+    async def run_on_cluster(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Run one script per call, each routed to the node of its keys (in parallel)."""
         fanout = asyncio.Semaphore(_CLUSTER_FANOUT)
         deadline = self._deadline(None)  # the calls of one request share one
 
@@ -272,19 +230,17 @@ class RedisPort:
             raise combine(results, _EVALSHA * len(results), errors)
         return results
 
-    def script_now(
-        self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int | bytes]
-    ) -> asyncio.Future[list[Any]] | None:
-        """Write one script call at once on the lean connection and return the future of its
-        one-element reply list (an error reply, NOSCRIPT included, as an exception in it).
-        None where that cannot be done now (a cluster, TLS, a connection not yet open): use
-        :meth:`run_script`. While the gate is closed, raises 503 at once: nothing is sent."""
+    def send_now(self, commands: Sequence[Sequence[Any]]) -> asyncio.Future[list[Any]] | None:
+        """Write commands at once on the lean connection and return the future of their
+        replies (an error reply as an exception in its place). None where that cannot be done
+        now (a cluster, TLS, a connection not yet open). While the gate is closed, raises 503
+        at once: nothing is sent."""
         gate = self.gate
         if not gate.up:
             gate.check()
         if self._fast is None:
             return None
-        return self._fast.send_now([("EVALSHA", script.sha, len(keys), *keys, *args)])
+        return self._fast.send_now(commands)
 
     async def ping(self) -> bool:
         """Whether Redis answers now (every primary of a cluster); a gateway error if not."""
@@ -320,58 +276,3 @@ class RedisPort:
         if self._fast is not None:
             await self._fast.close()
         await self.client.aclose()
-
-
-def is_noscript(reply: Any) -> bool:
-    return isinstance(reply, NoScriptError) or (
-        isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
-    )
-
-
-class ScriptRegistry:
-    """Lua scripts of one package, by file name, run through a :class:`RedisPort`."""
-
-    def __init__(
-        self, port: RedisPort, package: str, batcher: CommandBatcher | None = None
-    ) -> None:
-        self._port = port
-        self._package = package
-        self._batcher = batcher
-        self._scripts: dict[str, LuaScript] = {}
-
-    async def run(
-        self, name: str, calls: Sequence[ScriptCall], cost: int | None = None
-    ) -> list[Any]:
-        return await self._port.run_script(self._script(name), calls, self._batcher, cost)
-
-    def run_now(
-        self, name: str, keys: Sequence[str], args: Sequence[str | int | bytes]
-    ) -> asyncio.Future[list[Any]] | None:
-        """Start one call of ``name`` at once (see :meth:`RedisPort.script_now`), or None."""
-        return self._port.script_now(self._script(name), keys, args)
-
-    @property
-    def timeout(self) -> float:
-        return self._port.timeout
-
-    @staticmethod
-    def must_rerun(reply: Any) -> bool:
-        return is_noscript(reply)
-
-    @staticmethod
-    def failure(error: BaseException) -> GatewayError:
-        """What a failed script call answers one of the requests that shared it, as a fresh
-        exception (one shared by many would collect every raiser's traceback)."""
-        return classify(error, _EVALSHA)
-
-    @staticmethod
-    def script_error(message: str) -> GatewayError:
-        """What an error a script caught and answered means: Redis refusing a write it could
-        make later (503, nothing written) or damaged data or a defect (500)."""
-        return error_reply(ResponseError(message))
-
-    def _script(self, name: str) -> LuaScript:
-        script = self._scripts.get(name)
-        if script is None:
-            script = self._scripts[name] = self._port.script(self._package, name)
-        return script

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Final
 
-from gateway.adapters.redis import ScriptRegistry
+from gateway.adapters.scripts import ScriptRegistry
 from gateway.errors import RETRY_AFTER, Overloaded, ShuttingDown
 from gateway.metrics import RESERVATIONS_PER_CALL
 
