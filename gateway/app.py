@@ -21,6 +21,7 @@ from aiohttp import web
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.config_record import PostgresConfigRecord
 from gateway.adapters.kafka import run_consumer
+from gateway.adapters.outbox import PostgresOutbox
 from gateway.adapters.postgres import Postgres
 from gateway.adapters.records import RedisRecords, RedisRecordWriter
 from gateway.adapters.redis import RedisPort
@@ -30,7 +31,9 @@ from gateway.atp.availability import AvailabilityReader
 from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
 from gateway.atp.store import AtpStore
-from gateway.http import atp_routes, health, ops_routes, reservation_routes
+from gateway.buffering.intake import OrderIntake
+from gateway.buffering.mender import run_mender
+from gateway.http import atp_routes, health, ops_routes, order_routes, reservation_routes
 from gateway.http.auth import Authenticator
 from gateway.http.codec import MAX_BODY
 from gateway.http.guard import Guard
@@ -40,6 +43,7 @@ from gateway.http.state import (
     BATCHER,
     LIFECYCLE,
     LOCATION_CONFIG,
+    ORDER_INTAKE,
     POSTGRES,
     READINESS,
     REDIS,
@@ -145,6 +149,16 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         await reservations.close()
 
 
+async def _orders_ctx(app: web.Application) -> AsyncIterator[None]:
+    outbox = PostgresOutbox(app[POSTGRES])
+    intake = OrderIntake(app[RESERVATIONS_SERVICE], outbox)
+    app[ORDER_INTAKE] = intake
+    async with supervised(
+        "order-mender", functools.partial(run_mender, intake, outbox), app[LIFECYCLE]
+    ):
+        yield
+
+
 async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     worker = functools.partial(run_sweeper, app[RESERVATIONS_SERVICE], RedisRecords(app[BATCHER]))
     async with supervised("expiry-sweeper", worker, app[LIFECYCLE]):
@@ -182,11 +196,26 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[LIFECYCLE] = lifecycle
     app.cleanup_ctx.extend(
-        [_redis_ctx, _postgres_ctx, _readiness_ctx, _services_ctx, _sweeper_ctx, _kafka_ctx]
+        [
+            _redis_ctx,
+            _postgres_ctx,
+            _readiness_ctx,
+            _services_ctx,
+            _orders_ctx,
+            _sweeper_ctx,
+            _kafka_ctx,
+        ]
     )
     app.on_startup.append(_freeze_gc)  # after the cleanup contexts: they run first
     app.on_shutdown.append(_on_shutdown)
     Guard(lifecycle, auth, settings).add_routes(
-        app, [health.routes, atp_routes.routes, ops_routes.routes, reservation_routes.routes]
+        app,
+        [
+            health.routes,
+            atp_routes.routes,
+            ops_routes.routes,
+            reservation_routes.routes,
+            order_routes.routes,
+        ],
     )
     return app

@@ -95,3 +95,15 @@ CONFIG_RESTORES: Final = Counter(
     "Copies of the whole ops config from PostgreSQL to Redis, made because Redis did not hold "
     "the record's version (it lost its data, or a write's Redis half failed)",
 )
+ORDERS_IN: Final = Counter(
+    "gateway_orders_in_total",
+    "Orders taken into the buffer, by route (confirm, direct) and answer: accepted (202), "
+    "repeated (200, the buffer had it), refused (409 or 404)",
+    ["route", "answer"],
+)
+ORDERS_MENDED: Final = Counter(
+    "gateway_orders_mended_total",
+    "Order rows whose Redis half the mender finished: moved (the hold now counts as committed) "
+    "or discarded (the hold lapsed first; the order was never acknowledged)",
+    ["outcome"],
+)

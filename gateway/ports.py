@@ -10,6 +10,7 @@ reads), 503 ``outcome_unknown`` when a write was sent and not answered.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Sequence
+from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
 from gateway.errors import GatewayError
@@ -126,3 +127,55 @@ class LocationConfigRecord(Protocol):
     async def save_group(self, group: str, locations: Sequence[str]) -> int: ...
 
     async def save_safety_stock(self, rows: Sequence[SafetyStockRow]) -> int: ...
+
+
+# --- the order buffer -----------------------------------------------------------------------
+
+
+class NewOrder(NamedTuple):
+    """A confirmed order as the buffer takes it: ``body`` the order JSON exactly as received
+    (it goes to the ERP as is), ``lines`` the held allocations it commits, as JSON."""
+
+    order_id: str
+    reservation_id: str
+    customer_id: str | None
+    body: bytes
+    lines: bytes
+
+
+class StoredOrder(NamedTuple):
+    order_id: str
+    reservation_id: str
+    status: str  # queued | sending | accepted | failed
+    hold_state: str  # pending | moved
+    attempts: int
+    last_error: str | None
+    erp_order_id: str | None
+    accepted_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class OrderOutbox(Protocol):
+    """The durable order buffer. A row is committed before its order is acknowledged."""
+
+    async def add(self, order: NewOrder) -> StoredOrder | None:
+        """Commit the row; None when its order id or its reservation id is taken already."""
+        ...
+
+    async def find(self, order_id: str) -> StoredOrder | None: ...
+
+    async def find_by_reservation(self, reservation_id: str) -> StoredOrder | None: ...
+
+    async def hold_moved(self, order_id: str) -> None:
+        """Record that the order's Redis hold counts as committed now."""
+        ...
+
+    async def discard(self, order_id: str) -> bool:
+        """Delete a row whose hold never moved (the order was never acknowledged); False if
+        it moved meanwhile."""
+        ...
+
+    async def holds_pending(self, older_than_seconds: float, limit: int) -> list[StoredOrder]:
+        """Rows whose Redis half is not done, committed at least ``older_than_seconds`` ago."""
+        ...

@@ -23,10 +23,10 @@ from gateway.reservation.schemas import (
 routes = web.RouteTableDef()
 _ID: Final = re.compile(RESERVATION_ID_PATTERN)
 # aiohttp's default {name} excludes braces, which ids may contain.
-_PATH_ID: Final = "{reservation_id:[^/]+}"
+PATH_ID: Final = "{reservation_id:[^/]+}"
 
 
-def _rid(request: web.Request) -> str:
+def rid_of(request: web.Request) -> str:
     # The same rule as the body's reservation_id, so every id that can be made can be addressed.
     rid = request.match_info["reservation_id"]
     if not _ID.match(rid):
@@ -56,23 +56,23 @@ async def post_reservation(request: web.Request) -> web.Response:
     return json_response(outcome.reservation, status=201)
 
 
-@routes.get(f"/v1/reservations/{_PATH_ID}")
+@routes.get(f"/v1/reservations/{PATH_ID}")
 @requires("storefront")
 async def get_reservation(request: web.Request) -> web.Response:
-    return json_response(await request.app[RESERVATIONS_SERVICE].get(_rid(request)))
+    return json_response(await request.app[RESERVATIONS_SERVICE].get(rid_of(request)))
 
 
-@routes.delete(f"/v1/reservations/{_PATH_ID}")
+@routes.delete(f"/v1/reservations/{PATH_ID}")
 @requires("storefront")
 async def delete_reservation(request: web.Request) -> web.Response:
-    reservation = await request.app[RESERVATIONS_SERVICE].release(_rid(request))
+    reservation = await request.app[RESERVATIONS_SERVICE].release(rid_of(request))
     RESERVATIONS.inc("released")
     return json_response(reservation)
 
 
-@routes.post(f"/v1/reservations/{_PATH_ID}/extend")
+@routes.post(f"/v1/reservations/{PATH_ID}/extend")
 @requires("storefront")
 async def extend_reservation(request: web.Request) -> web.Response:
-    rid = _rid(request)
+    rid = rid_of(request)
     body = await read_json(request, ExtendRequest)
     return json_response(await request.app[RESERVATIONS_SERVICE].extend(rid, body.ttl_seconds))

@@ -12,6 +12,7 @@ from gateway.adapters.redis import RedisPort
 from gateway.atp.availability import AvailabilityReader
 from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
+from gateway.buffering.intake import OrderIntake
 from gateway.lifecycle import Lifecycle, Readiness
 from gateway.reservation.service import ReservationService
 from gateway.settings import Settings
@@ -26,3 +27,4 @@ APPLIER: Final = web.AppKey("applier", EventApplier)
 AVAILABILITY: Final = web.AppKey("availability", AvailabilityReader)
 RESERVATIONS_SERVICE: Final = web.AppKey("reservations", ReservationService)
 LOCATION_CONFIG: Final = web.AppKey("location_config", LocationConfig)
+ORDER_INTAKE: Final = web.AppKey("order_intake", OrderIntake)

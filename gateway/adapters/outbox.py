@@ -1,0 +1,84 @@
+"""The order buffer in PostgreSQL: the SQL behind :class:`gateway.ports.OrderOutbox`.
+
+Bounds and honest outcomes are :class:`Postgres`'s: a failure before COMMIT was sent is
+``dependency_unavailable`` (nothing applied), an unanswered COMMIT ``outcome_unknown``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import asyncpg
+
+from gateway.adapters.postgres import Postgres
+from gateway.ports import NewOrder, StoredOrder
+
+_COLUMNS: Final = (
+    "order_id, reservation_id, status, hold_state, attempts, last_error, erp_order_id,"
+    " accepted_at, created_at, updated_at"
+)
+_INSERT: Final = f"""
+    INSERT INTO orders (order_id, reservation_id, customer_id, body, lines)
+    VALUES ($1, $2, $3, $4, $5::jsonb)
+    ON CONFLICT DO NOTHING
+    RETURNING {_COLUMNS}"""
+_BY_ID: Final = f"SELECT {_COLUMNS} FROM orders WHERE order_id = $1"
+_BY_RESERVATION: Final = f"SELECT {_COLUMNS} FROM orders WHERE reservation_id = $1"
+_HOLD_MOVED: Final = """
+    UPDATE orders SET hold_state = 'moved', updated_at = now()
+    WHERE order_id = $1 AND hold_state = 'pending'"""
+_DISCARD: Final = "DELETE FROM orders WHERE order_id = $1 AND hold_state = 'pending'"
+_HOLDS_PENDING: Final = f"""
+    SELECT {_COLUMNS} FROM orders
+    WHERE hold_state = 'pending' AND created_at <= now() - make_interval(secs => $1)
+    ORDER BY created_at LIMIT $2"""
+
+
+def _stored(row: asyncpg.Record | None) -> StoredOrder | None:
+    return None if row is None else StoredOrder(*row.values())
+
+
+class PostgresOutbox:
+    """:class:`gateway.ports.OrderOutbox` on the gateway's PostgreSQL port."""
+
+    def __init__(self, db: Postgres) -> None:
+        self._db = db
+
+    async def add(self, order: NewOrder) -> StoredOrder | None:
+        async def insert(conn: asyncpg.Connection) -> StoredOrder | None:
+            row = await conn.fetchrow(_INSERT, *order[:4], order.lines.decode())
+            return _stored(row)
+
+        return await self._db.write(insert)
+
+    async def find(self, order_id: str) -> StoredOrder | None:
+        return await self._db.read(_fetch_one(_BY_ID, order_id))
+
+    async def find_by_reservation(self, reservation_id: str) -> StoredOrder | None:
+        return await self._db.read(_fetch_one(_BY_RESERVATION, reservation_id))
+
+    async def hold_moved(self, order_id: str) -> None:
+        async def update(conn: asyncpg.Connection) -> None:
+            await conn.execute(_HOLD_MOVED, order_id)
+
+        await self._db.write(update)
+
+    async def discard(self, order_id: str) -> bool:
+        async def delete(conn: asyncpg.Connection) -> bool:
+            return str(await conn.execute(_DISCARD, order_id)) == "DELETE 1"
+
+        return await self._db.write(delete)
+
+    async def holds_pending(self, older_than_seconds: float, limit: int) -> list[StoredOrder]:
+        async def select(conn: asyncpg.Connection) -> list[StoredOrder]:
+            rows = await conn.fetch(_HOLDS_PENDING, older_than_seconds, limit)
+            return [StoredOrder(*row.values()) for row in rows]
+
+        return await self._db.read(select)
+
+
+def _fetch_one(query: str, *args: Any) -> Any:
+    async def fetch(conn: asyncpg.Connection) -> StoredOrder | None:
+        return _stored(await conn.fetchrow(query, *args))
+
+    return fetch

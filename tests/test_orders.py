@@ -1,0 +1,187 @@
+"""Orders in: confirming a reservation into the order buffer, ordering without a hold, reading an
+order, and the mender that finishes a row whose hold did not move (a crash between the writes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
+
+from gateway.adapters.outbox import PostgresOutbox
+from gateway.buffering.mender import mend_once
+from gateway.http.state import ORDER_INTAKE, POSTGRES
+from tests.conftest import auth
+from tests.helpers import (
+    SWEEP_PROMISE,
+    assert_problem,
+    availability,
+    backdate_expiry,
+    eventually,
+    reserve,
+    stock,
+)
+
+Client = TestClient[Any, Any]
+LINE = [{"sku": "A", "location": "L1", "quantity": 3}]
+
+
+async def confirm(client: Client, rid: str, order_id: str, order: Any = None) -> Any:
+    body = {"order_id": order_id, "order": {"customer_id": "c1"} if order is None else order}
+    return await client.post(
+        f"/v1/reservations/{rid}/confirm", json=body, headers=auth("storefront")
+    )
+
+
+async def figures(client: Client) -> tuple[int, int]:
+    (item,) = (await availability(client, sku="A", location="L1"))["items"]
+    return item["reserved"], item["committed"]
+
+
+async def test_confirm_commits_the_hold_and_queues_the_order(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    await stock(client, A__L1=10)
+    assert (await reserve(client, "r1", LINE)).status == 201
+    order = {"customer_id": "c1", "total": {"amount": "12.50", "currency": "EUR"}, "x": [1, 2]}
+    resp = await confirm(client, "r1", "o1", order)
+    assert resp.status == 202
+    receipt = await resp.json()
+    assert receipt == {"order_id": "o1", "reservation_id": "r1", "status": "queued"}
+    assert await figures(client) == (0, 3)
+    row = await pg.fetchrow("SELECT body, lines, hold_state, customer_id FROM orders")
+    assert row["hold_state"] == "moved"
+    assert row["customer_id"] == "c1"
+    assert json.loads(row["body"]) == order  # passed on as received
+    assert json.loads(row["lines"]) == [{"sku": "A", "location": "L1", "quantity": 3}]
+    # The same confirm again: the same order, the same body, nothing committed twice.
+    again = await confirm(client, "r1", "o1", order)
+    assert again.status == 200
+    assert await again.json() == receipt
+    assert await figures(client) == (0, 3)
+    got = await client.get("/v1/orders/o1", headers=auth("storefront"))
+    view = await got.json()
+    assert got.status == 200, view
+    assert view["status"] == "queued"
+    assert view["attempts"] == 0
+    assert view["reservation_id"] == "r1"
+    assert "created_at" in view
+    reservation = await client.get("/v1/reservations/r1", headers=auth("storefront"))
+    assert (await reservation.json())["status"] == "confirmed"
+
+
+async def test_racing_confirms_make_one_order(client: Client, pg: asyncpg.Connection) -> None:
+    await stock(client, A__L1=10)
+    assert (await reserve(client, "r1", LINE)).status == 201
+    answers = await asyncio.gather(*(confirm(client, "r1", "o1") for _ in range(10)))
+    assert sorted(r.status for r in answers) == [200] * 9 + [202]
+    assert await pg.fetchval("SELECT count(*) FROM orders") == 1
+    assert await figures(client) == (0, 3)
+
+
+async def test_idempotency_conflicts(client: Client) -> None:
+    await stock(client, A__L1=10)
+    for rid in ("r1", "r2"):
+        assert (await reserve(client, rid, [{**LINE[0], "quantity": 1}])).status == 201
+    assert (await confirm(client, "r1", "o1")).status == 202
+    other_reservation = await confirm(client, "r2", "o1")
+    assert_problem(await other_reservation.json(), 409, "idempotency_conflict")
+    other_order = await confirm(client, "r1", "o2")
+    assert_problem(await other_order.json(), 409, "idempotency_conflict")
+    assert await figures(client) == (1, 1)  # r2 still held, r1 committed once
+
+
+async def test_a_reservation_not_held_is_refused(client: Client, redis: aioredis.Redis) -> None:
+    await stock(client, A__L1=10)
+    missing = await confirm(client, "nope", "o0")
+    assert_problem(await missing.json(), 404, "not_found")
+    assert (await reserve(client, "released", LINE)).status == 201
+    await client.delete("/v1/reservations/released", headers=auth("storefront"))
+    refused = await confirm(client, "released", "o1")
+    assert_problem(await refused.json(), 409, "reservation_not_held")
+    assert (await reserve(client, "late", LINE)).status == 201
+    await backdate_expiry(redis, "late", 3600)
+    expired = await confirm(client, "late", "o2")
+    assert_problem(await expired.json(), 409, "reservation_not_held")
+
+    async def nothing_committed() -> bool:
+        return await figures(client) == (0, 0)  # the sweeper releases the lapsed hold
+
+    await eventually(nothing_committed, SWEEP_PROMISE, "the lapsed hold released, none committed")
+    for order_id in ("o0", "o1", "o2"):
+        got = await client.get(f"/v1/orders/{order_id}", headers=auth("storefront"))
+        assert got.status == 404
+
+
+async def test_bad_orders_change_nothing(client: Client) -> None:
+    await stock(client, A__L1=10)
+    assert (await reserve(client, "r1", LINE)).status == 201
+    for body in (
+        {"order_id": "o1", "order": [1, 2]},
+        {"order_id": "o1", "order": "text"},
+        {"order_id": "o1", "order": {"blob": "x" * (256 * 1024)}},
+        {"order_id": "", "order": {}},
+        {"order": {}},
+        {"order_id": "o1", "order": {}, "extra": 1},
+    ):
+        resp = await client.post(
+            "/v1/reservations/r1/confirm", json=body, headers=auth("storefront")
+        )
+        assert_problem(await resp.json(), 422, "validation_error")
+    assert await figures(client) == (3, 0)
+    wrong_role = await client.post(
+        "/v1/reservations/r1/confirm", json={"order_id": "o1", "order": {}}, headers=auth("feed")
+    )
+    assert wrong_role.status == 403
+
+
+async def test_an_order_without_a_hold(client: Client) -> None:
+    await stock(client, A__L1=5)
+    body = {"order_id": "m1", "lines": LINE, "order": {"channel": "marketplace"}}
+    resp = await client.post("/v1/orders", json=body, headers=auth("storefront"))
+    receipt = await resp.json()
+    assert resp.status == 202, receipt
+    assert receipt["order_id"] == "m1"
+    assert receipt["status"] == "queued"
+    again = await client.post("/v1/orders", json=body, headers=auth("storefront"))
+    assert again.status == 200
+    assert await again.json() == receipt
+    assert await figures(client) == (0, 3)
+    too_many = {"order_id": "m2", "lines": [{**LINE[0], "quantity": 3}], "order": {}}
+    short = await client.post("/v1/orders", json=too_many, headers=auth("storefront"))
+    problem = await short.json()
+    assert_problem(problem, 409, "insufficient_stock")
+    assert problem["lines"] == [{"sku": "A", "location": "L1", "requested": 3, "available": 2}]
+    assert await figures(client) == (0, 3)
+
+
+async def test_the_mender_finishes_a_row_whose_hold_did_not_move(
+    client: Client, pg: asyncpg.Connection, redis: aioredis.Redis
+) -> None:
+    """The state a crash between the two writes leaves (row committed, hold not moved), made
+    directly: the mender moves the hold, or drops the row when the hold lapsed first."""
+    await stock(client, A__L1=10)
+    for rid in ("kept", "lapsed"):
+        assert (await reserve(client, rid, [{**LINE[0], "quantity": 2}])).status == 201
+    for order_id, rid in (("o-kept", "kept"), ("o-lapsed", "lapsed")):
+        await pg.execute(
+            "INSERT INTO orders (order_id, reservation_id, body, lines, created_at)"
+            " VALUES ($1, $2, '{}', '[]', now() - interval '1 minute')",
+            order_id,
+            rid,
+        )
+    await backdate_expiry(redis, "lapsed", 3600)
+    assert (await client.get("/v1/orders/o-kept", headers=auth("storefront"))).status == 404
+    app = client.server.app
+    done = await mend_once(app[ORDER_INTAKE], PostgresOutbox(app[POSTGRES]), grace=1)
+    assert done == 2
+    rows = dict(await pg.fetch("SELECT order_id, hold_state FROM orders"))
+    assert rows == {"o-kept": "moved"}
+    assert (await figures(client))[1] == 2  # kept's 2 committed; lapsed's never
+    assert (await client.get("/v1/orders/o-kept", headers=auth("storefront"))).status == 200
+    # A retry of the lapsed confirm now learns the truth.
+    late = await confirm(client, "lapsed", "o-lapsed")
+    assert_problem(await late.json(), 409, "reservation_not_held")
