@@ -1,4 +1,4 @@
-"""Command line: ``gateway serve | migrate | demo``."""
+"""Command line: ``gateway serve | migrate | demo | erp-sim``."""
 
 from __future__ import annotations
 
@@ -35,7 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(default {CLI_LOCK_WAIT:g})",
     )
     sub.add_parser("demo", help="start missing services, seed a demo catalogue and serve it")
+    _add_erp_sim(sub)
     args = parser.parse_args(argv)
+    if args.command == "erp-sim":
+        return _erp_sim(parser, args)
     try:
         if args.command == "demo":
             from gateway.dev.demo import run_demo
@@ -49,6 +52,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_level)
         return _migrate(settings, args.lock_wait)
     serve(settings)
+    return 0
+
+
+def _add_erp_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sim = sub.add_parser("erp-sim", help="serve a simulated ERP that takes confirmed orders")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8090)
+    sim.add_argument("--latency-ms", type=float, default=0.0, help="mean added latency")
+    sim.add_argument("--latency-jitter-ms", type=float, default=0.0, help="+- around the mean")
+    sim.add_argument(
+        "--error-rate", type=float, default=0.0, help="fraction of orders answered 503 (0..1)"
+    )
+    sim.add_argument(
+        "--rate-limit-per-second", type=int, default=0, help="above it 429 (0: no limit)"
+    )
+    sim.add_argument("--outage", action="store_true", help="start down: every order gets 503")
+    sim.add_argument(
+        "--outage-window",
+        action="append",
+        default=[],
+        metavar="START:END",
+        help="seconds after start during which the sim is down (repeatable)",
+    )
+    sim.add_argument("--gateway-url", help="push stock snapshots of ordered positions here")
+    sim.add_argument("--feed-key", help="the gateway API key (feed role) for those pushes")
+    sim.add_argument("--log-level", default="info")
+
+
+def _erp_sim(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from gateway.dev.erp_sim import KnobsError, knobs_from, run_sim
+
+    if (args.gateway_url is None) != (args.feed_key is None):
+        parser.error("erp-sim: --gateway-url and --feed-key go together")
+    try:
+        knobs = knobs_from(
+            latency_ms=args.latency_ms,
+            latency_jitter_ms=args.latency_jitter_ms,
+            error_rate=args.error_rate,
+            rate_limit_per_second=args.rate_limit_per_second,
+            outage=args.outage,
+            outage_windows=args.outage_window,
+        )
+    except KnobsError as exc:
+        print(f"gateway erp-sim: {exc}", file=sys.stderr)
+        return 2
+    run_sim(args.host, args.port, knobs, args.gateway_url, args.feed_key, log_level=args.log_level)
     return 0
 
 
