@@ -11,6 +11,7 @@ the location config: copied to Redis) in the background once the dependency is t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 from collections.abc import AsyncIterator
@@ -20,8 +21,9 @@ from aiohttp import web
 
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.config_record import PostgresConfigRecord
+from gateway.adapters.erp import HttpErpClient
 from gateway.adapters.kafka import run_consumer
-from gateway.adapters.outbox import PostgresOutbox
+from gateway.adapters.outbox import PostgresOrderQueue, PostgresOutbox
 from gateway.adapters.postgres import Postgres
 from gateway.adapters.records import RedisRecords, RedisRecordWriter
 from gateway.adapters.redis import RedisPort
@@ -33,6 +35,8 @@ from gateway.atp.events import EventApplier
 from gateway.atp.store import AtpStore
 from gateway.buffering.intake import OrderIntake
 from gateway.buffering.mender import run_mender
+from gateway.buffering.store import FlowStore, Limits
+from gateway.buffering.writer import ErpWriter
 from gateway.http import atp_routes, health, ops_routes, order_routes, reservation_routes
 from gateway.http.auth import Authenticator
 from gateway.http.codec import MAX_BODY
@@ -41,6 +45,7 @@ from gateway.http.state import (
     APPLIER,
     AVAILABILITY,
     BATCHER,
+    ERP_FLOW,
     LIFECYCLE,
     LOCATION_CONFIG,
     ORDER_INTAKE,
@@ -150,12 +155,35 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _orders_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
     outbox = PostgresOutbox(app[POSTGRES])
     intake = OrderIntake(app[RESERVATIONS_SERVICE], outbox)
     app[ORDER_INTAKE] = intake
-    async with supervised(
-        "order-mender", functools.partial(run_mender, intake, outbox), app[LIFECYCLE]
-    ):
+    flow = FlowStore(
+        ScriptRegistry(app[REDIS], "gateway.buffering"),
+        RedisRecords(app[BATCHER]),
+        Limits(
+            rate_per_second=settings.erp_rate_per_second,
+            burst=settings.erp_burst,
+            max_concurrency=settings.erp_max_concurrency,
+        ),
+    )
+    app[ERP_FLOW] = flow
+    async with contextlib.AsyncExitStack() as stack:
+        mender = functools.partial(run_mender, intake, outbox)
+        await stack.enter_async_context(supervised("order-mender", mender, app[LIFECYCLE]))
+        if settings.erp_url:
+            erp = HttpErpClient(settings.erp_url, settings.erp_timeout_seconds)
+            await erp.start()
+            stack.push_async_callback(erp.close)
+            writer = ErpWriter(
+                PostgresOrderQueue(app[POSTGRES]),
+                flow,
+                erp,
+                max_attempts=settings.erp_max_attempts,
+                timeout_seconds=settings.erp_timeout_seconds,
+            )
+            await stack.enter_async_context(supervised("erp-writer", writer.run, app[LIFECYCLE]))
         yield
 
 

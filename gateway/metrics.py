@@ -107,3 +107,13 @@ ORDERS_MENDED: Final = Counter(
     "or discarded (the hold lapsed first; the order was never acknowledged)",
     ["outcome"],
 )
+ERP_CALLS: Final = Counter(
+    "gateway_erp_calls_total",
+    "Orders sent to the ERP, by the status it answered (no_answer: timeout or connection error)",
+    ["status"],
+)
+ERP_SECONDS: Final = Histogram(
+    "gateway_erp_call_seconds",
+    "How long the ERP took to answer one order",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)

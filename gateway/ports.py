@@ -60,6 +60,10 @@ class Records(Protocol):
         """Per time-ordered index, up to ``limit`` members due at or before ``until_ms``."""
         ...
 
+    async def count_live(self, index: str) -> int:
+        """How many members of a time-ordered index are not due yet (leases still running)."""
+        ...
+
 
 class ValueWrite(NamedTuple):
     key: str
@@ -178,4 +182,54 @@ class OrderOutbox(Protocol):
 
     async def holds_pending(self, older_than_seconds: float, limit: int) -> list[StoredOrder]:
         """Rows whose Redis half is not done, committed at least ``older_than_seconds`` ago."""
+        ...
+
+
+class ClaimedOrder(NamedTuple):
+    """An order a writer holds (``sending``) until its lease ends."""
+
+    order_id: str
+    body: bytes
+    attempts: int
+
+
+class BufferDepth(NamedTuple):
+    depth: int
+    oldest_age_seconds: float
+    failed: int
+
+
+class OrderQueue(Protocol):
+    """The writers' side of the order buffer. Claims skip rows other writers hold, so many
+    writers in many processes drain it together and no order is held by two at once."""
+
+    async def claim(self, limit: int, lease_seconds: float) -> list[ClaimedOrder]:
+        """Up to ``limit`` orders due now, oldest first, none behind an earlier order of its
+        customer that is still waiting; held for ``lease_seconds`` (then due again)."""
+        ...
+
+    async def accepted(self, order_id: str, erp_order_id: str | None, at: datetime) -> None: ...
+
+    async def retry(self, order_id: str, delay_seconds: float, error: str) -> None: ...
+
+    async def fail(self, order_id: str, error: str) -> None: ...
+
+    async def depth(self) -> BufferDepth: ...
+
+
+class ErpReply(NamedTuple):
+    """What the ERP answered one order: ``status`` 0 when no answer came (timeout, connection
+    refused or cut); ``retry_after`` in seconds when it said."""
+
+    status: int
+    erp_order_id: str | None
+    accepted_at: datetime | None
+    retry_after: float | None
+    error: str
+    seconds: float
+
+
+class ErpClient(Protocol):
+    async def send(self, order_id: str, body: bytes) -> ErpReply:
+        """POST one order with its idempotency key; never raises for what the ERP did."""
         ...

@@ -53,6 +53,14 @@ class Settings:
     body_timeout_seconds: float = 10.0
     # How far in the future an event's occurred_at may lie (clocks of feeds drift).
     max_clock_skew_seconds: int = 300
+    # The ERP the order writers feed; empty: orders are buffered, none are sent.
+    erp_url: str = ""
+    erp_timeout_seconds: float = 5.0
+    erp_max_attempts: int = 10
+    # The shared limit's starting values (ops change them live; PostgreSQL keeps the change).
+    erp_rate_per_second: float = 50.0
+    erp_burst: int = 10
+    erp_max_concurrency: int = 16
 
     @classmethod
     def from_env(
@@ -225,4 +233,10 @@ _PARSERS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "GATEWAY_POSTGRES_TIMEOUT_SECONDS": ("postgres_timeout_seconds", _float(0.05, 60)),
     "GATEWAY_BODY_TIMEOUT_SECONDS": ("body_timeout_seconds", _float(0.1, 600)),
     "GATEWAY_MAX_CLOCK_SKEW_SECONDS": ("max_clock_skew_seconds", _int(0, 86_400)),
+    "GATEWAY_ERP_URL": ("erp_url", _url("http", "https")),
+    "GATEWAY_ERP_TIMEOUT_SECONDS": ("erp_timeout_seconds", _float(0.05, 300)),
+    "GATEWAY_ERP_MAX_ATTEMPTS": ("erp_max_attempts", _int(1, 1000)),
+    "GATEWAY_ERP_RATE_PER_SECOND": ("erp_rate_per_second", _float(0.1, 100_000)),
+    "GATEWAY_ERP_BURST": ("erp_burst", _int(1, 100_000)),
+    "GATEWAY_ERP_MAX_CONCURRENCY": ("erp_max_concurrency", _int(1, 10_000)),
 }

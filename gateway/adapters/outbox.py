@@ -6,12 +6,13 @@ Bounds and honest outcomes are :class:`Postgres`'s: a failure before COMMIT was 
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Final
 
 import asyncpg
 
 from gateway.adapters.postgres import Postgres
-from gateway.ports import NewOrder, StoredOrder
+from gateway.ports import BufferDepth, ClaimedOrder, NewOrder, StoredOrder
 
 _COLUMNS: Final = (
     "order_id, reservation_id, status, hold_state, attempts, last_error, erp_order_id,"
@@ -82,3 +83,75 @@ def _fetch_one(query: str, *args: Any) -> Any:
         return _stored(await conn.fetchrow(query, *args))
 
     return fetch
+
+
+_CLAIM: Final = """
+    WITH next AS (
+        SELECT o.order_id FROM orders o
+        WHERE o.hold_state = 'moved'
+          AND ((o.status = 'queued' AND o.next_attempt_at <= now())
+               OR (o.status = 'sending' AND o.lease_until < now()))
+          AND NOT EXISTS (
+              SELECT 1 FROM orders e
+              WHERE e.customer_id = o.customer_id AND e.seq < o.seq
+                AND e.status IN ('queued', 'sending'))
+        ORDER BY o.seq
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED)
+    UPDATE orders SET status = 'sending', attempts = orders.attempts + 1,
+        lease_until = now() + make_interval(secs => $2), updated_at = now()
+    FROM next WHERE orders.order_id = next.order_id
+    RETURNING orders.order_id, orders.body, orders.attempts"""
+_ACCEPTED: Final = """
+    UPDATE orders SET status = 'accepted', erp_order_id = $2, accepted_at = $3,
+        lease_until = NULL, last_error = NULL, updated_at = now()
+    WHERE order_id = $1 AND status <> 'accepted'"""
+_RETRY: Final = """
+    UPDATE orders SET status = 'queued', lease_until = NULL, last_error = $3,
+        next_attempt_at = now() + make_interval(secs => $2), updated_at = now()
+    WHERE order_id = $1 AND status = 'sending'"""
+_FAIL: Final = """
+    UPDATE orders SET status = 'failed', lease_until = NULL, last_error = $2, updated_at = now()
+    WHERE order_id = $1 AND status = 'sending'"""
+_DEPTH: Final = """
+    SELECT count(*) FILTER (WHERE status IN ('queued', 'sending')),
+           coalesce(extract(epoch FROM now() - min(created_at)
+                    FILTER (WHERE status IN ('queued', 'sending'))), 0),
+           count(*) FILTER (WHERE status = 'failed')
+    FROM orders WHERE hold_state = 'moved'"""
+
+
+class PostgresOrderQueue:
+    """:class:`gateway.ports.OrderQueue` on the gateway's PostgreSQL port."""
+
+    def __init__(self, db: Postgres) -> None:
+        self._db = db
+
+    async def claim(self, limit: int, lease_seconds: float) -> list[ClaimedOrder]:
+        async def claim(conn: asyncpg.Connection) -> list[ClaimedOrder]:
+            rows = await conn.fetch(_CLAIM, limit, lease_seconds)
+            return [ClaimedOrder(r[0], bytes(r[1]), r[2]) for r in rows]
+
+        return await self._db.write(claim)
+
+    async def accepted(self, order_id: str, erp_order_id: str | None, at: datetime) -> None:
+        await self._execute(_ACCEPTED, order_id, erp_order_id, at)
+
+    async def retry(self, order_id: str, delay_seconds: float, error: str) -> None:
+        await self._execute(_RETRY, order_id, delay_seconds, error[:2000])
+
+    async def fail(self, order_id: str, error: str) -> None:
+        await self._execute(_FAIL, order_id, error[:2000])
+
+    async def depth(self) -> BufferDepth:
+        async def read(conn: asyncpg.Connection) -> BufferDepth:
+            row = await conn.fetchrow(_DEPTH)
+            return BufferDepth(int(row[0]), float(row[1]), int(row[2]))
+
+        return await self._db.read(read)
+
+    async def _execute(self, query: str, *args: Any) -> None:
+        async def run(conn: asyncpg.Connection) -> None:
+            await conn.execute(query, *args)
+
+        await self._db.write(run)

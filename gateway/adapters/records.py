@@ -47,6 +47,11 @@ class RedisRecords:
         )
         return [[bytes(member).decode() for member in members] for members in replies]
 
+    async def count_live(self, index: str) -> int:
+        now = await self.now_ms()
+        (count,) = await self._sender.call_many((("ZCOUNT", index, f"({now}", "+inf"),))
+        return int(count)
+
 
 class RedisRecordWriter:
     """:class:`gateway.ports.RecordWriter` on the Redis port: sent at once, in order."""

@@ -13,6 +13,7 @@ from gateway.atp.availability import AvailabilityReader
 from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
 from gateway.buffering.intake import OrderIntake
+from gateway.buffering.store import FlowStore
 from gateway.lifecycle import Lifecycle, Readiness
 from gateway.reservation.service import ReservationService
 from gateway.settings import Settings
@@ -28,3 +29,4 @@ AVAILABILITY: Final = web.AppKey("availability", AvailabilityReader)
 RESERVATIONS_SERVICE: Final = web.AppKey("reservations", ReservationService)
 LOCATION_CONFIG: Final = web.AppKey("location_config", LocationConfig)
 ORDER_INTAKE: Final = web.AppKey("order_intake", OrderIntake)
+ERP_FLOW: Final = web.AppKey("erp_flow", FlowStore)

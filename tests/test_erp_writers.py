@@ -1,0 +1,189 @@
+"""The ERP writers against a real ERP stand-in (the simulator, or a test's own): every order
+answered 202 reaches the ERP exactly once by its key, nothing is left in the buffer, and no
+second of ERP traffic exceeds rate + burst, whatever the ERP does (429 storms, outages), and
+with two gateways sharing one limit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.dev.erp_sim import create_sim_app
+from gateway.dev.erp_sim_state import Knobs
+from gateway.http.state import ERP_FLOW
+from tests.conftest import auth, make_settings
+from tests.helpers import eventually, stock
+
+Client = TestClient[Any, Any]
+
+
+@contextlib.asynccontextmanager
+async def erp_sim(**knobs: Any) -> AsyncIterator[TestClient[Any, Any]]:
+    async with TestClient(TestServer(create_sim_app(Knobs(**knobs)))) as sim:
+        yield sim
+
+
+@contextlib.asynccontextmanager
+async def gateway(
+    redis_url: str, postgres_dsn: str, erp_url: str, **overrides: Any
+) -> AsyncIterator[Client]:
+    settings = make_settings(redis_url, postgres_dsn, erp_url=erp_url, **overrides)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        yield client
+
+
+async def place(client: Client, order_id: str, customer: str = "c") -> None:
+    body = {
+        "order_id": order_id,
+        "lines": [{"sku": "A", "location": "L1", "quantity": 1}],
+        "order": {"customer_id": customer, "ref": order_id},
+    }
+    resp = await client.post("/v1/orders", json=body, headers=auth("storefront"))
+    assert resp.status == 202, await resp.text()
+
+
+async def received(sim: TestClient[Any, Any]) -> dict[str, Any]:
+    return await (await sim.get("/_sim/received")).json()
+
+
+async def all_accepted(
+    sim: TestClient[Any, Any], pg: asyncpg.Connection, n: int, within: float
+) -> dict[str, Any]:
+    async def done() -> bool:
+        left = await pg.fetchval("SELECT count(*) FROM orders WHERE status <> 'accepted'")
+        return left == 0 and (await received(sim))["accepted"] == n
+
+    await eventually(done, within, f"{n} orders accepted by the ERP")
+    got = await received(sim)
+    assert sorted(o["deliveries"] for o in got["orders"]) == [1] * n  # once each by key
+    return got
+
+
+async def busiest_second(sim: TestClient[Any, Any]) -> int:
+    seconds = (await (await sim.get("/_sim/per_second")).json())["requests"]
+    return max(seconds.values(), default=0)
+
+
+async def test_orders_reach_the_erp_once_within_rate_and_burst(
+    redis_url: str, postgres_dsn: str, redis: aioredis.Redis, pg: asyncpg.Connection
+) -> None:
+    async with (
+        erp_sim() as sim,
+        gateway(
+            redis_url, postgres_dsn, str(sim.make_url("")), erp_rate_per_second=20, erp_burst=5
+        ) as client,
+    ):
+        await stock(client, A__L1=1000)
+        await asyncio.gather(*(place(client, f"o{i}", customer=f"c{i % 7}") for i in range(60)))
+        started = time.monotonic()
+        await all_accepted(sim, pg, 60, within=10)
+        # 60 orders at 20/s after a burst of 5: about 2.75 s; never faster than the limit.
+        assert time.monotonic() - started >= 2.0
+        assert await busiest_second(sim) <= 25
+        view = await (await client.get("/v1/orders/o3", headers=auth("storefront"))).json()
+        assert view["status"] == "accepted"
+        assert view["erp_order_id"].startswith("ERP-")
+        assert view["attempts"] == 1
+        assert "accepted_at" in view
+
+
+async def test_a_429_storm_slows_the_writers_and_loses_nothing(
+    redis_url: str, postgres_dsn: str, redis: aioredis.Redis, pg: asyncpg.Connection
+) -> None:
+    async with (
+        erp_sim(rate_limit_per_second=8) as sim,
+        gateway(
+            redis_url, postgres_dsn, str(sim.make_url("")), erp_rate_per_second=40, erp_burst=5
+        ) as client,
+    ):
+        await stock(client, A__L1=1000)
+        await asyncio.gather(*(place(client, f"s{i}", customer=f"c{i}") for i in range(40)))
+        got = await all_accepted(sim, pg, 40, within=20)
+        assert got["rejected_429"] > 0
+        state = await client.app[ERP_FLOW].state()
+        assert state.effective_rate < 40  # the writers slowed down on their own
+
+
+async def test_an_erp_outage_opens_the_breaker_and_the_flow_resumes_after(
+    redis_url: str, postgres_dsn: str, redis: aioredis.Redis, pg: asyncpg.Connection
+) -> None:
+    async with (
+        erp_sim(outage=True) as sim,
+        gateway(redis_url, postgres_dsn, str(sim.make_url("")), erp_timeout_seconds=1) as client,
+    ):
+        await stock(client, A__L1=100)
+        await asyncio.gather(*(place(client, f"d{i}", customer=f"c{i}") for i in range(10)))
+        flow = client.app[ERP_FLOW]
+
+        async def throttled_or_open() -> bool:
+            return (await received(sim))["errors_503"] > 0
+
+        await eventually(throttled_or_open, 5, "the writers tried the ERP while it was down")
+        assert (await received(sim))["accepted"] == 0
+        queued = await pg.fetchval("SELECT count(*) FROM orders WHERE status <> 'accepted'")
+        assert queued == 10
+        await sim.put("/_sim/knobs", json={"outage": False})
+        await all_accepted(sim, pg, 10, within=15)
+        assert (await flow.state()).breaker == "closed"
+
+
+async def test_failing_erp_opens_the_breaker_and_a_refusal_dead_letters(
+    redis_url: str, postgres_dsn: str, redis: aioredis.Redis, pg: asyncpg.Connection
+) -> None:
+    """A test's own ERP: 500 for every order of customer 'bad', 422 for 'refused'."""
+    calls: list[str] = []
+
+    async def orders(request: web.Request) -> web.Response:
+        body = await request.json()
+        calls.append(request.headers["Idempotency-Key"])
+        if body["customer_id"] == "refused":
+            return web.json_response({"error": "no such customer"}, status=422)
+        return web.json_response({"error": "boom"}, status=500)
+
+    app = web.Application()
+    app.router.add_post("/orders", orders)
+    async with (
+        TestClient(TestServer(app)) as erp,
+        gateway(redis_url, postgres_dsn, str(erp.make_url("")), erp_max_attempts=3) as client,
+    ):
+        await stock(client, A__L1=100)
+        await place(client, "refused-1", customer="refused")
+        await place(client, "bad-1", customer="bad")
+
+        async def settled() -> bool:
+            statuses = dict(await pg.fetch("SELECT order_id, status FROM orders"))
+            return statuses == {"refused-1": "failed", "bad-1": "failed"}
+
+        await eventually(settled, 15, "both orders dead-lettered")
+        assert calls.count("refused-1") == 1  # a 4xx is permanent: no retry
+        assert calls.count("bad-1") == 3  # GATEWAY_ERP_MAX_ATTEMPTS
+        view = await (await client.get("/v1/orders/bad-1", headers=auth("storefront"))).json()
+        assert view["status"] == "failed"
+        assert "500" in view["last_error"]
+
+
+async def test_two_gateways_share_one_limit(
+    redis_url: str, postgres_dsn: str, redis: aioredis.Redis, pg: asyncpg.Connection
+) -> None:
+    async with erp_sim() as sim:
+        url = str(sim.make_url(""))
+        limits = {"erp_rate_per_second": 10, "erp_burst": 2}
+        async with (
+            gateway(redis_url, postgres_dsn, url, **limits) as one,
+            gateway(redis_url, postgres_dsn, url, **limits) as two,
+        ):
+            await stock(one, A__L1=1000)
+            await asyncio.gather(
+                *(place(one if i % 2 else two, f"t{i}", customer=f"c{i}") for i in range(36))
+            )
+            await all_accepted(sim, pg, 36, within=10)
+            assert await busiest_second(sim) <= 12
