@@ -33,6 +33,7 @@ from gateway.atp.availability import AvailabilityReader
 from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
 from gateway.atp.store import AtpStore
+from gateway.buffering.backpressure import BackPressure
 from gateway.buffering.intake import OrderIntake
 from gateway.buffering.mender import run_mender
 from gateway.buffering.store import FlowStore, Limits
@@ -157,7 +158,13 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _orders_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     outbox = PostgresOutbox(app[POSTGRES])
-    intake = OrderIntake(app[RESERVATIONS_SERVICE], outbox)
+    queue = PostgresOrderQueue(app[POSTGRES])
+    pressure = BackPressure(
+        queue,
+        max_depth=settings.buffer_max_depth,
+        max_age_seconds=settings.buffer_max_age_seconds,
+    )
+    intake = OrderIntake(app[RESERVATIONS_SERVICE], outbox, pressure)
     app[ORDER_INTAKE] = intake
     flow = FlowStore(
         ScriptRegistry(app[REDIS], "gateway.buffering"),
@@ -172,12 +179,13 @@ async def _orders_ctx(app: web.Application) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
         mender = functools.partial(run_mender, intake, outbox)
         await stack.enter_async_context(supervised("order-mender", mender, app[LIFECYCLE]))
+        await stack.enter_async_context(supervised("buffer-watch", pressure.watch, app[LIFECYCLE]))
         if settings.erp_url:
             erp = HttpErpClient(settings.erp_url, settings.erp_timeout_seconds)
             await erp.start()
             stack.push_async_callback(erp.close)
             writer = ErpWriter(
-                PostgresOrderQueue(app[POSTGRES]),
+                queue,
                 flow,
                 erp,
                 max_attempts=settings.erp_max_attempts,

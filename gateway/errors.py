@@ -141,6 +141,14 @@ class ShuttingDown(Unavailable):
     title = "Gateway is shutting down"
 
 
+class BufferFull(Unavailable):
+    """The order buffer is past its depth or age limit: the order was not taken, the hold stays
+    in place, and ``Retry-After`` estimates when the drain makes room."""
+
+    code = "buffer_full"
+    title = "The order buffer is full"
+
+
 class DependencyDown(Unavailable):
     code = "dependency_unavailable"
     title = "A dependency is unavailable"

@@ -117,3 +117,15 @@ ERP_SECONDS: Final = Histogram(
     "How long the ERP took to answer one order",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+BUFFER_DEPTH: Final = Gauge(
+    "gateway_buffer_depth", "Orders in the buffer not yet accepted by the ERP (queued or sending)"
+)
+BUFFER_OLDEST_AGE: Final = Gauge(
+    "gateway_buffer_oldest_age_seconds", "Age of the oldest order in the buffer not yet accepted"
+)
+BUFFER_DRAIN_RATE: Final = Gauge(
+    "gateway_buffer_drain_rate", "Orders leaving the buffer per second (accepted or dead-lettered)"
+)
+BUFFER_REJECTIONS: Final = Counter(
+    "gateway_buffer_rejections_total", "Orders refused with 503 buffer_full (back-pressure)"
+)

@@ -216,6 +216,10 @@ class OrderQueue(Protocol):
 
     async def depth(self) -> BufferDepth: ...
 
+    async def drain_rate(self, window_seconds: float) -> float:
+        """Orders that left the buffer (accepted or failed) per second over the last window."""
+        ...
+
 
 class ErpReply(NamedTuple):
     """What the ERP answered one order: ``status`` 0 when no answer came (timeout, connection

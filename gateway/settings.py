@@ -61,6 +61,9 @@ class Settings:
     erp_rate_per_second: float = 50.0
     erp_burst: int = 10
     erp_max_concurrency: int = 16
+    # Back-pressure: past either limit, intake answers 503 buffer_full until below 80% of both.
+    buffer_max_depth: int = 100_000
+    buffer_max_age_seconds: float = 3600.0
 
     @classmethod
     def from_env(
@@ -239,4 +242,6 @@ _PARSERS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "GATEWAY_ERP_RATE_PER_SECOND": ("erp_rate_per_second", _float(0.1, 100_000)),
     "GATEWAY_ERP_BURST": ("erp_burst", _int(1, 100_000)),
     "GATEWAY_ERP_MAX_CONCURRENCY": ("erp_max_concurrency", _int(1, 10_000)),
+    "GATEWAY_BUFFER_MAX_DEPTH": ("buffer_max_depth", _int(1, 100_000_000)),
+    "GATEWAY_BUFFER_MAX_AGE_SECONDS": ("buffer_max_age_seconds", _float(1, 30 * 86_400)),
 }

@@ -9,12 +9,13 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.adapters.outbox import PostgresOutbox
+from gateway.app import create_app
 from gateway.buffering.mender import mend_once
 from gateway.http.state import ORDER_INTAKE, POSTGRES
-from tests.conftest import auth
+from tests.conftest import auth, make_settings
 from tests.helpers import (
     SWEEP_PROMISE,
     assert_problem,
@@ -185,3 +186,44 @@ async def test_the_mender_finishes_a_row_whose_hold_did_not_move(
     # A retry of the lapsed confirm now learns the truth.
     late = await confirm(client, "lapsed", "o-lapsed")
     assert_problem(await late.json(), 409, "reservation_not_held")
+
+
+async def test_a_full_buffer_refuses_honestly_and_resumes_below_low_water(
+    redis_url: str, postgres_dsn: str, redis: aioredis.Redis, pg: asyncpg.Connection
+) -> None:
+    """No ERP here: orders stay in the buffer. Past GATEWAY_BUFFER_MAX_DEPTH intake answers 503
+    buffer_full with Retry-After and the hold stays; once the buffer drains below the low-water
+    mark, the same confirm is taken."""
+    settings = make_settings(redis_url, postgres_dsn, buffer_max_depth=5)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await stock(client, A__L1=100)
+        for i in range(5):
+            body = {"order_id": f"f{i}", "lines": LINE, "order": {}}
+            assert (
+                await client.post("/v1/orders", json=body, headers=auth("storefront"))
+            ).status == 202
+        assert (await reserve(client, "waiting", LINE)).status == 201
+
+        async def seen_full() -> bool:
+            metrics = await (await client.get("/metrics")).text()
+            return "gateway_buffer_depth 5.0" in metrics
+
+        await eventually(seen_full, 3, "the buffer's depth read")
+        resp = await confirm(client, "waiting", "late")
+        assert_problem(await resp.json(), 503, "buffer_full")
+        assert 1 <= int(resp.headers["Retry-After"]) <= 60
+        assert await figures(client) == (3, 15)  # the hold stays in place for a retry
+        direct = await client.post(
+            "/v1/orders",
+            json={"order_id": "f9", "lines": LINE, "order": {}},
+            headers=auth("storefront"),
+        )
+        assert_problem(await direct.json(), 503, "buffer_full")
+        assert await figures(client) == (3, 15)  # and an order without a hold held nothing
+        await pg.execute("UPDATE orders SET status = 'accepted' WHERE order_id IN ('f0', 'f1')")
+
+        async def taken() -> bool:
+            return (await confirm(client, "waiting", "late")).status in (200, 202)
+
+        await eventually(taken, 3, "intake resumed below the low-water mark")
+        assert await figures(client) == (0, 18)

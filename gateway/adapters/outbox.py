@@ -114,11 +114,14 @@ _FAIL: Final = """
     UPDATE orders SET status = 'failed', lease_until = NULL, last_error = $2, updated_at = now()
     WHERE order_id = $1 AND status = 'sending'"""
 _DEPTH: Final = """
-    SELECT count(*) FILTER (WHERE status IN ('queued', 'sending')),
-           coalesce(extract(epoch FROM now() - min(created_at)
-                    FILTER (WHERE status IN ('queued', 'sending'))), 0),
-           count(*) FILTER (WHERE status = 'failed')
-    FROM orders WHERE hold_state = 'moved'"""
+    SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0),
+           (SELECT count(*) FROM orders WHERE status = 'failed')
+    FROM orders WHERE status IN ('queued', 'sending') AND hold_state = 'moved'"""
+
+
+_DRAINED: Final = """
+    SELECT count(*) FROM orders
+    WHERE status IN ('accepted', 'failed') AND updated_at > now() - make_interval(secs => $1)"""
 
 
 class PostgresOrderQueue:
@@ -149,6 +152,10 @@ class PostgresOrderQueue:
             return BufferDepth(int(row[0]), float(row[1]), int(row[2]))
 
         return await self._db.read(read)
+
+    async def drain_rate(self, window_seconds: float) -> float:
+        count = await self._db.fetchval(_DRAINED, window_seconds)
+        return int(count) / window_seconds
 
     async def _execute(self, query: str, *args: Any) -> None:
         async def run(conn: asyncpg.Connection) -> None:

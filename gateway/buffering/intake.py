@@ -20,6 +20,7 @@ from typing import Final
 import msgspec
 import structlog
 
+from gateway.buffering.backpressure import BackPressure
 from gateway.buffering.schemas import (
     MAX_ORDER_BYTES,
     ConfirmRequest,
@@ -48,15 +49,23 @@ class Intake(msgspec.Struct, frozen=True):
 
 
 class OrderIntake:
-    def __init__(self, reservations: ReservationService, outbox: OrderOutbox) -> None:
+    def __init__(
+        self,
+        reservations: ReservationService,
+        outbox: OrderOutbox,
+        pressure: BackPressure | None = None,
+    ) -> None:
         self._reservations = reservations
         self._outbox = outbox
+        self._pressure = pressure
 
     async def confirm(self, rid: str, request: ConfirmRequest) -> Intake:
         _check_order(request.order)
         existing = await self._outbox.find(request.order_id)
         if existing is not None:
             return await self._repeat(existing, rid)
+        if self._pressure is not None:
+            self._pressure.check()  # before anything changes: the hold stays for a retry
         reservation = await self._reservations.get(rid)  # 404 when unknown
         if reservation.status != "held":
             if reservation.status == "confirmed":
@@ -87,6 +96,8 @@ class OrderIntake:
         existing = await self._outbox.find(request.order_id)
         if existing is not None:
             return await self._repeat(existing, direct_reservation_id(request.order_id))
+        if self._pressure is not None:
+            self._pressure.check()  # before the hold: a refused order holds nothing
         hold = ReservationRequest(
             reservation_id=direct_reservation_id(request.order_id),
             lines=request.lines,

@@ -33,3 +33,7 @@ CREATE INDEX IF NOT EXISTS orders_customer_waiting ON orders (customer_id, seq)
     WHERE status IN ('queued', 'sending');
 -- Rows whose Redis half is not done yet: the mender's work list.
 CREATE INDEX IF NOT EXISTS orders_hold_pending ON orders (created_at) WHERE hold_state = 'pending';
+-- Dead letters (ops lists them) and what left the buffer lately (its drain rate).
+CREATE INDEX IF NOT EXISTS orders_failed ON orders (seq) WHERE status = 'failed';
+CREATE INDEX IF NOT EXISTS orders_settled ON orders (updated_at)
+    WHERE status IN ('accepted', 'failed');
