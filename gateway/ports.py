@@ -196,7 +196,6 @@ class ClaimedOrder(NamedTuple):
 class BufferDepth(NamedTuple):
     depth: int
     oldest_age_seconds: float
-    failed: int
 
 
 class OrderQueue(Protocol):

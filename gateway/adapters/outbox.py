@@ -114,8 +114,7 @@ _FAIL: Final = """
     UPDATE orders SET status = 'failed', lease_until = NULL, last_error = $2, updated_at = now()
     WHERE order_id = $1 AND status = 'sending'"""
 _DEPTH: Final = """
-    SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0),
-           (SELECT count(*) FROM orders WHERE status = 'failed')
+    SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)
     FROM orders WHERE status IN ('queued', 'sending') AND hold_state = 'moved'"""
 
 
@@ -149,7 +148,7 @@ class PostgresOrderQueue:
     async def depth(self) -> BufferDepth:
         async def read(conn: asyncpg.Connection) -> BufferDepth:
             row = await conn.fetchrow(_DEPTH)
-            return BufferDepth(int(row[0]), float(row[1]), int(row[2]))
+            return BufferDepth(int(row[0]), float(row[1]))
 
         return await self._db.read(read)
 

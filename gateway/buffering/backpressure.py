@@ -64,7 +64,7 @@ class BackPressure:
             await asyncio.sleep(INTERVAL)
 
     async def refresh(self) -> None:
-        depth, age, _failed = await self._queue.depth()
+        depth, age = await self._queue.depth()
         self.drain_rate = await self._queue.drain_rate(_RATE_WINDOW)
         self.depth, self.oldest_age = depth, age
         over = depth >= self._max_depth or age >= self._max_age

@@ -58,6 +58,9 @@ class ErpWriter:
         # report, or by its lease only when this process died.
         self._lease_ms = int((timeout_seconds + 5) * 1000)
         self._sends: set[asyncio.Task[None]] = set()
+        # Permits asked for per step: doubles while the buffer fills them, back to 1 when it is
+        # empty, so an idle writer does not take (and hand back) a burst of tokens every tick.
+        self._want = 1
 
     async def run(self) -> None:
         """Owned worker. On cancellation the sends in flight finish first (each bounded by the
@@ -75,7 +78,7 @@ class ErpWriter:
 
     async def _step(self) -> None:
         prefix = uuid.uuid4().hex
-        grant = await self._flow.acquire(_MAX_CLAIM, prefix, self._lease_ms)
+        grant = await self._flow.acquire(self._want, prefix, self._lease_ms)
         if grant.granted == 0:
             await asyncio.sleep(min(grant.wait_seconds, 1.0))
             return
@@ -85,8 +88,8 @@ class ErpWriter:
         except BaseException:
             await self._give_back(permits)
             raise
-        for permit in permits[len(orders) :]:
-            await self._flow.report(permit, "unused")
+        await self._give_back(permits[len(orders) :])
+        self._want = min(_MAX_CLAIM, self._want * 2) if len(orders) == len(permits) else 1
         for order, permit in zip(orders, permits, strict=False):
             task = asyncio.create_task(self._send(order, permit))
             self._sends.add(task)
