@@ -34,7 +34,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="how long to wait for another process's migration to finish before giving up "
         f"(default {CLI_LOCK_WAIT:g})",
     )
-    sub.add_parser("demo", help="start missing services, seed a demo catalogue and serve it")
+    demo = sub.add_parser(
+        "demo", help="start missing services and an ERP simulator, seed a demo catalogue, serve it"
+    )
+    demo.add_argument(
+        "--erp-sim-port",
+        type=int,
+        default=8081,
+        metavar="PORT",
+        help="where the ERP simulator listens (default 8081; a free port when taken; 0: any); "
+        "not started when GATEWAY_ERP_URL names an ERP",
+    )
     _add_erp_sim(sub)
     args = parser.parse_args(argv)
     if args.command == "erp-sim":
@@ -43,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from gateway.dev.demo import run_demo
 
-            return run_demo(args.config)
+            return run_demo(args.config, args.erp_sim_port)
         settings = _settings(args)
     except SettingsError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
