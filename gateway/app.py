@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 
 from gateway.adapters.batcher import CommandBatcher
+from gateway.adapters.commitments import PostgresCommitments
 from gateway.adapters.config_record import PostgresConfigRecord
 from gateway.adapters.erp import HttpErpClient
 from gateway.adapters.kafka import run_consumer
@@ -34,6 +35,7 @@ from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
 from gateway.atp.store import AtpStore
 from gateway.buffering.backpressure import BackPressure
+from gateway.buffering.commitments import CommitmentKeeper
 from gateway.buffering.intake import OrderIntake
 from gateway.buffering.mender import run_mender
 from gateway.buffering.store import FlowStore, Limits
@@ -59,6 +61,7 @@ from gateway.http.state import (
 from gateway.lifecycle import Lifecycle, Readiness
 from gateway.reservation.expiry import run_sweeper
 from gateway.reservation.service import ReservationService
+from gateway.reservation.store import CommitmentStore
 from gateway.settings import Settings
 from gateway.supervisor import supervised
 
@@ -180,6 +183,11 @@ async def _orders_ctx(app: web.Application) -> AsyncIterator[None]:
         mender = functools.partial(run_mender, intake, outbox)
         await stack.enter_async_context(supervised("order-mender", mender, app[LIFECYCLE]))
         await stack.enter_async_context(supervised("buffer-watch", pressure.watch, app[LIFECYCLE]))
+        keeper = CommitmentKeeper(
+            PostgresCommitments(app[POSTGRES]),
+            CommitmentStore(ScriptRegistry(app[REDIS], "gateway.reservation", app[BATCHER])),
+        )
+        await stack.enter_async_context(supervised("commitments", keeper.run, app[LIFECYCLE]))
         if settings.erp_url:
             erp = HttpErpClient(settings.erp_url, settings.erp_timeout_seconds)
             await erp.start()

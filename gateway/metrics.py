@@ -129,3 +129,31 @@ BUFFER_DRAIN_RATE: Final = Gauge(
 BUFFER_REJECTIONS: Final = Counter(
     "gateway_buffer_rejections_total", "Orders refused with 503 buffer_full (back-pressure)"
 )
+COMMITMENTS_WAITING: Final = Gauge(
+    "gateway_commitments_waiting",
+    "Orders the ERP accepted whose committed quantities still count, waiting for a stock "
+    "snapshot at or after the acceptance",
+)
+COMMITMENTS_OLDEST_AGE: Final = Gauge(
+    "gateway_commitments_waiting_oldest_age_seconds",
+    "Time since the ERP accepted the oldest order whose commitment still waits for a snapshot",
+)
+COMMITMENTS_RESTORED: Final = Counter(
+    "gateway_commitments_restored_total",
+    "Commitments (order x SKU x location) put back into Redis from the order buffer after Redis "
+    "lost them",
+)
+ERP_OPS_CHANGES: Final = Counter(
+    "gateway_erp_ops_changes_total",
+    "Ops changes of the ERP flow committed (each audited), by action: limits, pause, resume",
+    ["action"],
+)
+ERP_LIMITS_RESTORES: Final = Counter(
+    "gateway_erp_limits_restores_total",
+    "Copies of ops' ERP flow settings from PostgreSQL to Redis, made because Redis did not hold "
+    "the record's version (it lost its data, or a change's Redis half failed)",
+)
+DEAD_LETTERS_REPLAYED: Final = Counter(
+    "gateway_dead_letters_replayed_total",
+    "Dead-lettered orders ops put back in the buffer (POST /v1/ops/dead-letters/replay)",
+)

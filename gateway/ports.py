@@ -236,3 +236,38 @@ class ErpClient(Protocol):
     async def send(self, order_id: str, body: bytes) -> ErpReply:
         """POST one order with its idempotency key; never raises for what the ERP did."""
         ...
+
+
+# --- commitments after the confirm ----------------------------------------------------------
+
+
+class CommittedOrder(NamedTuple):
+    """An order whose quantities count as committed: ``lines`` its allocations as JSON
+    (``[{"sku", "location", "quantity"}...]``), ``accepted_at`` when the ERP accepted it."""
+
+    seq: int
+    order_id: str
+    reservation_id: str
+    lines: bytes
+    accepted_at: datetime | None
+
+
+class CommitmentLedger(Protocol):
+    """The order buffer's record of which commitments still count."""
+
+    async def accepted(self, commitment: str, after_seq: int, limit: int) -> list[CommittedOrder]:
+        """Accepted orders whose commitment is ``open`` (Redis has not seen the acceptance)
+        or ``waiting`` (for a snapshot), after ``after_seq``, in seq order."""
+        ...
+
+    async def counting(self, after_seq: int, limit: int) -> list[CommittedOrder]:
+        """Every order whose hold moved and whose commitment is not cleared, in seq order."""
+        ...
+
+    async def mark(self, waiting: Sequence[str], cleared: Sequence[str]) -> None:
+        """Record, by order id, commitments Redis has as waiting for a snapshot or cleared."""
+        ...
+
+    async def waiting(self) -> BufferDepth:
+        """Accepted commitments not cleared yet: how many, and the oldest one's age."""
+        ...

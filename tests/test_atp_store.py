@@ -19,8 +19,18 @@ async def test_apply_events_answers_typed_outcomes(redis_url: str, redis: aiored
     port = RedisPort.from_url(redis_url, cluster=False)
     try:
         store = AtpStore(ScriptRegistry(port, "gateway.atp"))
-        sku_1 = [keys.position("T1"), keys.event_ids("T1"), keys.adjustments("T1", "L")]
-        sku_2 = [keys.position("T2"), keys.event_ids("T2"), keys.adjustments("T2", "L")]
+        sku_1 = [
+            keys.position("T1"),
+            keys.event_ids("T1"),
+            keys.adjustments("T1", "L"),
+            keys.accepted_commitments("T1", "L"),
+        ]
+        sku_2 = [
+            keys.position("T2"),
+            keys.event_ids("T2"),
+            keys.adjustments("T2", "L"),
+            keys.accepted_commitments("T2", "L"),
+        ]
         snapshot = ["1", "s", now_us, "e1", "3"]
         outcomes = await store.apply_events(
             [

@@ -18,6 +18,7 @@ from gateway.atp.availability import compute_available
 
 POS, IDS = "t:{A}:p", "t:{A}:ids"
 ADJ_L1, ADJ_L2 = "t:{A}:adj:L1", "t:{A}:adj:L2"
+ACC_L1, ACC_L2 = "t:{A}:acc:L1", "t:{A}:acc:L2"
 HOUR_US = 3600 * 1_000_000
 APPLIED, DUPLICATE, STALE, REJECTED = 0, 1, 2, 3
 
@@ -41,7 +42,9 @@ async def apply(redis: aioredis.Redis, *events: tuple[int, str, int, str, int]) 
     args: list[Any] = [HOUR_US, 2, len(events), "L1", "L2"]
     for event in events:
         args += event
-    (group,) = await run(redis, "apply_events.lua", [POS, IDS, ADJ_L1, ADJ_L2], args)
+    (group,) = await run(
+        redis, "apply_events.lua", [POS, IDS, ADJ_L1, ADJ_L2, ACC_L1, ACC_L2], args
+    )
     return group
 
 
@@ -131,7 +134,7 @@ async def test_apply_folds_adjustments_behind_the_horizon(redis: aioredis.Redis)
 
 async def test_apply_groups_answer_in_order(redis: aioredis.Redis) -> None:
     t = await now_us(redis)
-    keys = [POS, IDS, ADJ_L1, "t:{B}:p", "t:{B}:ids", "t:{B}:adj:L9"]
+    keys = [POS, IDS, ADJ_L1, ACC_L1, "t:{B}:p", "t:{B}:ids", "t:{B}:adj:L9", "t:{B}:acc:L9"]
     args = [
         HOUR_US,
         1,

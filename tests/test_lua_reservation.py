@@ -316,13 +316,14 @@ async def test_cluster_mark_expires_a_dead_saga_after_its_lease(redis: aioredis.
 async def test_rec_names_the_record_fields_keys_py_does(redis: aioredis.Redis) -> None:
     """REC in lib.lua and gateway/reservation/keys.py are the two homes of the record's fields."""
     lib = lua_libs("gateway.reservation")
-    body = "return {REC.status, REC.fingerprint, REC.answer, REC.expires, REC.skus}"
+    body = "return {REC.status, REC.fingerprint, REC.answer, REC.expires, REC.skus, COMMITTED}"
     assert await redis.eval(lib + body, 0) == [
         rsv_keys.STATUS,
         rsv_keys.FINGERPRINT,
         rsv_keys.ANSWER,
         rsv_keys.EXPIRES,
         rsv_keys.SKUS,
+        rsv_keys.COMMITTED_PREFIX,
     ]
 
 

@@ -1,7 +1,8 @@
 -- Apply stock events of one or more SKUs, in the order given, atomically.
 -- The call holds G groups, one per SKU (on a cluster G = 1: a script touches one slot).
 -- KEYS, per group: position hash (atp:{sku}:p), event ids seen (atp:{sku}:ids), then the
---           adjustments of each of the group's locations (atp:{sku}:adj:<location>)
+--           adjustments of each of the group's locations (atp:{sku}:adj:<location>), then the
+--           accepted commitments of each (atp:{sku}:acc:<location>)
 -- ARGV[1]   horizon in microseconds; then per group: n (locations), m (events), the n location
 --           names, and 5 values per event: location index (1..n), kind ('s'|'a'),
 --           occurred_at (µs), event_id, quantity
@@ -10,6 +11,10 @@
 --           exceed on-hand
 --
 -- Position fields: see lib.lua (prepended to this script), which names them.
+-- Accepted commitments: orders the ERP accepted, members '<units>|<reservation id>' scored by
+-- the acceptance time (µs). They count in com: until a snapshot of their location occurred at or
+-- after that time, because the ERP's count includes them from then on (gateway.reservation's
+-- accept.lua puts them there).
 -- Validation happened in the gateway: a Lua error half-way would keep the writes before it.
 --
 -- Exactness: Lua numbers are doubles, exact for integers up to 2^53 (~9.007e15). The gateway
@@ -63,7 +68,8 @@ local function apply_group(key, arg)
     local names = position_fields(loc)
     local f = redis.call('HMGET', pos, names.b, names.bt, names.bi, names.as, names.res,
                          names.com, names.ag)
-    local st = {loc = loc, names = names, adj = KEYS[key + 1 + i], base = tonumber(f[1]) or 0,
+    local st = {loc = loc, names = names, adj = KEYS[key + 1 + i],
+                acc = KEYS[key + 1 + nloc + i], base = tonumber(f[1]) or 0,
                 bt = tonumber(f[2]), bi = f[3] or '', asum = tonumber(f[4]) or 0,
                 res = tonumber(f[5]) or 0, com = tonumber(f[6]) or 0,
                 gross = tonumber(f[7]) or 0, dirty = false}
@@ -99,6 +105,7 @@ local function apply_group(key, arg)
           st.asum = st.asum - dropped
           st.gross = st.gross - dropped_gross
           st.base, st.bt, st.bi = tonumber(qty_s), ts, id
+          st.com = st.com - drop_until(st.acc, ts_s)
           st.dirty = true
           code = 0
         end
@@ -137,7 +144,8 @@ local function apply_group(key, arg)
       end
       local fields = {names.b, string.format('%d', st.base), names.as,
                       string.format('%d', st.asum), names.ag, string.format('%d', st.gross),
-                      names.oh, string.format('%d', on_hand)}
+                      names.oh, string.format('%d', on_hand), names.com,
+                      string.format('%d', st.com)}
       if st.bt then
         table.insert(fields, names.bt); table.insert(fields, string.format('%d', st.bt))
         table.insert(fields, names.bi); table.insert(fields, st.bi)
@@ -145,7 +153,7 @@ local function apply_group(key, arg)
       redis.call('HSET', pos, unpack(fields))
     end
   end
-  return {codes, short}, key + 2 + nloc, off + nev * 5 + 1
+  return {codes, short}, key + 2 + 2 * nloc, off + nev * 5 + 1
 end
 
 local out = {}

@@ -81,6 +81,7 @@ class EventApplier:
             args += (str(len(locations)), str(len(indexes)), *locations, *event_args)
             call_keys += (keys.position(sku), keys.event_ids(sku))
             call_keys += (keys.adjustments(sku, loc) for loc in locations)
+            call_keys += (keys.accepted_commitments(sku, loc) for loc in locations)
             in_call += len(indexes)
         if args:
             calls.append(ApplyCall(call_keys, args))

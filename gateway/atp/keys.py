@@ -48,6 +48,12 @@ def adjustments(sku: str, location: str) -> str:
     return f"{PREFIX}:{{{sku}}}:adj:{location}"
 
 
+def accepted_commitments(sku: str, location: str) -> str:
+    """Sorted set of what orders the ERP accepted commit at the location, scored by acceptance
+    (members ``<units>|<reservation id>``): counted until a snapshot at or after that time."""
+    return f"{PREFIX}:{{{sku}}}:acc:{location}"
+
+
 def location_group(group: str) -> str:
     return f"{PREFIX}:lg:{group}"
 

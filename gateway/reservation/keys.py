@@ -24,6 +24,20 @@ EXPIRES: Final = "exp"
 SKUS: Final = "skus"
 
 
+# A confirmed reservation's entry in a SKU's holds hash: this prefix, then the reservation id
+# (COMMITTED in lib.lua). Reservation ids hold no control character, so no hold is named so.
+COMMITTED_PREFIX: Final = "\x1f"
+
+
+def committed_field(reservation_id: str) -> str:
+    return COMMITTED_PREFIX + reservation_id
+
+
+# Whether Redis's commitments are whole or were lost and are being restored from the order
+# buffer (commitments_marker.lua).
+COMMITMENTS_MARKER: Final = f"{PREFIX}:commitments:state"
+
+
 def bucket(reservation_id: str) -> int:
     return zlib.crc32(reservation_id.encode()) % BUCKETS
 

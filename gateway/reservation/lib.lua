@@ -11,6 +11,11 @@
 
 local REC = {status = 'st', fingerprint = 'fp', answer = 'resp', expires = 'exp', skus = 'skus'}
 
+-- A confirmed reservation's entry in the holds hash, under this prefix: what it committed of
+-- the SKU, by location, kept until the ERP accepts the order (accept.lua). No reservation id
+-- starts with a control character, so it never meets a hold's field. keys.py: COMMITTED_FIELD.
+local COMMITTED = '\31'
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -148,8 +153,20 @@ local function hold_lines(rid, lines, pairs_from, ss_key, numbered)
   return true, '[' .. table.concat(allocations, ',') .. ']'
 end
 
+-- A holds hash entry's quantities: location -> units, summed (one location may appear twice).
+local function held_by_location(held)
+  local by_loc, order = {}, {}
+  for loc, q in string.gmatch(held, '([^;=]+)=(%d+)') do
+    if not by_loc[loc] then table.insert(order, loc); by_loc[loc] = 0 end
+    by_loc[loc] = by_loc[loc] + tonumber(q)
+  end
+  return by_loc, order
+end
+
 -- Undo (release) or convert (confirm) what a reservation holds of the SKUs in KEYS from
 -- pairs_from on. Idempotent: the hold entry is removed the first time, so a repeat does nothing.
+-- A confirm keeps the entry under COMMITTED: the quantity counts as committed until the ERP
+-- accepted the order and a snapshot taken after that includes it (accept.lua, apply_events.lua).
 local function settle_holds(rid, pairs_from, action)
   for i = pairs_from, #KEYS, 2 do
     local pos, holds = KEYS[i], KEYS[i + 1]
@@ -162,6 +179,9 @@ local function settle_holds(rid, pairs_from, action)
         if action == 'confirm' then
           redis.call('HINCRBY', pos, names.com, tonumber(q))
         end
+      end
+      if action == 'confirm' then
+        redis.call('HSET', holds, COMMITTED .. rid, held)
       end
     end
   end

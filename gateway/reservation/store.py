@@ -232,3 +232,58 @@ def record_keys(rid: str) -> list[str]:
     """A reservation's record and the expiry index of its bucket."""
     bucket = keys.bucket(rid)
     return [keys.record(rid, bucket), keys.expiry_index(bucket)]
+
+
+class Commitment(msgspec.Struct, frozen=True):
+    """What a confirmed order commits of one SKU: units by location (each location once), and
+    when the ERP accepted the order (µs since the epoch; None while it has not)."""
+
+    reservation_id: str
+    sku: str
+    units: dict[str, int]
+    accepted_us: int | None = None
+
+
+def _commitment_keys(c: Commitment) -> list[str]:
+    return [
+        *sku_keys(c.sku),
+        *(atp_keys.accepted_commitments(c.sku, loc) for loc in c.units),
+    ]
+
+
+class CommitmentStore:
+    """The scripts behind a committed quantity's life after the confirm (``accept.lua``,
+    ``restore_commitment.lua``): many orders' SKUs in one round trip."""
+
+    def __init__(self, scripts: Scripts) -> None:
+        self._scripts = scripts
+
+    async def accept(self, accepted: Sequence[Commitment]) -> list[int]:
+        """Record the ERP's acceptance; per commitment, how many of its locations still wait
+        for a snapshot (0: cleared; -1: the committed entry names other locations)."""
+        if not accepted:
+            return []
+        calls = [
+            (_commitment_keys(c), [c.reservation_id, str(c.accepted_us), *c.units])
+            for c in accepted
+        ]
+        return [int(n) for n in await self._scripts.run("accept.lua", calls)]
+
+    async def marker(self, action: str, lease_ms: int = 0) -> str:
+        """``state`` (whole | restoring | lost), ``claim`` a restore (claimed | whole |
+        restoring), or mark the copy ``whole``: see ``commitments_marker.lua``."""
+        (reply,) = await self._scripts.run(
+            "commitments_marker.lua", [([keys.COMMITMENTS_MARKER], [action, str(lease_ms)])]
+        )
+        return text(reply)
+
+    async def restore(self, commitments: Sequence[Commitment]) -> list[int]:
+        """Put back what Redis lost; per commitment, how many locations count again."""
+        if not commitments:
+            return []
+        calls = []
+        for c in commitments:
+            at = "" if c.accepted_us is None else str(c.accepted_us)
+            pairs = [v for loc, units in c.units.items() for v in (loc, str(units))]
+            calls.append((_commitment_keys(c), [c.reservation_id, at, *pairs]))
+        return [int(n) for n in await self._scripts.run("restore_commitment.lua", calls)]
