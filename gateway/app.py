@@ -23,6 +23,7 @@ from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.commitments import PostgresCommitments
 from gateway.adapters.config_record import PostgresConfigRecord
 from gateway.adapters.erp import HttpErpClient
+from gateway.adapters.group_commit import GroupCommit
 from gateway.adapters.kafka import run_consumer
 from gateway.adapters.outbox import PostgresOrderQueue, PostgresOutbox
 from gateway.adapters.postgres import Postgres
@@ -160,8 +161,11 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _orders_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    outbox = PostgresOutbox(app[POSTGRES])
-    queue = PostgresOrderQueue(app[POSTGRES])
+    # One group commit for the buffer's writes: confirms and the writers' outcomes share
+    # transactions.
+    commits = GroupCommit(app[POSTGRES])
+    outbox = PostgresOutbox(app[POSTGRES], commits)
+    queue = PostgresOrderQueue(app[POSTGRES], commits)
     pressure = BackPressure(
         queue,
         max_depth=settings.buffer_max_depth,
@@ -180,6 +184,7 @@ async def _orders_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[ERP_FLOW] = flow
     async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(commits.close)  # last out: the workers below write through it
         mender = functools.partial(run_mender, intake, outbox)
         await stack.enter_async_context(supervised("order-mender", mender, app[LIFECYCLE]))
         await stack.enter_async_context(supervised("buffer-watch", pressure.watch, app[LIFECYCLE]))

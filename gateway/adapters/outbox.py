@@ -6,11 +6,13 @@ Bounds and honest outcomes are :class:`Postgres`'s: a failure before COMMIT was 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final
 
 import asyncpg
 
+from gateway.adapters.group_commit import GroupCommit, Statement
 from gateway.adapters.postgres import Postgres
 from gateway.ports import BufferDepth, ClaimedOrder, NewOrder, StoredOrder
 
@@ -20,14 +22,16 @@ _COLUMNS: Final = (
 )
 _INSERT: Final = f"""
     INSERT INTO orders (order_id, reservation_id, customer_id, body, lines)
-    VALUES ($1, $2, $3, $4, $5::jsonb)
+    SELECT u.order_id, u.reservation_id, u.customer_id, u.body, u.lines::jsonb
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[])
+        AS u(order_id, reservation_id, customer_id, body, lines)
     ON CONFLICT DO NOTHING
     RETURNING {_COLUMNS}"""
 _BY_ID: Final = f"SELECT {_COLUMNS} FROM orders WHERE order_id = $1"
 _BY_RESERVATION: Final = f"SELECT {_COLUMNS} FROM orders WHERE reservation_id = $1"
 _HOLD_MOVED: Final = """
     UPDATE orders SET hold_state = 'moved', updated_at = now()
-    WHERE order_id = $1 AND hold_state = 'pending'"""
+    WHERE order_id = ANY($1::text[]) AND hold_state = 'pending'"""
 _DISCARD: Final = "DELETE FROM orders WHERE order_id = $1 AND hold_state = 'pending'"
 _HOLDS_PENDING: Final = f"""
     SELECT {_COLUMNS} FROM orders
@@ -39,18 +43,44 @@ def _stored(row: asyncpg.Record | None) -> StoredOrder | None:
     return None if row is None else StoredOrder(*row.values())
 
 
-class PostgresOutbox:
-    """:class:`gateway.ports.OrderOutbox` on the gateway's PostgreSQL port."""
+async def _insert(conn: asyncpg.Connection, orders: Sequence[NewOrder]) -> list[StoredOrder | None]:
+    rows = sorted(orders, key=lambda o: o.order_id)  # lock order: see group_commit
+    columns = [[o[i] for o in rows] for i in range(4)]
+    inserted = await conn.fetch(_INSERT, *columns, [o.lines.decode() for o in rows])
+    by_id = {row[0]: StoredOrder(*row.values()) for row in inserted}
+    # A row is one caller's: the first that asked for it with its reservation. A racing
+    # request for the same order (or the same id and another reservation) lost, and learns
+    # what won by reading it, as if it had come in a later batch.
+    answers: list[StoredOrder | None] = []
+    for o in orders:
+        stored = by_id.get(o.order_id)
+        if stored is not None and stored.reservation_id == o.reservation_id:
+            del by_id[o.order_id]
+            answers.append(stored)
+        else:
+            answers.append(None)
+    return answers
 
-    def __init__(self, db: Postgres) -> None:
+
+async def _hold_moved(conn: asyncpg.Connection, order_ids: Sequence[str]) -> list[None]:
+    await conn.execute(_HOLD_MOVED, sorted(order_ids))
+    return [None] * len(order_ids)
+
+
+INSERT: Final = Statement("insert-order", _insert)
+HOLD_MOVED: Final = Statement("hold-moved", _hold_moved)
+
+
+class PostgresOutbox:
+    """:class:`gateway.ports.OrderOutbox` on the gateway's PostgreSQL port; the writes of
+    concurrent confirms commit together (:class:`GroupCommit`)."""
+
+    def __init__(self, db: Postgres, commits: GroupCommit | None = None) -> None:
         self._db = db
+        self._commits = commits or GroupCommit(db)
 
     async def add(self, order: NewOrder) -> StoredOrder | None:
-        async def insert(conn: asyncpg.Connection) -> StoredOrder | None:
-            row = await conn.fetchrow(_INSERT, *order[:4], order.lines.decode())
-            return _stored(row)
-
-        return await self._db.write(insert)
+        return await self._commits.write(INSERT, order)
 
     async def find(self, order_id: str) -> StoredOrder | None:
         return await self._db.read(_fetch_one(_BY_ID, order_id))
@@ -59,10 +89,7 @@ class PostgresOutbox:
         return await self._db.read(_fetch_one(_BY_RESERVATION, reservation_id))
 
     async def hold_moved(self, order_id: str) -> None:
-        async def update(conn: asyncpg.Connection) -> None:
-            await conn.execute(_HOLD_MOVED, order_id)
-
-        await self._db.write(update)
+        await self._commits.write(HOLD_MOVED, order_id)
 
     async def discard(self, order_id: str) -> bool:
         async def delete(conn: asyncpg.Connection) -> bool:
@@ -103,16 +130,36 @@ _CLAIM: Final = """
     FROM next WHERE orders.order_id = next.order_id
     RETURNING orders.order_id, orders.body, orders.attempts"""
 _ACCEPTED: Final = """
-    UPDATE orders SET status = 'accepted', erp_order_id = $2, accepted_at = $3,
-        lease_until = NULL, last_error = NULL, updated_at = now()
-    WHERE order_id = $1 AND status <> 'accepted'"""
+    UPDATE orders o SET status = 'accepted', erp_order_id = u.erp_order_id,
+        accepted_at = u.accepted_at, lease_until = NULL, last_error = NULL, updated_at = now()
+    FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS u(order_id, erp_order_id, accepted_at)
+    WHERE o.order_id = u.order_id AND o.status <> 'accepted'"""
 _RETRY: Final = """
-    UPDATE orders SET status = 'queued', lease_until = NULL, last_error = $3,
-        next_attempt_at = now() + make_interval(secs => $2), updated_at = now()
-    WHERE order_id = $1 AND status = 'sending'"""
+    UPDATE orders o SET status = 'queued', lease_until = NULL, last_error = u.error,
+        next_attempt_at = now() + make_interval(secs => u.delay), updated_at = now()
+    FROM unnest($1::text[], $2::float8[], $3::text[]) AS u(order_id, delay, error)
+    WHERE o.order_id = u.order_id AND o.status = 'sending'"""
 _FAIL: Final = """
-    UPDATE orders SET status = 'failed', lease_until = NULL, last_error = $2, updated_at = now()
-    WHERE order_id = $1 AND status = 'sending'"""
+    UPDATE orders o SET status = 'failed', lease_until = NULL, last_error = u.error,
+        updated_at = now()
+    FROM unnest($1::text[], $2::text[]) AS u(order_id, error)
+    WHERE o.order_id = u.order_id AND o.status = 'sending'"""
+
+
+def _outcomes(query: str) -> Statement[tuple[Any, ...], None]:
+    """A writer's outcome for many orders in one statement, rows in key order (lock order)."""
+
+    async def run(conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> list[None]:
+        ordered = sorted(rows, key=lambda row: str(row[0]))
+        await conn.execute(query, *([row[i] for row in ordered] for i in range(len(rows[0]))))
+        return [None] * len(rows)
+
+    return Statement(query, run)
+
+
+ACCEPTED: Final = _outcomes(_ACCEPTED)
+RETRY: Final = _outcomes(_RETRY)
+FAIL: Final = _outcomes(_FAIL)
 _DEPTH: Final = """
     SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)
     FROM orders WHERE status IN ('queued', 'sending') AND hold_state = 'moved'"""
@@ -124,10 +171,12 @@ _DRAINED: Final = """
 
 
 class PostgresOrderQueue:
-    """:class:`gateway.ports.OrderQueue` on the gateway's PostgreSQL port."""
+    """:class:`gateway.ports.OrderQueue` on the gateway's PostgreSQL port; the writers'
+    outcomes commit together (:class:`GroupCommit`)."""
 
-    def __init__(self, db: Postgres) -> None:
+    def __init__(self, db: Postgres, commits: GroupCommit | None = None) -> None:
         self._db = db
+        self._commits = commits or GroupCommit(db)
 
     async def claim(self, limit: int, lease_seconds: float) -> list[ClaimedOrder]:
         async def claim(conn: asyncpg.Connection) -> list[ClaimedOrder]:
@@ -137,13 +186,13 @@ class PostgresOrderQueue:
         return await self._db.write(claim)
 
     async def accepted(self, order_id: str, erp_order_id: str | None, at: datetime) -> None:
-        await self._execute(_ACCEPTED, order_id, erp_order_id, at)
+        await self._commits.write(ACCEPTED, (order_id, erp_order_id, at))
 
     async def retry(self, order_id: str, delay_seconds: float, error: str) -> None:
-        await self._execute(_RETRY, order_id, delay_seconds, error[:2000])
+        await self._commits.write(RETRY, (order_id, delay_seconds, error[:2000]))
 
     async def fail(self, order_id: str, error: str) -> None:
-        await self._execute(_FAIL, order_id, error[:2000])
+        await self._commits.write(FAIL, (order_id, error[:2000]))
 
     async def depth(self) -> BufferDepth:
         async def read(conn: asyncpg.Connection) -> BufferDepth:
@@ -155,9 +204,3 @@ class PostgresOrderQueue:
     async def drain_rate(self, window_seconds: float) -> float:
         count = await self._db.fetchval(_DRAINED, window_seconds)
         return int(count) / window_seconds
-
-    async def _execute(self, query: str, *args: Any) -> None:
-        async def run(conn: asyncpg.Connection) -> None:
-            await conn.execute(query, *args)
-
-        await self._db.write(run)

@@ -61,34 +61,41 @@ class OrderIntake:
 
     async def confirm(self, rid: str, request: ConfirmRequest) -> Intake:
         _check_order(request.order)
+        # The common case first, with no read of the buffer: a held reservation's row is
+        # inserted at once, and only an insert that finds its ids taken reads what took them.
+        try:
+            reservation = await self._reservations.get(rid)
+        except NotFound:
+            # Settled and aged out of Redis: a repeat of its confirm still has its answer.
+            existing = await self._outbox.find(request.order_id)
+            if existing is None:
+                raise
+            return await self._repeat(existing, rid)
+        if reservation.status == "held":
+            if self._pressure is not None:
+                self._pressure.check()  # before anything changes: the hold stays for a retry
+            order = NewOrder(
+                order_id=request.order_id,
+                reservation_id=rid,
+                customer_id=customer_of(request.order),
+                body=bytes(request.order),
+                lines=_LINES.encode(lines_of(reservation)),
+            )
+            stored = await self._outbox.add(order)
+            if stored is not None:
+                if not await self.move_hold(stored):
+                    raise _not_held(rid, "no longer held")
+                return Intake(202, _receipt(stored))
         existing = await self._outbox.find(request.order_id)
         if existing is not None:
             return await self._repeat(existing, rid)
-        if self._pressure is not None:
-            self._pressure.check()  # before anything changes: the hold stays for a retry
-        reservation = await self._reservations.get(rid)  # 404 when unknown
-        if reservation.status != "held":
-            if reservation.status == "confirmed":
-                other = await self._outbox.find_by_reservation(rid)
-                if other is not None:
-                    raise _confirmed_elsewhere(rid)
-            raise _not_held(rid, reservation.status)
-        order = NewOrder(
-            order_id=request.order_id,
-            reservation_id=rid,
-            customer_id=customer_of(request.order),
-            body=bytes(request.order),
-            lines=_LINES.encode(lines_of(reservation)),
-        )
-        stored = await self._outbox.add(order)
-        if stored is None:  # taken between the read and the insert: a racing request
-            existing = await self._outbox.find(request.order_id)
-            if existing is not None:
-                return await self._repeat(existing, rid)
+        if reservation.status == "held":  # the insert met this reservation under another id
             raise _confirmed_elsewhere(rid)
-        if not await self.move_hold(stored):
-            raise _not_held(rid, "no longer held")
-        return Intake(202, _receipt(stored))
+        if reservation.status == "confirmed":
+            other = await self._outbox.find_by_reservation(rid)
+            if other is not None:
+                raise _confirmed_elsewhere(rid)
+        raise _not_held(rid, reservation.status)
 
     async def place(self, request: OrderRequest) -> Intake:
         """Hold and confirm in one step, all or nothing (``POST /v1/orders``)."""
