@@ -23,6 +23,7 @@ from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.commitments import PostgresCommitments
 from gateway.adapters.config_record import PostgresConfigRecord
 from gateway.adapters.erp import HttpErpClient
+from gateway.adapters.erp_control_record import PostgresErpControl
 from gateway.adapters.group_commit import GroupCommit
 from gateway.adapters.kafka import run_consumer
 from gateway.adapters.outbox import PostgresOrderQueue, PostgresOutbox
@@ -37,11 +38,19 @@ from gateway.atp.events import EventApplier
 from gateway.atp.store import AtpStore
 from gateway.buffering.backpressure import BackPressure
 from gateway.buffering.commitments import CommitmentKeeper
+from gateway.buffering.control import ErpControl
 from gateway.buffering.intake import OrderIntake
 from gateway.buffering.mender import run_mender
 from gateway.buffering.store import FlowStore, Limits
 from gateway.buffering.writer import ErpWriter
-from gateway.http import atp_routes, health, ops_routes, order_routes, reservation_routes
+from gateway.http import (
+    atp_routes,
+    erp_ops_routes,
+    health,
+    ops_routes,
+    order_routes,
+    reservation_routes,
+)
 from gateway.http.auth import Authenticator
 from gateway.http.codec import MAX_BODY
 from gateway.http.guard import Guard
@@ -49,6 +58,7 @@ from gateway.http.state import (
     APPLIER,
     AVAILABILITY,
     BATCHER,
+    ERP_CONTROL,
     ERP_FLOW,
     LIFECYCLE,
     LOCATION_CONFIG,
@@ -183,7 +193,15 @@ async def _orders_ctx(app: web.Application) -> AsyncIterator[None]:
         ),
     )
     app[ERP_FLOW] = flow
+    control = ErpControl(
+        PostgresErpControl(app[POSTGRES]), flow, queue, redis_check=app[REDIS].gate.check
+    )
+    app[ERP_CONTROL] = control
     async with contextlib.AsyncExitStack() as stack:
+        # Ops' settings in Redis before any writer asks for a permit under them.
+        await control.start(settings.postgres_timeout_seconds)
+        sync = supervised("erp-flow-sync", control.keep_in_sync, app[LIFECYCLE])
+        await stack.enter_async_context(sync)
         stack.push_async_callback(commits.close)  # last out: the workers below write through it
         mender = functools.partial(run_mender, intake, outbox)
         await stack.enter_async_context(supervised("order-mender", mender, app[LIFECYCLE]))
@@ -263,6 +281,7 @@ def create_app(settings: Settings) -> web.Application:
             health.routes,
             atp_routes.routes,
             ops_routes.routes,
+            erp_ops_routes.routes,
             reservation_routes.routes,
             order_routes.routes,
         ],

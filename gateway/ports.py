@@ -9,7 +9,7 @@ reads), 503 ``outcome_unknown`` when a write was sent and not answered.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
@@ -270,4 +270,96 @@ class CommitmentLedger(Protocol):
 
     async def waiting(self) -> BufferDepth:
         """Accepted commitments not cleared yet: how many, and the oldest one's age."""
+        ...
+
+
+# --- ops control of the ERP flow ------------------------------------------------------------
+
+
+class FlowSettings(NamedTuple):
+    """What ops set for the ERP flow, as of one ``version`` of its record (0: never set, the
+    gateway's defaults)."""
+
+    version: int
+    rate_per_second: float
+    burst: int
+    max_concurrency: int
+    paused: bool
+
+
+class Caller(NamedTuple):
+    """Who asked for a change, for the audit: a fingerprint of their key, never the key."""
+
+    key_fingerprint: str
+    request_id: str
+
+
+class DeadLetter(NamedTuple):
+    """An order the writers gave up on (``failed``); ``seq`` is its place in confirm order."""
+
+    seq: int
+    order_id: str
+    reservation_id: str
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class Replayed(NamedTuple):
+    """Dead letters put back in the buffer, and the ids asked for that were not dead letters."""
+
+    order_ids: list[str]
+    not_dead_letters: list[str]
+    last_seq: int  # the highest ``seq`` replayed; 0 when none was
+
+
+class AuditEntry(NamedTuple):
+    id: int
+    at: datetime
+    action: str
+    key_fingerprint: str
+    request_id: str
+    before: bytes | None  # JSON, as recorded
+    after: bytes | None
+
+
+class ErpControlRecord(Protocol):
+    """The durable record of ops' control of the ERP flow: its settings (one versioned row), the
+    dead letters of the order buffer, and the audit of every change. Each change and its audit
+    entry commit in one transaction."""
+
+    async def settings(self) -> FlowSettings | None:
+        """The settings as recorded; None before the first change."""
+        ...
+
+    async def change(
+        self,
+        action: str,
+        update: Callable[[FlowSettings], FlowSettings],
+        defaults: FlowSettings,
+        caller: Caller,
+    ) -> tuple[FlowSettings, FlowSettings]:
+        """Apply ``update`` to the recorded settings (``defaults`` before the first change)
+        under a lock, bump the version, and audit it; returns (before, after)."""
+        ...
+
+    async def sent_and_dead(self, window_seconds: float) -> tuple[int, int]:
+        """Orders the ERP accepted within the last window, and dead letters now."""
+        ...
+
+    async def dead_letters(self, after_seq: int, limit: int) -> list[DeadLetter]:
+        """Up to ``limit`` dead letters past ``after_seq``, in confirm order."""
+        ...
+
+    async def replay(self, order_ids: Sequence[str], caller: Caller) -> Replayed:
+        """Put these dead letters back in the buffer (due now, attempts from zero)."""
+        ...
+
+    async def replay_next(self, after_seq: int, limit: int, caller: Caller) -> Replayed:
+        """Put back up to ``limit`` dead letters past ``after_seq``, in confirm order."""
+        ...
+
+    async def audit(self, before_id: int | None, limit: int) -> list[AuditEntry]:
+        """Up to ``limit`` audit entries older than ``before_id``, newest first."""
         ...

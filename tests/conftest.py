@@ -93,6 +93,11 @@ async def pg(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.execute(
         "DO $$ BEGIN IF to_regclass('orders') IS NOT NULL THEN TRUNCATE orders; END IF; END $$"
     )
+    # Ops' ERP flow settings too: a limit one test set must not steer the next one's writers.
+    await conn.execute(
+        "DO $$ BEGIN IF to_regclass('erp_limits') IS NOT NULL THEN"
+        " TRUNCATE erp_limits, ops_audit; END IF; END $$"
+    )
     yield conn
     await conn.close()
 

@@ -22,5 +22,6 @@ RATE: Final = "rate"
 BURST: Final = "burst"
 CONCURRENCY: Final = "max_concurrency"
 PAUSED: Final = "paused"
+VERSION: Final = "version"  # of ops' record (PostgreSQL) these limits reflect
 FACTOR: Final = "factor"
 STATE: Final = "state"

@@ -1,12 +1,14 @@
 -- Shared names and rules of the ERP flow scripts; gateway/buffering/keys.py names the same
 -- fields for the Python side. KEYS of every flow script: limits, flow, in-flight (one slot).
 --
--- limits: what ops set (rate per second, burst, max_concurrency, paused '1'/'0').
+-- limits: what ops set (rate per second, burst, max_concurrency, paused '1'/'0') and the version
+-- of ops' record (PostgreSQL) they reflect.
 -- flow: the token bucket (tokens, ts ms), the adaptive factor (effective rate = rate * factor),
 -- the breaker (state closed | open | half_open, open_until ms, probe: the one call let through
 -- while half open, probe_until ms, fails: consecutive failures).
 -- in-flight: a sorted set of permits, scored by when their lease ends.
-local LIM = {rate = 'rate', burst = 'burst', concurrency = 'max_concurrency', paused = 'paused'}
+local LIM = {rate = 'rate', burst = 'burst', concurrency = 'max_concurrency', paused = 'paused',
+             version = 'version'}
 local FLOW = {tokens = 'tokens', ts = 'ts', factor = 'factor', state = 'state',
               open_until = 'open_until', probe = 'probe', probe_until = 'probe_until',
               fails = 'fails'}

@@ -1,23 +1,30 @@
 """The ERP flow's scripts, called from here only: permits under the shared limit, outcomes that
-steer it (adaptive rate, breaker), and ops' limit changes. Replies come back typed."""
+steer it (adaptive rate, breaker), and ops' limit changes. Replies come back typed.
+
+Ops' settings carry the version of their record in PostgreSQL (:mod:`gateway.buffering.control`);
+Redis keeps the newest version it was given, so a late copy never undoes a change."""
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
 
 import msgspec
 
 from gateway.buffering import keys
-from gateway.ports import FieldsRead, Records, Scripts
+from gateway.ports import FieldsRead, FlowSettings, Records, Scripts
 
 Outcome = Literal["ok", "throttled", "slow", "failed", "unused"]
 _KEYS: Final = list(keys.KEYS)
 
 
-class Limits(msgspec.Struct, frozen=True, kw_only=True):
-    rate_per_second: float
-    burst: int
-    max_concurrency: int
+class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The shared limit, as ops set it (``PUT /v1/ops/erp/limits``) within the bounds of its
+    settings (``GATEWAY_ERP_*``). A burst of at least one: the bucket holds at most ``burst``
+    tokens, and an empty one would stop the flow for good (pausing is how to stop it)."""
+
+    rate_per_second: Annotated[float, msgspec.Meta(ge=0.1, le=100_000)]
+    burst: Annotated[int, msgspec.Meta(ge=1, le=100_000)]
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000)]
 
 
 class Grant(msgspec.Struct, frozen=True):
@@ -34,6 +41,7 @@ class FlowState(msgspec.Struct, frozen=True, kw_only=True):
     effective_rate: float
     breaker: str
     in_flight: int
+    version: int  # of ops' record these limits reflect; 0: never set
 
 
 def _text(raw: bytes | str | None) -> str | None:
@@ -63,14 +71,38 @@ class FlowStore:
         return _text(state) or "closed"
 
     async def set_limits(self, limits: Limits, paused: bool | None = None) -> None:
+        """Set the limit as is, outside ops' record (a benchmark, a test): the record's sync
+        leaves it alone until ops change the record."""
         flag = "" if paused is None else "1" if paused else "0"
         args = [str(limits.rate_per_second), str(limits.burst), str(limits.max_concurrency), flag]
-        await self._scripts.run("limits.lua", [(_KEYS, args)])
+        await self._scripts.run("limits.lua", [(_KEYS, [*args, "", ""])])
+
+    async def apply(self, settings: FlowSettings, *, force: bool = False) -> bool:
+        """Set ops' settings of one version of their record; False when Redis holds a newer
+        one already (and ``force`` is off: with it, any version is set)."""
+        args = [
+            str(settings.rate_per_second),
+            str(settings.burst),
+            str(settings.max_concurrency),
+            "1" if settings.paused else "0",
+            str(settings.version),
+            "1" if force else "",
+        ]
+        (applied,) = await self._scripts.run("limits.lua", [(_KEYS, args)])
+        return bool(applied)
+
+    async def held_version(self) -> int:
+        """The version of ops' record Redis holds (0: none, as after losing its data)."""
+        ((version,),) = await self._records.fields([FieldsRead(keys.LIMITS, (keys.VERSION,))])
+        return int(version) if version is not None else 0
 
     async def state(self) -> FlowState:
         (limits, flow) = await self._records.fields(
             [
-                FieldsRead(keys.LIMITS, (keys.RATE, keys.BURST, keys.CONCURRENCY, keys.PAUSED)),
+                FieldsRead(
+                    keys.LIMITS,
+                    (keys.RATE, keys.BURST, keys.CONCURRENCY, keys.PAUSED, keys.VERSION),
+                ),
                 FieldsRead(keys.FLOW, (keys.FACTOR, keys.STATE)),
             ]
         )
@@ -88,4 +120,5 @@ class FlowStore:
             effective_rate=round(configured.rate_per_second * factor, 3),
             breaker=_text(flow[1]) or "closed",
             in_flight=in_flight,
+            version=int(limits[4]) if limits[4] is not None else 0,
         )

@@ -12,6 +12,7 @@ from gateway.adapters.redis import RedisPort
 from gateway.atp.availability import AvailabilityReader
 from gateway.atp.config_store import LocationConfig
 from gateway.atp.events import EventApplier
+from gateway.buffering.control import ErpControl
 from gateway.buffering.intake import OrderIntake
 from gateway.buffering.store import FlowStore
 from gateway.lifecycle import Lifecycle, Readiness
@@ -30,3 +31,4 @@ RESERVATIONS_SERVICE: Final = web.AppKey("reservations", ReservationService)
 LOCATION_CONFIG: Final = web.AppKey("location_config", LocationConfig)
 ORDER_INTAKE: Final = web.AppKey("order_intake", OrderIntake)
 ERP_FLOW: Final = web.AppKey("erp_flow", FlowStore)
+ERP_CONTROL: Final = web.AppKey("erp_control", ErpControl)
