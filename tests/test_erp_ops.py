@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.buffering import keys
+from gateway.errors import DependencyDown
 from gateway.http.state import ERP_CONTROL, ERP_FLOW
 from gateway.ports import FlowSettings
 from tests.conftest import KEYS, auth
@@ -189,6 +190,44 @@ async def test_redis_keeps_the_newest_version_unless_the_record_went_back(
     state = await flow.state()
     assert (state.version, state.limits.rate_per_second, state.paused) == (0, 50.0, False)
     assert not await client.app[ERP_CONTROL].sync()  # equal now: nothing to do
+
+
+async def test_racing_changes_from_two_gateways_leave_redis_as_the_record(
+    redis_url: str, postgres_dsn: str, redis: aioredis.Redis, pg: asyncpg.Connection
+) -> None:
+    async with (
+        gateway(redis_url, postgres_dsn, "") as one,
+        gateway(redis_url, postgres_dsn, "") as two,
+    ):
+        await asyncio.gather(*(set_limits((one, two)[i % 2], 10 + i) for i in range(12)))
+    row = await pg.fetchrow("SELECT version, rate_per_second FROM erp_limits")
+    assert row["version"] == 12
+    held = await redis.hmget(keys.LIMITS, keys.VERSION, keys.RATE)
+    assert held == [str(row["version"]), str(row["rate_per_second"])]
+    assert await pg.fetchval("SELECT count(*) FROM ops_audit WHERE action = 'limits'") == 12
+
+
+async def test_a_change_redis_did_not_take_is_outcome_unknown_and_synced_after(
+    client: Client, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flow = client.app[ERP_FLOW]
+    apply = flow.apply
+
+    async def refused(*args: Any, **kwargs: Any) -> bool:
+        raise DependencyDown("redis: connection refused; nothing was applied", dependency="redis")
+
+    monkeypatch.setattr(flow, "apply", refused)
+    body = {"rate_per_second": 3, "burst": 1, "max_concurrency": 2}
+    problem = await ops(client, "PUT", "/v1/ops/erp/limits", body, status=503)
+    assert_problem(problem, 503, "outcome_unknown")
+    assert await pg.fetchval("SELECT version FROM erp_limits") == 1  # committed, and audited
+    assert await pg.fetchval("SELECT count(*) FROM ops_audit") == 1
+    monkeypatch.setattr(flow, "apply", apply)
+
+    async def synced() -> bool:
+        return (await ops(client, "GET", "/v1/ops/erp"))["limits"]["rate_per_second"] == 3.0
+
+    await eventually(synced, 3, "the committed change copied to Redis by the sync")
 
 
 # -- pause and resume ------------------------------------------------------------------------
