@@ -198,11 +198,11 @@ async def _orders_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[ERP_CONTROL] = control
     async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(commits.close)  # last out: the workers below write through it
         # Ops' settings in Redis before any writer asks for a permit under them.
         await control.start(settings.postgres_timeout_seconds)
         sync = supervised("erp-flow-sync", control.keep_in_sync, app[LIFECYCLE])
         await stack.enter_async_context(sync)
-        stack.push_async_callback(commits.close)  # last out: the workers below write through it
         mender = functools.partial(run_mender, intake, outbox)
         await stack.enter_async_context(supervised("order-mender", mender, app[LIFECYCLE]))
         await stack.enter_async_context(supervised("buffer-watch", pressure.watch, app[LIFECYCLE]))

@@ -213,6 +213,11 @@ class OrderQueue(Protocol):
 
     async def fail(self, order_id: str, error: str) -> None: ...
 
+    async def hand_back(self, order_ids: Sequence[str]) -> None:
+        """Put claimed orders that were never sent back in the queue, due now (a stopping
+        writer's): their attempt does not count."""
+        ...
+
     async def depth(self) -> BufferDepth: ...
 
     async def drain_rate(self, window_seconds: float) -> float:

@@ -13,8 +13,8 @@ from redis.asyncio.cluster import RedisCluster
 from gateway.atp import keys as atp_keys
 from gateway.buffering import keys as flow_keys
 from tests.conftest import auth
+from tests.erp_flow import all_accepted, busiest_second, erp_sim, gateway
 from tests.helpers import eventually, post_events
-from tests.test_erp_writers import all_accepted, busiest_second, erp_sim, gateway
 
 SKUS = [f"SKU-{i}" for i in range(6)]
 

@@ -18,8 +18,8 @@ from gateway.adapters.lua import lua_source
 from gateway.atp import keys as atp_keys
 from gateway.reservation import keys as rsv_keys
 from tests.conftest import auth
+from tests.erp_flow import all_accepted, erp_sim, gateway, place
 from tests.helpers import eventually, post_events
-from tests.test_erp_writers import all_accepted, erp_sim, gateway, place
 
 HOUR_US = 3600 * 1_000_000
 

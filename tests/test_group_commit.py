@@ -13,10 +13,17 @@ from aiohttp.test_utils import TestClient
 from gateway.adapters.group_commit import GroupCommit, Statement
 from gateway.adapters.postgres import Postgres
 from gateway.errors import DependencyDown
+from tests.conftest import auth
 from tests.helpers import reserve, stock
-from tests.test_orders import LINE, confirm
 
 Client = TestClient[Any, Any]
+
+
+async def confirm(client: Client, rid: str, order_id: str) -> Any:
+    body = {"order_id": order_id, "order": {"customer_id": "c1"}}
+    return await client.post(
+        f"/v1/reservations/{rid}/confirm", json=body, headers=auth("storefront")
+    )
 
 
 async def _txid(conn: asyncpg.Connection, args: Sequence[int]) -> list[tuple[int, int]]:
@@ -68,7 +75,9 @@ async def test_racing_confirms_in_one_batch_make_one_order_per_reservation(
     await stock(client, A__L1=1000)
     rids = [f"r{i}" for i in range(40)]
     for rid in rids:
-        assert (await reserve(client, rid, [{**LINE[0], "quantity": 1}])).status == 201
+        assert (
+            await reserve(client, rid, [{"sku": "A", "location": "L1", "quantity": 1}])
+        ).status == 201
     calls = []
     for rid in rids:
         calls += [(rid, f"o-{rid}")] * 3 + [(rid, f"x-{rid}")]

@@ -9,8 +9,8 @@ import asyncio
 import asyncpg
 import redis.asyncio as aioredis
 
+from tests.erp_flow import all_accepted, erp_sim, gateway, place, received
 from tests.helpers import eventually, stock
-from tests.test_erp_writers import all_accepted, erp_sim, gateway, place, received
 
 
 async def test_a_stopping_gateway_finishes_its_sends_and_records_them(

@@ -6,6 +6,7 @@ Bounds and honest outcomes are :class:`Postgres`'s: a failure before COMMIT was 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final
@@ -157,7 +158,13 @@ def _outcomes(query: str) -> Statement[tuple[Any, ...], None]:
     return Statement(query, run)
 
 
+_HAND_BACK: Final = """
+    UPDATE orders o SET status = 'queued', lease_until = NULL, attempts = o.attempts - 1,
+        next_attempt_at = now(), updated_at = now()
+    FROM unnest($1::text[]) AS u(order_id)
+    WHERE o.order_id = u.order_id AND o.status = 'sending'"""
 ACCEPTED: Final = _outcomes(_ACCEPTED)
+HAND_BACK: Final = _outcomes(_HAND_BACK)
 RETRY: Final = _outcomes(_RETRY)
 FAIL: Final = _outcomes(_FAIL)
 _DEPTH: Final = """
@@ -193,6 +200,9 @@ class PostgresOrderQueue:
 
     async def fail(self, order_id: str, error: str) -> None:
         await self._commits.write(FAIL, (order_id, error[:2000]))
+
+    async def hand_back(self, order_ids: Sequence[str]) -> None:
+        await asyncio.gather(*(self._commits.write(HAND_BACK, (oid,)) for oid in order_ids))
 
     async def depth(self) -> BufferDepth:
         async def read(conn: asyncpg.Connection) -> BufferDepth:

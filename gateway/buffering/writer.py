@@ -83,8 +83,14 @@ class ErpWriter:
             await asyncio.sleep(min(grant.wait_seconds, 1.0))
             return
         permits = [f"{prefix}:{i}" for i in range(1, grant.granted + 1)]
+        claim = asyncio.ensure_future(self._queue.claim(grant.granted, self._lease_ms / 1000))
         try:
-            orders = await self._queue.claim(grant.granted, self._lease_ms / 1000)
+            orders = await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            # Stopping: what the claim took (it ends within the PostgreSQL deadline) goes back
+            # to the queue now, not when its lease ends.
+            await self._hand_back(claim, permits)
+            raise
         except BaseException:
             await self._give_back(permits)
             raise
@@ -96,6 +102,16 @@ class ErpWriter:
             task.add_done_callback(self._sends.discard)
         if not orders:
             await asyncio.sleep(_IDLE_WAIT)
+
+    async def _hand_back(
+        self, claim: asyncio.Future[list[ClaimedOrder]], permits: list[str]
+    ) -> None:
+        try:
+            orders = await claim
+            await self._queue.hand_back([order.order_id for order in orders])
+        except GatewayError as exc:
+            log.warning("erp_claim_not_handed_back", error=exc.detail)  # leases end on their own
+        await self._give_back(permits)
 
     async def _give_back(self, permits: list[str]) -> None:
         for permit in permits:
