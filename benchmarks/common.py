@@ -54,6 +54,12 @@ class Config:
     retries: int
     retry_budget: float
     reservation_ttl: int = RESERVATION_TTL
+    # ERP writer accuracy (benchmarks/erp_writer.py)
+    writer_rates: tuple[float, ...] = (50.0, 500.0, 2000.0)
+    writer_warmup: float = 2.0
+    writer_window: float = 10.0
+    erp_latency_ms: float = 20.0
+    burst_ms: float = 50.0
 
 
 @dataclass
@@ -79,6 +85,8 @@ class Run:
     redis_commandstats: dict[str, Any] = field(default_factory=dict)
     cpu: dict[str, Any] = field(default_factory=dict)
     profiles: dict[str, Any] = field(default_factory=dict)
+    orders: dict[str, Any] = field(default_factory=dict)
+    erp_writer: dict[str, Any] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     # retries of disturbed measurements stop at this time.monotonic() value

@@ -57,11 +57,7 @@ def run_wrk(target: Target, duration: float, tag: str = "wrk") -> dict[str, Any]
     if target.key:
         argv += ["-H", f"Authorization: Bearer {target.key}"]
     argv += [target.url, "--", *script_args]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=duration + 60)
-    match = _WRK_RESULT.search(out.stdout)
-    if match is None:
-        raise RuntimeError(f"wrk printed no result:\n{out.stdout}\n{out.stderr}")
-    values = {k: int(v) for k, v in (p.split("=") for p in match.group(1).split())}
+    values = wrk_values(argv, duration)
     seconds = values["duration_us"] / 1e6
     errors = sum(values[k] for k in ("status", "connect", "read", "write", "timeout"))
     result = {
@@ -89,6 +85,15 @@ def run_wrk(target: Target, duration: float, tag: str = "wrk") -> dict[str, Any]
     return result
 
 
+def wrk_values(argv: list[str], duration: float) -> dict[str, int]:
+    """Run wrk with a script that prints a ``WRK_RESULT k=v ...`` line; its values."""
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=duration + 60)
+    match = _WRK_RESULT.search(out.stdout)
+    if match is None:
+        raise RuntimeError(f"wrk printed no result:\n{out.stdout}\n{out.stderr}")
+    return {k: int(v) for k, v in (p.split("=") for p in match.group(1).split())}
+
+
 def run_openloop(
     target: Target, rate: float, duration: float, warmup: float, tag: str = "openloop"
 ) -> dict[str, Any]:
@@ -112,9 +117,12 @@ def run_openloop(
         argv += ["--paths-file", str(target.paths)]
     if target.key:
         argv += ["-H", f"Authorization: Bearer {target.key}"]
-    out = subprocess.run(
-        argv, capture_output=True, text=True, timeout=duration + warmup + 60, cwd=ROOT
-    )
+    return run_generator(argv, duration + warmup)
+
+
+def run_generator(argv: list[str], seconds: float) -> dict[str, Any]:
+    """Run an open-loop generator command (``--json``) of about ``seconds``; its result."""
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"open-loop generator failed:\n{out.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -88,8 +88,11 @@ def attempts(
     saturating: bool,
     measure: Callable[[], dict[str, Any]],
     warm: Callable[[], object] | None = None,
+    attribute: Callable[[CpuReport], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure; while disturbed, retry up to ``--retries`` times and keep the least disturbed."""
+    """Measure; while disturbed, retry up to ``--retries`` times and keep the least disturbed.
+    ``attribute`` names CPU the report would count as ``unattributed`` (PostgreSQL's backends)
+    before the attempt is judged."""
     best: tuple[float, dict[str, Any], CpuReport] | None = None
     tries = 1 + run.config.retries
     for attempt in range(1, tries + 1):
@@ -97,6 +100,8 @@ def attempts(
             warm()
         with cpu_phase(processes) as report:
             result = measure()
+        if attribute is not None:
+            attribute(report)
         why = disturbance(report, server, saturating)
         noise = _noise(report, server, saturating)
         if best is None or noise < best[0]:

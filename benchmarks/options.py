@@ -27,8 +27,11 @@ def parse_args(argv: Sequence[str] | None, description: str | None) -> Config:
     parser.add_argument(
         "--postgres-dsn",
         default=os.environ.get(
-            "GATEWAY_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+            "GATEWAY_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test_bench"
         ),
+        help="a database of the benchmark's own, made when missing (the orders and writer "
+        "phases truncate its orders table); default $GATEWAY_BENCH_POSTGRES_DSN or "
+        "postgresql://postgres@127.0.0.1:5432/test_bench",
     )
     parser.add_argument("--skip-kafka", action="store_true", help="no Kafka ingest figure")
     parser.add_argument(
@@ -72,6 +75,30 @@ def parse_args(argv: Sequence[str] | None, description: str | None) -> Config:
         metavar="SECONDS",
         help="first wait up to this long for other work on the machine to stop",
     )
+    parser.add_argument(
+        "--writer-rates",
+        metavar="R,R,...",
+        default="50,500,2000",
+        help="configured ERP rates per second of the writer benchmark (50,500,2000)",
+    )
+    parser.add_argument(
+        "--writer-window", type=float, help="writer: measured seconds per rate (10; quick 5)"
+    )
+    parser.add_argument(
+        "--writer-warmup", type=float, help="writer: seconds before the window (2; quick 1)"
+    )
+    parser.add_argument(
+        "--erp-latency-ms",
+        type=float,
+        default=20.0,
+        help="writer: the ERP simulator's answer latency (20)",
+    )
+    parser.add_argument(
+        "--burst-ms",
+        type=float,
+        default=50.0,
+        help="writer: GATEWAY_ERP_BURST as this many ms of the rate, at least 1 (50)",
+    )
     a = parser.parse_args(argv)
     quick = a.quick
     return Config(
@@ -91,11 +118,26 @@ def parse_args(argv: Sequence[str] | None, description: str | None) -> Config:
         retries=a.retries,
         retry_budget=a.retry_budget or (45.0 if quick else 150.0),
         reservation_ttl=a.reservation_ttl,
+        writer_rates=_rates(a.writer_rates, parser),
+        writer_window=a.writer_window or (5.0 if quick else 10.0),
+        writer_warmup=a.writer_warmup if a.writer_warmup is not None else (1.0 if quick else 2.0),
+        erp_latency_ms=a.erp_latency_ms,
+        burst_ms=a.burst_ms,
     )
 
 
-PHASES = ("redis", "wrk", "openloop", "reservations", "http", "kafka")
+PHASES = ("redis", "wrk", "openloop", "reservations", "http", "kafka", "orders", "writer")
 EXTRA_PHASES = ("generator",)  # only when asked for by --only
+
+
+def _rates(text: str, parser: argparse.ArgumentParser) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        parser.error(f"--writer-rates: not numbers: {text!r}")
+    if not rates or any(r <= 0 for r in rates):
+        parser.error("--writer-rates: give positive rates")
+    return rates
 
 
 def _phases(only: str | None, skip_kafka: bool, parser: argparse.ArgumentParser) -> frozenset[str]:

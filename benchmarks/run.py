@@ -2,12 +2,15 @@
 
     .venv/bin/python -m benchmarks.run              # ~4 minutes
     .venv/bin/python -m benchmarks.run --quick      # ~1.5 minutes, shorter and smaller
+    .venv/bin/python -m benchmarks.run --only orders,writer   # the order buffer and its writer
 
 What it starts (all on loopback, all stopped at the end, Ctrl-C included): a private redis-server,
 the plain aiohttp ceiling server (``benchmarks/ceiling.py``), the gateway (``python -m gateway
-serve``), later a tansu Kafka broker and a second gateway that consumes it. PostgreSQL must be
-running already (``--postgres-dsn``). The server under test runs on core 0; wrk, the open-loop
-generator, the ingest client, Redis, tansu and this script run on core 1.
+serve``), later a tansu Kafka broker and a second gateway that consumes it; for orders a gateway
+without an ERP, for the writer the ERP simulator and a gateway per rate. PostgreSQL must be
+running already (``--postgres-dsn``, a database of the benchmark's own: the orders phases
+truncate ``orders``). The server under test runs on core 0; wrk, the open-loop generator, the
+ingest client, Redis, tansu and this script run on core 1.
 
 Results: a table on stdout, the same as Markdown, and JSON in ``benchmarks/results/latest.json``.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +32,7 @@ from benchmarks.ceilings import generator_check, redis_benchmark, start_ceiling
 from benchmarks.common import (
     KEYS,
     LOAD_CORE,
+    PYTHON,
     RESULTS,
     ROOT,
     SERVER_CORE,
@@ -37,11 +42,13 @@ from benchmarks.common import (
     start_redis,
     wait_http,
 )
+from benchmarks.erp_writer import erp_writer, writer_rows
 from benchmarks.ingest import ingest_http
 from benchmarks.kafka import ingest_kafka
 from benchmarks.load import Target, write_paths
 from benchmarks.measure import redis_commandstats
 from benchmarks.options import parse_args
+from benchmarks.orders import order_rows, orders
 from benchmarks.procs import Processes, machine_busy_seconds, pin_self
 from benchmarks.report import build_rows, machine_info, print_report
 from benchmarks.reservations import flash_sale, seed_reservations, write_reservation_bodies
@@ -135,8 +142,59 @@ def execute(run: Run) -> None:
         if "kafka" in phases:
             with redis_commandstats(run, "ingest kafka", redis_port):
                 ingest_kafka(run, processes, redis_port)
+        if "orders" in phases:
+            ceiling, ceiling_port = start_ceiling(processes)
+            paths1 = write_paths(work / "paths-1sku.txt", 1)
+            target = Target(f"http://127.0.0.1:{ceiling_port}", None, paths1)
+            with redis_commandstats(run, "orders", redis_port):
+                orders(run, processes, redis_port, target, work)
+            processes.stop(ceiling)
+        if "writer" in phases:
+            erp_writer(run, processes)
     finally:
         processes.stop_all()
+
+
+def create_database(dsn: str) -> None:
+    """Make the benchmark's database when it is not there yet."""
+    import asyncio
+
+    import asyncpg
+
+    async def go() -> None:
+        try:
+            conn = await asyncpg.connect(dsn)
+        except asyncpg.InvalidCatalogNameError:
+            base, _, name = dsn.partition("?")[0].rpartition("/")
+            admin = await asyncpg.connect(f"{base}/postgres")
+            try:
+                await admin.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await admin.close()
+            say(f"made database {name!r}")
+            return
+        await conn.close()
+
+    asyncio.run(go())
+
+
+def migrate(dsn: str) -> None:
+    """The orders phases truncate and fill ``orders``: only in a database of the benchmark's own.
+    Its tables are made by the gateway's migrations first."""
+    name = dsn.rsplit("/", 1)[-1].split("?", 1)[0]
+    if "bench" not in name:
+        raise SystemExit(
+            f"the orders and writer benchmarks truncate the orders table of {name!r}: give "
+            "--postgres-dsn a database of the benchmark's own (a name with 'bench' in it)"
+        )
+    create_database(dsn)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_POSTGRES_DSN"] = dsn
+    out = subprocess.run(
+        [PYTHON, "-m", "gateway", "migrate"], env=env, capture_output=True, text=True, timeout=60
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"gateway migrate failed:\n{out.stdout}\n{out.stderr}")
 
 
 def _json(value: object) -> object:
@@ -148,6 +206,8 @@ def _json(value: object) -> object:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv, __doc__)
     check_tools()
+    if cfg.phases & {"orders", "writer"}:
+        migrate(cfg.postgres_dsn)  # refuses a database that is not the benchmark's own
     signal.signal(signal.SIGTERM, _terminate)
     pin_self({LOAD_CORE})
     os.chdir(ROOT)
@@ -162,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("interrupted; servers stopped")
         return 130
     build_rows(run)
+    run.rows += order_rows(run) + writer_rows(run)
     run.notes.append(f"run took {time.perf_counter() - started:.0f}s")
     json_path = RESULTS / "latest.json"
     data = asdict(run)
