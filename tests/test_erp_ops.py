@@ -262,6 +262,27 @@ async def test_pause_stops_the_sends_of_every_gateway_and_resume_restarts_them(
     ]
 
 
+async def test_a_pause_holds_through_a_flushall(
+    redis_url: str, postgres_dsn: str, redis: aioredis.Redis, pg: asyncpg.Connection
+) -> None:
+    """Redis lost the pause with its data: until the sync puts ops' settings back, no permit is
+    granted (reason ``unsynced``), so the writers never fall back to the unpaused defaults."""
+    async with erp_sim() as sim, gateway(redis_url, postgres_dsn, str(sim.make_url(""))) as one:
+        await stock(one, A__L1=100)
+        await ops(one, "POST", "/v1/ops/erp/pause")
+        await asyncio.gather(*(place(one, f"f{i}", customer=f"c{i}") for i in range(5)))
+        await redis.flushall()
+        flow = one.app[ERP_FLOW]
+        assert (await flow.acquire(1, "t", 1000)).reason in ("unsynced", "paused")
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            assert (await received(sim))["accepted"] == 0
+            await asyncio.sleep(0.05)
+        assert (await flow.state()).paused  # back from PostgreSQL
+        await ops(one, "POST", "/v1/ops/erp/resume")
+        await all_accepted(sim, pg, 5, within=5)
+
+
 # -- dead letters ----------------------------------------------------------------------------
 
 

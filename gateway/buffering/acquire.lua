@@ -4,8 +4,11 @@
 -- ARGV[4..6] default rate, burst, max_concurrency (used until ops set their own)
 -- returns {granted, wait ms before asking again (when 0 granted), reason}
 -- reason: ok | paused | open (breaker) | probing (half open, a probe is out) | rate | concurrency
+--         | unsynced (Redis holds no copy of ops' settings: it lost its data, and the gateways'
+--           sync has not put them back yet; sending on defaults could undo a pause)
 -- The bucket holds at most `burst` tokens and fills at rate * factor per second, so no second
 -- sees more than rate + burst calls begin.
+if redis.call('HEXISTS', KEYS[1], LIM.version) == 0 then return {0, 200, 'unsynced'} end
 local now = clock_ms()
 local rate, burst, concurrency, paused = limits(4)
 if paused then return {0, 200, 'paused'} end

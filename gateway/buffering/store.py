@@ -70,13 +70,6 @@ class FlowStore:
         )
         return _text(state) or "closed"
 
-    async def set_limits(self, limits: Limits, paused: bool | None = None) -> None:
-        """Set the limit as is, outside ops' record (a benchmark, a test): the record's sync
-        leaves it alone until ops change the record."""
-        flag = "" if paused is None else "1" if paused else "0"
-        args = [str(limits.rate_per_second), str(limits.burst), str(limits.max_concurrency), flag]
-        await self._scripts.run("limits.lua", [(_KEYS, [*args, "", ""])])
-
     async def apply(self, settings: FlowSettings, *, force: bool = False) -> bool:
         """Set ops' settings of one version of their record; False when Redis holds a newer
         one already (and ``force`` is off: with it, any version is set)."""
@@ -92,9 +85,10 @@ class FlowStore:
         return bool(applied)
 
     async def held_version(self) -> int:
-        """The version of ops' record Redis holds (0: none, as after losing its data)."""
+        """The version of ops' record Redis holds; -1 when it holds none (never copied, or
+        lost with Redis's data): then no permit is granted (``acquire.lua``)."""
         ((version,),) = await self._records.fields([FieldsRead(keys.LIMITS, (keys.VERSION,))])
-        return int(version) if version is not None else 0
+        return int(version) if version is not None else -1
 
     async def state(self) -> FlowState:
         (limits, flow) = await self._records.fields(
