@@ -19,11 +19,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from gateway.adapters.migrations import migrate_dsn
 from gateway.atp.schemas import StockEvent
-from gateway.dev.erp_sim import Knobs, create_sim_app
 from gateway.dev.services import _spawn_redis, _wait_for, free_port
 from gateway.reservation import keys
 from tests.conftest import auth
@@ -204,22 +203,3 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: 
         assert waited < within, f"not within {within} s: {what}"
         await asyncio.sleep(0.02)
     return time.monotonic() - start
-
-
-@contextlib.asynccontextmanager
-async def erp_sim(**knobs: Any) -> AsyncIterator[Client]:
-    """The ERP simulator served in the test's loop (``knobs`` as :class:`Knobs`): the gateway
-    under test, in-process or a real process, POSTs its orders here."""
-    async with TestClient(TestServer(create_sim_app(Knobs(**knobs)))) as sim:
-        yield sim
-
-
-async def sim_received(sim: Client) -> dict[str, Any]:
-    """What the simulator took: ``orders`` (key, deliveries, ...) and its counters."""
-    return dict(await (await sim.get("/_sim/received")).json())
-
-
-async def sim_busiest_second(sim: Client) -> int:
-    """The most order requests that reached the simulator in one wall-clock second."""
-    seconds = (await (await sim.get("/_sim/per_second")).json())["requests"]
-    return max(seconds.values(), default=0)

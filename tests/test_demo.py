@@ -20,6 +20,7 @@ from gateway.dev.services import free_port, reachable
 from tests.helpers import eventually
 
 STOREFRONT = {"Authorization": "Bearer demo-storefront"}
+OPS = {"Authorization": "Bearer demo-ops"}
 LINE = {"sku": "SKU-0001", "location": "DC-EAST", "quantity": 2}
 
 
@@ -84,6 +85,9 @@ async def test_the_demo_sends_orders_to_its_erp_simulator(
                 await eventually(accepted, 10, "the order accepted by the demo's ERP")
                 got = await get(f"{sim}/_sim/received")
                 assert [(o["key"], o["deliveries"]) for o in got["orders"]] == [("demo-1", 1)]
+                flow = await get(f"{base}/v1/ops/erp", headers=OPS)  # as the demo prints it
+                assert (flow["buffer_depth"], flow["breaker"]) == (0, "closed")
+                assert flow["sent_per_second"] > 0
 
                 async def snapshot_pushed() -> bool:
                     return await on_hand() == before - 2

@@ -33,6 +33,7 @@ from gateway.http.state import POSTGRES, RESERVATIONS_SERVICE
 from gateway.reservation import keys
 from gateway.reservation.schemas import LineRequest
 from tests.conftest import auth
+from tests.erp_flow import busiest_second, erp_sim, received
 from tests.gateway_proc import GatewayProcess
 from tests.helpers import (
     Client,
@@ -40,11 +41,8 @@ from tests.helpers import (
     assert_problem,
     availability,
     backdate_expiry,
-    erp_sim,
     event,
     eventually,
-    sim_busiest_second,
-    sim_received,
     stock,
 )
 
@@ -167,7 +165,7 @@ async def test_a_gateway_killed_mid_flight_and_restarted_loses_and_repeats_nothi
                 # The writer in its stride (its calls spend their time in the ERP's latency,
                 # not between a claim and the request) and shoppers still placing orders.
                 answered = sum(status == 202 for status in results.values())
-                if answered < 60 or (await sim_received(sim))["accepted"] < 10:
+                if answered < 60 or (await received(sim))["accepted"] < 10:
                     return False
                 return bool(
                     await pg.fetchval("SELECT count(*) FROM orders WHERE status = 'sending'")
@@ -198,7 +196,7 @@ async def test_a_gateway_killed_mid_flight_and_restarted_loses_and_repeats_nothi
             # whose hold did not move, then the sends at the limit.
             await eventually(partial(buffer_empty, pg), 25, "the buffer empty after the restart")
             rows = dict(await pg.fetch("SELECT order_id, status FROM orders"))
-            got = await sim_received(sim)
+            got = await received(sim)
             deliveries = {o["key"]: o["deliveries"] for o in got["orders"]}
             assert answered <= rows.keys()  # every 202 is an order
             assert rows.keys() - answered <= unanswered  # and nothing else but the unanswered
@@ -212,7 +210,7 @@ async def test_a_gateway_killed_mid_flight_and_restarted_loses_and_repeats_nothi
             assert repeated <= in_flight
             assert all(n <= 2 for n in deliveries.values())
             assert got["duplicates"] == len(repeated)
-            assert await sim_busiest_second(sim) <= RATE + BURST
+            assert await busiest_second(sim) <= RATE + BURST
 
             # The holds agree with the rows: each order's hold committed, no other committed.
             holds = await asyncio.gather(*(api.hold(f"order:{oid}") for oid in results))
@@ -304,7 +302,7 @@ async def test_a_gateway_killed_between_the_two_writes_is_mended_after_restart(
                 # Within seconds: the mender waits out its grace from the row's commit, then
                 # passes about every INTERVAL.
                 assert time.monotonic() - restarted <= GRACE_SECONDS + INTERVAL + 3
-                orders = (await sim_received(sim))["orders"]
+                orders = (await received(sim))["orders"]
                 assert [(o["key"], o["deliveries"]) for o in orders] == [("o-kept", 1)]
                 assert await api.hold("kept") == "confirmed"
                 assert await api.hold("lapsed") == "expired"
@@ -384,11 +382,11 @@ async def test_an_erp_slower_than_the_orders_fills_the_buffer_then_intake_resume
             await eventually(partial(buffer_empty, pg), 15, "the buffer empty")
             rows = dict(await pg.fetch("SELECT order_id, status FROM orders"))
             assert rows == dict.fromkeys(accepted, "accepted")
-            got = await sim_received(sim)
+            got = await received(sim)
             assert sorted((o["key"], o["deliveries"]) for o in got["orders"]) == sorted(
                 (key, 1) for key in accepted
             )
-            assert await sim_busiest_second(sim) <= RATE + BURST
+            assert await busiest_second(sim) <= RATE + BURST
             assert await api.figures() == (stray, len(accepted))
         finally:
             gateway.stop()
