@@ -20,7 +20,7 @@ from typing import Final
 import msgspec
 import structlog
 
-from gateway.buffering.backpressure import BackPressure
+from gateway.buffering.backpressure import Admission, BackPressure
 from gateway.buffering.schemas import (
     MAX_ORDER_BYTES,
     ConfirmRequest,
@@ -59,7 +59,10 @@ class OrderIntake:
         self._outbox = outbox
         self._pressure = pressure
 
-    async def confirm(self, rid: str, request: ConfirmRequest) -> Intake:
+    async def confirm(
+        self, rid: str, request: ConfirmRequest, admission: Admission | None = None
+    ) -> Intake:
+        """``admission``: the order's place in the buffer, when the caller took it already."""
         _check_order(request.order)
         # The common case first, with no read of the buffer: a held reservation's row is
         # inserted at once, and only an insert that finds its ids taken reads what took them.
@@ -72,8 +75,8 @@ class OrderIntake:
                 raise
             return await self._repeat(existing, rid)
         if reservation.status == "held":
-            if self._pressure is not None:
-                self._pressure.check()  # before anything changes: the hold stays for a retry
+            # Before anything changes: when refused, the hold stays for a retry.
+            admission = admission or self._admit()
             order = NewOrder(
                 order_id=request.order_id,
                 reservation_id=rid,
@@ -81,7 +84,11 @@ class OrderIntake:
                 body=bytes(request.order),
                 lines=_LINES.encode(lines_of(reservation)),
             )
-            stored = await self._outbox.add(order)
+            stored = None
+            try:
+                stored = await self._outbox.add(order)
+            finally:
+                admission.close(added=stored is not None)
             if stored is not None:
                 if not await self.move_hold(stored):
                     raise _not_held(rid, "no longer held")
@@ -103,8 +110,15 @@ class OrderIntake:
         existing = await self._outbox.find(request.order_id)
         if existing is not None:
             return await self._repeat(existing, direct_reservation_id(request.order_id))
-        if self._pressure is not None:
-            self._pressure.check()  # before the hold: a refused order holds nothing
+        # Taken before the hold and kept through the confirm: a refused order holds nothing,
+        # and an order that holds is not refused afterwards.
+        admission = self._admit()
+        try:
+            return await self._place(request, admission)
+        finally:
+            admission.close(added=False)  # when the confirm did not write a row
+
+    async def _place(self, request: OrderRequest, admission: Admission) -> Intake:
         hold = ReservationRequest(
             reservation_id=direct_reservation_id(request.order_id),
             lines=request.lines,
@@ -119,8 +133,13 @@ class OrderIntake:
                 lines=outcome.shortfalls,
             )
         return await self.confirm(
-            hold.reservation_id, ConfirmRequest(order_id=request.order_id, order=request.order)
+            hold.reservation_id,
+            ConfirmRequest(order_id=request.order_id, order=request.order),
+            admission,
         )
+
+    def _admit(self) -> Admission:
+        return Admission(None) if self._pressure is None else self._pressure.admit()
 
     async def get(self, order_id: str) -> OrderView:
         stored = await self._outbox.find(order_id)
