@@ -107,6 +107,7 @@ def _one_place(case: Case) -> bool:
 
 
 RESERVATIONS: Final = "/v1/reservations"
+ORDERS: Final = "/v1/orders"  # its lines are a reservation's: the same fitting and seed
 _ONE: Final = RESERVATIONS + "/{reservation_id}"
 _EXTEND_PATH: Final = RESERVATIONS + "/{reservation_id}/extend"
 # What reservation fuzzing runs against: stock of two SKUs (one plentiful, one scarce), a group
@@ -153,9 +154,10 @@ def _fit_reservation(case: Case, seeded: str | None) -> Case:
             lines.append(line)
     body = {**body, "lines": lines}
     if skus:
-        rest = {name: value for name, value in body.items() if name != "reservation_id"}
+        key = "reservation_id" if "reservation_id" in body else "order_id"
+        rest = {name: value for name, value in body.items() if name != key}
         digest = hashlib.blake2b(repr(sorted(rest.items())).encode(), digest_size=4).hexdigest()
-        body["reservation_id"] = f"{body['reservation_id'][:100]}#{digest}"
+        body[key] = f"{body[key][:100]}#{digest}"
     case.body = body
     return case
 
@@ -199,7 +201,7 @@ def _strategy(operation: APIOperation, mode: GenerationMode) -> st.SearchStrateg
         strategy = st.builds(_fit_events, strategy)
     elif operation.path == "/v1/availability":
         strategy = strategy.filter(_one_place)
-    elif operation.path == RESERVATIONS:
+    elif operation.path in (RESERVATIONS, ORDERS):
         strategy = st.builds(_fit_reservation, strategy, st.sampled_from([None, *SEED_SKUS]))
     elif operation.path.startswith(RESERVATIONS + "/"):
         seeded_ids = st.sampled_from([None, HELD, RELEASED, CONFIRMED])
@@ -258,7 +260,7 @@ async def test_operation_conforms(
     server: TestServer, base_url: str, operation: APIOperation, mode: GenerationMode
 ) -> None:
     headers = _headers(operation)
-    if operation.path.startswith(RESERVATIONS):
+    if operation.path.startswith((RESERVATIONS, ORDERS)):
         await _seed_reservations(server, base_url)
 
     def check(case: Case, session: requests.Session) -> None:
