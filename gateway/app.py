@@ -199,6 +199,7 @@ async def _orders_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ERP_CONTROL] = control
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(commits.close)  # last out: the workers below write through it
+        stack.push_async_callback(intake.close)  # its background marks go through commits
         # Ops' settings in Redis before any writer asks for a permit under them.
         await control.start(settings.postgres_timeout_seconds)
         sync = supervised("erp-flow-sync", control.keep_in_sync, app[LIFECYCLE])

@@ -1,4 +1,4 @@
-"""Group commit: the writes of many concurrent callers in one PostgreSQL transaction.
+"""Group commit: the writes of many concurrent callers in one PostgreSQL statement.
 
 One commit costs a WAL flush whatever it holds (FACTS.md: one-row commits ~2,200/s on one
 connection, 100 rows per transaction ~39,000 rows/s), so the order buffer gathers what its
@@ -7,11 +7,12 @@ flight; while ``max_in_flight`` batches are, the writes that arrive meanwhile wa
 together in the next. An idle gateway writes with no added latency, a busy one in batches as
 large as its load makes them.
 
-Each caller gets its own row's result, or the batch's failure with the port's honest outcome
-(:meth:`gateway.adapters.postgres.Postgres.write`): ``dependency_unavailable`` when nothing was
-applied, ``outcome_unknown`` when COMMIT was sent and not answered. A batch's rows are written
-in a stable order (each statement sorts its rows by key), so two batches in flight never wait
-on each other's row locks in opposite orders.
+A batch is one statement per kind of write (rows written by ``unnest`` of arrays), each atomic
+and committed on its own. Each caller gets its own row's result, or its statement's failure with
+the port's honest outcome (:meth:`gateway.adapters.postgres.Postgres.write_statement`):
+``dependency_unavailable`` when nothing was applied, ``outcome_unknown`` when the statement was
+sent and not answered. Each statement takes its row locks in key order, so two in flight never
+wait on each other in opposite orders.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from gateway.errors import OutcomeUnknown
 A = TypeVar("A")
 R = TypeVar("R")
 MAX_BATCH: Final = 500
-MAX_IN_FLIGHT: Final = 2
+MAX_IN_FLIGHT: Final = 4
 
 
 class Statement(Generic[A, R]):
@@ -91,19 +92,31 @@ class GroupCommit:
                 self._start_flush()
             if not batch:
                 return
-            try:
-                results = await self._db.write(lambda conn: _run(conn, batch))
-            except BaseException as exc:
-                told = exc if isinstance(exc, Exception) else _interrupted()
-                for w in batch:
-                    if not w.future.done():
-                        w.future.set_exception(told)
-                if told is not exc:
-                    raise  # cancelled (shutdown): the callers were told above
-                return
-            for w, result in zip(batch, results, strict=True):
-                if not w.future.done():  # a caller that went away does not want its answer
-                    w.future.set_result(result)
+            by_statement: dict[Statement[Any, Any], list[_Write]] = {}
+            for w in batch:
+                by_statement.setdefault(w.statement, []).append(w)
+            for statement, writes in by_statement.items():
+                await self._commit(statement, writes)
+
+    async def _commit(self, statement: Statement[Any, Any], writes: list[_Write]) -> None:
+        # One statement, atomic on its own: it commits without the round trips of BEGIN and
+        # COMMIT, and holds its row locks only while it runs, so writes of different kinds
+        # never wait on each other in a cycle.
+        try:
+            results = await self._db.write_statement(
+                lambda conn: statement.run(conn, [w.arg for w in writes])
+            )
+        except BaseException as exc:
+            told = exc if isinstance(exc, Exception) else _interrupted()
+            for w in writes:
+                if not w.future.done():
+                    w.future.set_exception(told)
+            if told is not exc:
+                raise  # cancelled (shutdown): the callers were told above
+            return
+        for w, result in zip(writes, results, strict=True):
+            if not w.future.done():  # a caller that went away does not want its answer
+                w.future.set_result(result)
 
 
 def _interrupted() -> OutcomeUnknown:
@@ -112,15 +125,3 @@ def _interrupted() -> OutcomeUnknown:
         "applied. Retrying the same request is safe",
         dependency=NAME,
     )
-
-
-async def _run(conn: asyncpg.Connection, batch: list[_Write]) -> list[Any]:
-    by_statement: dict[Statement[Any, Any], list[int]] = {}
-    for i, w in enumerate(batch):
-        by_statement.setdefault(w.statement, []).append(i)
-    results: list[Any] = [None] * len(batch)
-    for statement, indexes in by_statement.items():
-        answers = await statement.run(conn, [batch[i].arg for i in indexes])
-        for i, answer in zip(indexes, answers, strict=True):
-            results[i] = answer
-    return results

@@ -30,9 +30,14 @@ _INSERT: Final = f"""
     RETURNING {_COLUMNS}"""
 _BY_ID: Final = f"SELECT {_COLUMNS} FROM orders WHERE order_id = $1"
 _BY_RESERVATION: Final = f"SELECT {_COLUMNS} FROM orders WHERE reservation_id = $1"
+# Locked in key order first (the plan of a plain UPDATE decides its own order).
 _HOLD_MOVED: Final = """
     UPDATE orders SET hold_state = 'moved', updated_at = now()
-    WHERE order_id = ANY($1::text[]) AND hold_state = 'pending'"""
+    WHERE order_id IN (
+        SELECT order_id FROM orders
+        WHERE order_id = ANY($1::text[]) AND hold_state = 'pending'
+        ORDER BY order_id FOR UPDATE)
+      AND hold_state = 'pending'"""
 _DISCARD: Final = "DELETE FROM orders WHERE order_id = $1 AND hold_state = 'pending'"
 _HOLDS_PENDING: Final = f"""
     SELECT {_COLUMNS} FROM orders

@@ -220,6 +220,12 @@ class Postgres:
         when COMMIT was sent and its fate is unknown."""
         return await self._unit(work, "read_committed")
 
+    async def write_statement(self, work: Work[T]) -> T:
+        """Run ``work``, one atomic statement, on its own: no BEGIN and COMMIT round trips.
+        From the moment it is sent, a failure the server did not answer is
+        :class:`OutcomeUnknown`, as for :meth:`write`."""
+        return await self._unit(work, None, writes=True)
+
     # fetch and fetchval are for reads: a failure is DependencyDown, whenever it came.
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         return await self._unit(lambda conn: conn.fetch(query, *args), None)

@@ -4,7 +4,9 @@ Two stores, no transaction across them, so the order of the writes is the protoc
 
 1. the order row is committed to PostgreSQL (``hold_state`` pending);
 2. the reservation is confirmed in Redis (held -> committed, idempotent);
-3. the row is marked ``moved``; only then is the order acknowledged (202).
+3. the order is acknowledged (202), and the row is marked ``moved`` (in the background: the
+   order is safe once 1 and 2 are done, so checkout does not wait for a second commit; until
+   the mark lands, reads of the order ask Redis, and the writers do not take it yet).
 
 A crash or an outage between any two steps leaves a pending row, which a retry of the same
 confirm or the mender (:mod:`gateway.buffering.mender`) finishes: step 2 again (a confirmed
@@ -15,6 +17,7 @@ moves without its row, since step 2 only runs after step 1 committed.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Final
 
 import msgspec
@@ -29,7 +32,7 @@ from gateway.buffering.schemas import (
     OrderView,
     customer_of,
 )
-from gateway.errors import Conflict, InsufficientStock, NotFound, ValidationFailed
+from gateway.errors import Conflict, GatewayError, InsufficientStock, NotFound, ValidationFailed
 from gateway.ports import NewOrder, OrderOutbox, StoredOrder
 from gateway.reservation.schemas import ReservationRequest, lines_of
 from gateway.reservation.service import ReservationService
@@ -58,6 +61,12 @@ class OrderIntake:
         self._reservations = reservations
         self._outbox = outbox
         self._pressure = pressure
+        self._marks: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        """Wait for the marks in flight (each bounded by PostgreSQL's deadline)."""
+        while self._marks:
+            await asyncio.gather(*self._marks, return_exceptions=True)
 
     async def confirm(
         self, rid: str, request: ConfirmRequest, admission: Admission | None = None
@@ -67,7 +76,7 @@ class OrderIntake:
         # The common case first, with no read of the buffer: a held reservation's row is
         # inserted at once, and only an insert that finds its ids taken reads what took them.
         try:
-            reservation = await self._reservations.get(rid)
+            reservation, skus = await self._reservations.get_to_confirm(rid)
         except NotFound:
             # Settled and aged out of Redis: a repeat of its confirm still has its answer.
             existing = await self._outbox.find(request.order_id)
@@ -90,7 +99,7 @@ class OrderIntake:
             finally:
                 admission.close(added=stored is not None)
             if stored is not None:
-                if not await self.move_hold(stored):
+                if not await self.move_hold(stored, skus, wait=False):
                     raise _not_held(rid, "no longer held")
                 return Intake(202, _receipt(stored))
         existing = await self._outbox.find(request.order_id)
@@ -143,8 +152,9 @@ class OrderIntake:
 
     async def get(self, order_id: str) -> OrderView:
         stored = await self._outbox.find(order_id)
-        if stored is None or stored.hold_state == "pending":
-            # A pending row is not an order yet: it was never acknowledged, and may be dropped.
+        if stored is None or (stored.hold_state == "pending" and not await self._moved(stored)):
+            # A pending row whose hold did not move is not an order yet: it was never
+            # acknowledged, and may be dropped.
             raise NotFound(f"order {order_id!r} does not exist", order_id=order_id)
         return OrderView(
             order_id=stored.order_id,
@@ -162,24 +172,46 @@ class OrderIntake:
             last_error=stored.last_error,
         )
 
-    async def move_hold(self, stored: StoredOrder) -> bool:
+    async def _moved(self, stored: StoredOrder) -> bool:
+        """Whether a pending row's hold moved (its mark may not have landed yet)."""
+        try:
+            reservation = await self._reservations.get(stored.reservation_id)
+        except NotFound:
+            return False
+        return reservation.status == "confirmed"
+
+    async def move_hold(
+        self, stored: StoredOrder, skus: bytes | str | None = None, *, wait: bool = True
+    ) -> bool:
         """Steps 2 and 3 for a committed row: True once its hold counts as committed, False
         when the hold lapsed first (the row is discarded then). Raises when Redis or PostgreSQL
-        cannot tell now: the row stays pending for a retry or the mender."""
+        cannot tell now: the row stays pending for a retry or the mender. Without ``wait`` the
+        mark is written in the background (a failure of it is the mender's to finish)."""
         try:
-            status = await self._reservations.confirm(stored.reservation_id)
+            status = await self._reservations.confirm(stored.reservation_id, skus)
         except NotFound:
             # Settled and aged out of Redis, or never there: nothing can tell which, so the row
             # stays for an operator rather than be dropped on a guess.
             log.error("order_hold_unknown", order_id=stored.order_id)
             raise
         if status == "confirmed":
-            await self._outbox.hold_moved(stored.order_id)
+            if wait:
+                await self._outbox.hold_moved(stored.order_id)
+            else:
+                task = asyncio.create_task(self._mark(stored.order_id))
+                self._marks.add(task)
+                task.add_done_callback(self._marks.discard)
             return True
         if await self._outbox.discard(stored.order_id):
             log.info("order_discarded", order_id=stored.order_id, reservation_status=status)
             return False
         return True  # moved by a racing request or the mender meanwhile
+
+    async def _mark(self, order_id: str) -> None:
+        try:
+            await self._outbox.hold_moved(order_id)
+        except GatewayError as exc:
+            log.warning("order_mark_deferred", order_id=order_id, error=exc.detail)
 
     async def _repeat(self, existing: StoredOrder, rid: str) -> Intake:
         if existing.reservation_id != rid:

@@ -36,7 +36,7 @@ from gateway.reservation.replies import (
 from gateway.reservation.results import Missing, NotHeld, Retry, Settled, SettleResult
 from gateway.reservation.saga import ClusterSaga
 from gateway.reservation.schemas import DEFAULT_TTL_SECONDS, Reservation, ReservationRequest
-from gateway.reservation.store import ReservationStore, record_keys, reserve_result
+from gateway.reservation.store import Record, ReservationStore, record_keys, reserve_result
 
 # A settle retried this often is racing something that keeps changing the record.
 _SETTLE_ATTEMPTS: Final = 5
@@ -153,16 +153,13 @@ class ReservationService:
     # --- read, release, confirm, extend --------------------------------------------------------
 
     async def get(self, rid: str) -> Reservation:
-        found = await self._store.record(rid)
-        if found is None or found.status in ("rejected", "pending"):
-            raise NotFound(f"reservation {rid!r} does not exist", reservation_id=rid)
-        assert found.expires_ms is not None
-        return Reservation(
-            reservation_id=rid,
-            status=public_status(found.status, text(found.expires_ms)),  # type: ignore[arg-type]
-            expires_at=iso(found.expires_ms),
-            lines=held_lines(found.answer),
-        )
+        return _public(rid, await self._store.record(rid))
+
+    async def get_to_confirm(self, rid: str) -> tuple[Reservation, bytes | str]:
+        """The reservation, and its SKUs as recorded for :meth:`confirm` (which then need not
+        read them again)."""
+        found = await self._store.record(rid, with_skus=True)
+        return _public(rid, found), (found.skus if found and found.skus is not None else b"")
 
     async def release(self, rid: str) -> Reservation:
         status = await self._settle(rid, "release")
@@ -180,9 +177,10 @@ class ReservationService:
         except Unavailable as exc:
             raise unknown(rid, exc) from exc
 
-    async def confirm(self, rid: str) -> str:
-        """Move a held reservation into ``committed``; idempotent. Returns the status after."""
-        return await self._settle(rid, "confirm")
+    async def confirm(self, rid: str, skus: bytes | str | None = None) -> str:
+        """Move a held reservation into ``committed``; idempotent. Returns the status after.
+        ``skus``: what :meth:`get_to_confirm` answered (a stale one only costs a retry)."""
+        return await self._settle(rid, "confirm", skus)
 
     async def expire(self, rid: str) -> str:
         return await self._settle(rid, "expire")
@@ -199,7 +197,7 @@ class ReservationService:
             raise Conflict("not_held", f"reservation {rid!r} is {result.status}, not held")
         return await self._get_after_write(rid)
 
-    async def _settle(self, rid: str, action: str) -> str:
+    async def _settle(self, rid: str, action: str, skus: bytes | str | None = None) -> str:
         record = record_keys(rid)
         result: SettleResult
         if self._cluster:
@@ -207,9 +205,10 @@ class ReservationService:
         else:
             result = Retry()
             for _ in range(_SETTLE_ATTEMPTS):
-                result = await self._store.settle(rid, action, record)
+                result = await self._store.settle(rid, action, record, skus)
                 if type(result) is not Retry:
                     break
+                skus = None  # read them afresh
             else:
                 raise Unavailable(
                     f"reservation {rid!r} kept changing; retry", retry_after=RETRY_AFTER
@@ -247,3 +246,15 @@ def _plan(
             candidates = [[location, default_ss[location]]] if default_ss else None
         lines.append(Line(n, k, line.sku, line.quantity, label, group, candidates))
     return skus, lines
+
+
+def _public(rid: str, found: Record | None) -> Reservation:
+    if found is None or found.status in ("rejected", "pending"):
+        raise NotFound(f"reservation {rid!r} does not exist", reservation_id=rid)
+    assert found.expires_ms is not None
+    return Reservation(
+        reservation_id=rid,
+        status=public_status(found.status, text(found.expires_ms)),  # type: ignore[arg-type]
+        expires_at=iso(found.expires_ms),
+        lines=held_lines(found.answer),
+    )

@@ -46,15 +46,18 @@ from gateway.reservation.results import (
 
 _RETENTION: Final = str(RETENTION_SECONDS)
 _RECORD_FIELDS: Final = (keys.STATUS, keys.ANSWER, keys.EXPIRES)
+_RECORD_AND_SKUS: Final = (*_RECORD_FIELDS, keys.SKUS)
 _SKUS_FIELD: Final = (keys.SKUS,)
 
 
 class Record(msgspec.Struct):
-    """A reservation record as stored: its status, stored answer (JSON) and expiry."""
+    """A reservation record as stored: its status, stored answer (JSON) and expiry; its SKUs
+    (JSON) when asked for."""
 
     status: str
     answer: bytes | str | None
     expires_ms: bytes | str | None
+    skus: bytes | str | None = None
 
 
 def reserve_result(reply: Sequence[Any]) -> ReserveResult:
@@ -115,19 +118,22 @@ class ReservationStore:
         ]
         return self._holder.hold(call_keys, values, locations)
 
-    async def record(self, rid: str) -> Record | None:
-        ((status, answer, exp),) = await self._records.fields(
-            [FieldsRead(keys.record(rid), _RECORD_FIELDS)]
-        )
-        if status is None:
+    async def record(self, rid: str, *, with_skus: bool = False) -> Record | None:
+        fields = _RECORD_AND_SKUS if with_skus else _RECORD_FIELDS
+        (values,) = await self._records.fields([FieldsRead(keys.record(rid), fields)])
+        if values[0] is None:
             return None
-        return Record(text(status), answer, exp)
+        return Record(text(values[0]), *values[1:])
 
-    async def settle(self, rid: str, action: str, record: list[str]) -> SettleResult:
+    async def settle(
+        self, rid: str, action: str, record: list[str], raw_skus: bytes | str | None = None
+    ) -> SettleResult:
+        """``raw_skus``: the record's SKUs as the caller read them (else read here)."""
         # The script needs the SKUs' keys up front, so they are read first; if the reservation
         # is made between this read and the script (a release racing its own reserve), the
         # script sees other SKUs than were sent and answers 'retry' rather than lose holds.
-        ((raw_skus,),) = await self._records.fields([FieldsRead(record[0], _SKUS_FIELD)])
+        if raw_skus is None:
+            ((raw_skus,),) = await self._records.fields([FieldsRead(record[0], _SKUS_FIELD)])
         skus: list[str] = msgspec.json.decode(raw_skus) if raw_skus else []
         call_keys = list(record)
         for sku in skus:
