@@ -9,6 +9,7 @@ reads), 503 ``outcome_unknown`` when a write was sent and not answered.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
@@ -173,6 +174,10 @@ class OrderOutbox(Protocol):
 
     async def hold_moved(self, order_id: str) -> None:
         """Record that the order's Redis hold counts as committed now."""
+        ...
+
+    def hold_moved_soon(self, order_id: str) -> asyncio.Future[None]:
+        """The same, not waited for: the future answers when it is recorded (or failed)."""
         ...
 
     async def discard(self, order_id: str) -> bool:

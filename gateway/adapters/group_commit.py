@@ -64,11 +64,16 @@ class GroupCommit:
         self._flushes: set[asyncio.Task[None]] = set()
 
     async def write(self, statement: Statement[A, R], arg: A) -> R:
+        return await self.submit(statement, arg)
+
+    def submit(self, statement: Statement[A, R], arg: A) -> asyncio.Future[R]:
+        """Queue a write; its future answers as :meth:`write` does. For a caller that does not
+        wait: no task of its own per write (the future is the committer's until it answers)."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append(_Write(statement, arg, future))
         if not self._flusher_waiting:
             self._start_flush()
-        return await future
+        return future
 
     async def close(self) -> None:
         """Wait for the batches in flight (each bounded by the port's deadline)."""

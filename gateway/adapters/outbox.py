@@ -97,6 +97,9 @@ class PostgresOutbox:
     async def hold_moved(self, order_id: str) -> None:
         await self._commits.write(HOLD_MOVED, order_id)
 
+    def hold_moved_soon(self, order_id: str) -> asyncio.Future[None]:
+        return self._commits.submit(HOLD_MOVED, order_id)
+
     async def discard(self, order_id: str) -> bool:
         async def delete(conn: asyncpg.Connection) -> bool:
             return str(await conn.execute(_DISCARD, order_id)) == "DELETE 1"

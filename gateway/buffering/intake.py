@@ -32,7 +32,7 @@ from gateway.buffering.schemas import (
     OrderView,
     customer_of,
 )
-from gateway.errors import Conflict, GatewayError, InsufficientStock, NotFound, ValidationFailed
+from gateway.errors import Conflict, InsufficientStock, NotFound, ValidationFailed
 from gateway.ports import NewOrder, OrderOutbox, StoredOrder
 from gateway.reservation.schemas import ReservationRequest, lines_of
 from gateway.reservation.service import ReservationService
@@ -61,7 +61,7 @@ class OrderIntake:
         self._reservations = reservations
         self._outbox = outbox
         self._pressure = pressure
-        self._marks: set[asyncio.Task[None]] = set()
+        self._marks: set[asyncio.Future[None]] = set()
 
     async def close(self) -> None:
         """Wait for the marks in flight (each bounded by PostgreSQL's deadline)."""
@@ -198,20 +198,20 @@ class OrderIntake:
             if wait:
                 await self._outbox.hold_moved(stored.order_id)
             else:
-                task = asyncio.create_task(self._mark(stored.order_id))
-                self._marks.add(task)
-                task.add_done_callback(self._marks.discard)
+                mark = self._outbox.hold_moved_soon(stored.order_id)
+                self._marks.add(mark)
+                mark.add_done_callback(self._marked)
             return True
         if await self._outbox.discard(stored.order_id):
             log.info("order_discarded", order_id=stored.order_id, reservation_status=status)
             return False
         return True  # moved by a racing request or the mender meanwhile
 
-    async def _mark(self, order_id: str) -> None:
-        try:
-            await self._outbox.hold_moved(order_id)
-        except GatewayError as exc:
-            log.warning("order_mark_deferred", order_id=order_id, error=exc.detail)
+    def _marked(self, mark: asyncio.Future[None]) -> None:
+        self._marks.discard(mark)
+        if not mark.cancelled() and (exc := mark.exception()) is not None:
+            # The mender finishes it: the row stays pending until then.
+            log.warning("order_mark_deferred", error=str(exc))
 
     async def _repeat(self, existing: StoredOrder, rid: str) -> Intake:
         if existing.reservation_id != rid:
