@@ -29,7 +29,7 @@ from gateway.errors import OutcomeUnknown
 A = TypeVar("A")
 R = TypeVar("R")
 MAX_BATCH: Final = 500
-MAX_IN_FLIGHT: Final = 4
+MAX_IN_FLIGHT: Final = 2
 
 
 class Statement(Generic[A, R]):
