@@ -184,7 +184,7 @@ async def _orders_ctx(app: web.Application) -> AsyncIterator[None]:
     intake = OrderIntake(app[RESERVATIONS_SERVICE], outbox, pressure)
     app[ORDER_INTAKE] = intake
     flow = FlowStore(
-        ScriptRegistry(app[REDIS], "gateway.buffering"),
+        ScriptRegistry(app[REDIS], "gateway.buffering", app[BATCHER]),
         RedisRecords(app[BATCHER]),
         Limits(
             rate_per_second=settings.erp_rate_per_second,

@@ -11,6 +11,7 @@ from datetime import datetime
 
 import aiohttp
 import msgspec
+from yarl import URL
 
 from gateway.ports import ErpReply
 
@@ -25,7 +26,8 @@ _DECODER = msgspec.json.Decoder(_Accepted)
 
 class HttpErpClient:
     def __init__(self, base_url: str, timeout_seconds: float) -> None:
-        self._url = base_url.rstrip("/") + "/orders"
+        # Parsed once: a str would be parsed into a URL on every call.
+        self._url = URL(base_url.rstrip("/") + "/orders")
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
 

@@ -2,7 +2,8 @@
 -- KEYS[1] limits  KEYS[2] flow  KEYS[3] in-flight
 -- ARGV[1] permits wanted  ARGV[2] permit id prefix (ids are prefix:1..n)  ARGV[3] lease ms
 -- ARGV[4..6] default rate, burst, max_concurrency (used until ops set their own)
--- returns {granted, wait ms before asking again (when 0 granted), reason}
+-- returns {granted, wait ms before asking again (when 0 granted), reason, and when granted the
+--         effective rate per second}
 -- reason: ok | paused | open (breaker) | probing (half open, a probe is out) | rate | concurrency
 --         | unsynced (Redis holds no copy of ops' settings: it lost its data, and the gateways'
 --           sync has not put them back yet; sending on defaults could undo a pause)
@@ -48,4 +49,6 @@ end
 if state == 'half_open' then
   redis.call('HSET', KEYS[2], FLOW.probe, ARGV[2] .. ':1', FLOW.probe_until, lease_end)
 end
-return {granted, 0, 'ok'}
+-- The rate the permits were granted at: the writer spaces its calls by it (as strings: Redis
+-- turns a Lua number into an integer).
+return {granted, 0, 'ok', tostring(effective)}

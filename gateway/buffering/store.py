@@ -33,6 +33,7 @@ class Grant(msgspec.Struct, frozen=True):
     granted: int
     wait_seconds: float
     reason: str
+    rate: float = 0.0  # per second, when granted: the bucket's refill rate now
 
 
 class FlowState(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,8 +62,9 @@ class FlowStore:
 
     async def acquire(self, want: int, prefix: str, lease_ms: int) -> Grant:
         args = [str(want), prefix, str(lease_ms), *self._defaults]
-        ((granted, wait_ms, reason),) = await self._scripts.run("acquire.lua", [(_KEYS, args)])
-        return Grant(int(granted), int(wait_ms) / 1000, _text(reason) or "")
+        (reply,) = await self._scripts.run("acquire.lua", [(_KEYS, args)])
+        rate = float(reply[3]) if len(reply) > 3 else 0.0
+        return Grant(int(reply[0]), int(reply[1]) / 1000, _text(reply[2]) or "", rate)
 
     async def report(self, permit: str, outcome: Outcome) -> str:
         (state,) = await self._scripts.run(
