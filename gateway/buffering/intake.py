@@ -34,14 +34,13 @@ from gateway.buffering.schemas import (
 )
 from gateway.errors import Conflict, InsufficientStock, NotFound, ValidationFailed
 from gateway.ports import NewOrder, OrderOutbox, StoredOrder
-from gateway.reservation.schemas import ReservationRequest, lines_of
+from gateway.reservation.schemas import ReservationRequest
 from gateway.reservation.service import ReservationService
 
 log = structlog.get_logger(__name__)
 
 # A hold made for an order without a reservation lives this long if its confirm never comes.
 DIRECT_HOLD_SECONDS: Final = 120
-_LINES: Final = msgspec.json.Encoder()
 
 
 class Intake(msgspec.Struct, frozen=True):
@@ -76,7 +75,7 @@ class OrderIntake:
         # The common case first, with no read of the buffer: a held reservation's row is
         # inserted at once, and only an insert that finds its ids taken reads what took them.
         try:
-            reservation, skus = await self._reservations.get_to_confirm(rid)
+            reservation = await self._reservations.get_to_confirm(rid)
         except NotFound:
             # Settled and aged out of Redis: a repeat of its confirm still has its answer.
             existing = await self._outbox.find(request.order_id)
@@ -91,7 +90,7 @@ class OrderIntake:
                 reservation_id=rid,
                 customer_id=customer_of(request.order),
                 body=bytes(request.order),
-                lines=_LINES.encode(lines_of(reservation)),
+                lines=reservation.lines,
             )
             stored = None
             try:
@@ -99,7 +98,7 @@ class OrderIntake:
             finally:
                 admission.close(added=stored is not None)
             if stored is not None:
-                if not await self.move_hold(stored, skus, wait=False):
+                if not await self.move_hold(stored, reservation.skus, wait=False):
                     raise _not_held(rid, "no longer held")
                 return Intake(202, _receipt(stored))
         existing = await self._outbox.find(request.order_id)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Final
 
+import msgspec
+
 from gateway.atp import keys as atp_keys
 from gateway.errors import (
     RETRY_AFTER,
@@ -155,11 +157,20 @@ class ReservationService:
     async def get(self, rid: str) -> Reservation:
         return _public(rid, await self._store.record(rid))
 
-    async def get_to_confirm(self, rid: str) -> tuple[Reservation, bytes | str]:
-        """The reservation, and its SKUs as recorded for :meth:`confirm` (which then need not
-        read them again)."""
+    async def get_to_confirm(self, rid: str) -> ToConfirm:
+        """What a confirm needs of a reservation, in one read: its public status, its held
+        lines as stored (JSON), and its SKUs as recorded for :meth:`confirm` (which then need
+        not read them again)."""
         found = await self._store.record(rid, with_skus=True)
-        return _public(rid, found), (found.skus if found and found.skus is not None else b"")
+        if found is None or found.status in ("rejected", "pending"):
+            raise NotFound(f"reservation {rid!r} does not exist", reservation_id=rid)
+        assert found.expires_ms is not None
+        answer = found.answer
+        return ToConfirm(
+            status=public_status(found.status, text(found.expires_ms)),
+            lines=answer if isinstance(answer, bytes) else str(answer or "[]").encode(),
+            skus=found.skus if found.skus is not None else b"",
+        )
 
     async def release(self, rid: str) -> Reservation:
         status = await self._settle(rid, "release")
@@ -246,6 +257,12 @@ def _plan(
             candidates = [[location, default_ss[location]]] if default_ss else None
         lines.append(Line(n, k, line.sku, line.quantity, label, group, candidates))
     return skus, lines
+
+
+class ToConfirm(msgspec.Struct, frozen=True, kw_only=True):
+    status: str
+    lines: bytes  # HeldLine JSON, in line order, as the reservation answers them
+    skus: bytes | str
 
 
 def _public(rid: str, found: Record | None) -> Reservation:
