@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.adapters.outbox import PostgresOutbox
 from gateway.app import create_app
 from gateway.buffering.mender import mend_once
-from gateway.http.state import ORDER_INTAKE, POSTGRES
+from gateway.http.state import ORDER_INTAKE, POSTGRES, RESERVATIONS_SERVICE
 from tests.conftest import auth, make_settings
 from tests.helpers import (
     SWEEP_PROMISE,
@@ -53,8 +53,13 @@ async def test_confirm_commits_the_hold_and_queues_the_order(
     receipt = await resp.json()
     assert receipt == {"order_id": "o1", "reservation_id": "r1", "status": "queued"}
     assert await figures(client) == (0, 3)
+
+    # The moved mark is written after the answer (the order is safe once row and hold are done).
+    async def marked() -> bool:
+        return await pg.fetchval("SELECT hold_state FROM orders") == "moved"
+
+    await eventually(marked, 2, "the row marked moved")
     row = await pg.fetchrow("SELECT body, lines, hold_state, customer_id FROM orders")
-    assert row["hold_state"] == "moved"
     assert row["customer_id"] == "c1"
     assert json.loads(row["body"]) == order  # passed on as received
     assert json.loads(row["lines"]) == [{"sku": "A", "location": "L1", "quantity": 3}]
@@ -186,6 +191,24 @@ async def test_the_mender_finishes_a_row_whose_hold_did_not_move(
     # A retry of the lapsed confirm now learns the truth.
     late = await confirm(client, "lapsed", "o-lapsed")
     assert_problem(await late.json(), 409, "reservation_not_held")
+
+
+async def test_an_order_reads_as_queued_before_its_mark_lands(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    """The moved mark is written after the 202: until it lands, a read asks Redis, so an
+    acknowledged order is never a 404 (and an unacknowledged pending row stays one)."""
+    await stock(client, A__L1=10)
+    assert (await reserve(client, "r1", LINE)).status == 201
+    await pg.execute(
+        "INSERT INTO orders (order_id, reservation_id, body, lines) VALUES ('o1', 'r1', '{}', '[]')"
+    )
+    assert (await client.get("/v1/orders/o1", headers=auth("storefront"))).status == 404
+    assert await client.app[RESERVATIONS_SERVICE].confirm("r1") == "confirmed"  # the hold moved
+    resp = await client.get("/v1/orders/o1", headers=auth("storefront"))
+    assert resp.status == 200
+    assert (await resp.json())["status"] == "queued"
+    assert await pg.fetchval("SELECT hold_state FROM orders") == "pending"  # not marked yet
 
 
 async def test_a_full_buffer_refuses_honestly_and_resumes_below_low_water(
