@@ -100,8 +100,9 @@ class GroupCommit:
             by_statement: dict[Statement[Any, Any], list[_Write]] = {}
             for w in batch:
                 by_statement.setdefault(w.statement, []).append(w)
-            for statement, writes in by_statement.items():
-                await self._commit(statement, writes)
+            # Side by side, each on a connection of its own: a kind nobody waits for (the moved
+            # marks) does not hold back one that checkout waits for (new rows).
+            await asyncio.gather(*(self._commit(st, ws) for st, ws in by_statement.items()))
 
     async def _commit(self, statement: Statement[Any, Any], writes: list[_Write]) -> None:
         # One statement, atomic on its own: it commits without the round trips of BEGIN and
