@@ -33,7 +33,10 @@ class HttpErpClient:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            timeout=self._timeout, connector=aiohttp.TCPConnector(limit=0)
+            timeout=self._timeout,
+            connector=aiohttp.TCPConnector(limit=0),
+            # The ERP's cookies mean nothing here; the default jar filters them on every call.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:
