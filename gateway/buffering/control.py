@@ -16,8 +16,9 @@ Redis half failed. Redis never takes an older version over a newer one (``limits
 copy read before a change and landing after it does not undo it. Redis is read before the
 record: a version Redis holds was committed before it was set, so Redis is ahead of the record
 read after it only when the record itself went back (restored from a backup), and then the
-record wins. Until the copy is back after Redis lost its data, about a second, the writers run
-on the gateway's defaults, unpaused.
+record wins. Until the copy is back after Redis lost its data, about a second, no writer gets a
+permit (``acquire.lua`` answers ``unsynced``): running on the gateway's defaults could undo a
+pause.
 """
 
 from __future__ import annotations
