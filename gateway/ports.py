@@ -177,7 +177,8 @@ class OrderOutbox(Protocol):
         ...
 
     def hold_moved_soon(self, order_id: str) -> asyncio.Future[None]:
-        """The same, not waited for: the future answers when it is recorded (or failed)."""
+        """The same, not waited for: the future answers when it is recorded (or failed).
+        Raises 503 ``overloaded`` at once when too many writes wait already."""
         ...
 
     async def discard(self, order_id: str) -> bool:

@@ -8,11 +8,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.adapters.group_commit import GroupCommit, Statement
+from gateway.adapters.group_commit import MAX_PENDING, GroupCommit, Statement
 from gateway.adapters.postgres import Postgres
-from gateway.errors import DependencyDown
+from gateway.errors import DependencyDown, Overloaded
 from tests.conftest import auth
 from tests.helpers import reserve, stock
 
@@ -47,6 +48,23 @@ async def test_concurrent_writes_share_transactions(postgres_dsn: str) -> None:
         (arg, txid) = await commits.write(TXID, 7)
         assert arg == 7
         assert txid not in transactions
+    finally:
+        await commits.close()
+        await db.close()
+
+
+async def test_the_queue_before_a_batch_is_bounded(postgres_dsn: str) -> None:
+    """Past MAX_PENDING waiting writes, one more is refused at once (nothing written); the
+    ones taken all get their answers."""
+    db = Postgres(postgres_dsn, 3.0)
+    await db.start()
+    commits = GroupCommit(db)
+    try:
+        taken = [commits.submit(TXID, i) for i in range(MAX_PENDING)]  # one tick: none flushed
+        with pytest.raises(Overloaded):
+            commits.submit(TXID, -1)
+        answers = await asyncio.gather(*taken)
+        assert [arg for arg, _ in answers] == list(range(MAX_PENDING))
     finally:
         await commits.close()
         await db.close()

@@ -24,12 +24,15 @@ from typing import Any, Final, Generic, TypeVar
 import asyncpg
 
 from gateway.adapters.postgres import NAME, Postgres
-from gateway.errors import OutcomeUnknown
+from gateway.errors import RETRY_AFTER, OutcomeUnknown, Overloaded
 
 A = TypeVar("A")
 R = TypeVar("R")
 MAX_BATCH: Final = 500
 MAX_IN_FLIGHT: Final = 2
+# Writes waiting for a batch, at most: beyond, 503 ``overloaded`` at once (nothing written)
+# rather than a wait no deadline bounds (each batch has one; the queue before it would not).
+MAX_PENDING: Final = 20 * MAX_BATCH
 
 
 class Statement(Generic[A, R]):
@@ -68,7 +71,13 @@ class GroupCommit:
 
     def submit(self, statement: Statement[A, R], arg: A) -> asyncio.Future[R]:
         """Queue a write; its future answers as :meth:`write` does. For a caller that does not
-        wait: no task of its own per write (the future is the committer's until it answers)."""
+        wait: no task of its own per write (the future is the committer's until it answers).
+        Raises ``overloaded`` when :data:`MAX_PENDING` writes wait already."""
+        if len(self._pending) >= MAX_PENDING:
+            raise Overloaded(
+                "postgres: too many writes waiting for a batch; nothing was applied",
+                retry_after=RETRY_AFTER,
+            )
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append(_Write(statement, arg, future))
         if not self._flusher_waiting:

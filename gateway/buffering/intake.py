@@ -32,7 +32,7 @@ from gateway.buffering.schemas import (
     OrderView,
     customer_of,
 )
-from gateway.errors import Conflict, InsufficientStock, NotFound, ValidationFailed
+from gateway.errors import Conflict, GatewayError, InsufficientStock, NotFound, ValidationFailed
 from gateway.ports import NewOrder, OrderOutbox, StoredOrder
 from gateway.reservation.schemas import ReservationRequest
 from gateway.reservation.service import ReservationService
@@ -197,7 +197,12 @@ class OrderIntake:
             if wait:
                 await self._outbox.hold_moved(stored.order_id)
             else:
-                mark = self._outbox.hold_moved_soon(stored.order_id)
+                try:
+                    mark = self._outbox.hold_moved_soon(stored.order_id)
+                except GatewayError as exc:
+                    # Row and hold are done: the order stands; the mender writes the mark.
+                    log.warning("order_mark_deferred", order_id=stored.order_id, error=exc.detail)
+                    return True
                 self._marks.add(mark)
                 mark.add_done_callback(self._marked)
             return True
