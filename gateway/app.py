@@ -45,6 +45,7 @@ from gateway.buffering.store import FlowStore, Limits
 from gateway.buffering.writer import ErpWriter
 from gateway.http import (
     atp_routes,
+    console_routes,
     erp_ops_routes,
     health,
     ops_routes,
@@ -285,6 +286,7 @@ def create_app(settings: Settings) -> web.Application:
             erp_ops_routes.routes,
             reservation_routes.routes,
             order_routes.routes,
+            console_routes.routes,
         ],
     )
     return app
