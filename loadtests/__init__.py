@@ -1,0 +1,1 @@
+"""The Locust load kit: ``python -m loadtests SCENARIO`` (see README.md here)."""
