@@ -485,6 +485,10 @@ async def test_screenshots(browser: Browser, stack: Stack, tmp_path: Path) -> No
         await page.locator("#limits").screenshot(path=out / "limits.png")
         await press(page, "Inspect order ord-1001")
         await page.locator("#dead-letters").screenshot(path=out / "dead-letters.png")
+        await press(page, "Replay this order")
+        await confirm(page)
+        await press(page, "Pause writers")
+        await expect(page.locator("#audit-rows tr")).to_have_count(3)
         await page.locator("#audit").screenshot(path=out / "audit.png")
         watched.assert_clean(answered="422")
     for name in ("status", "limits", "dead-letters", "audit"):
@@ -497,7 +501,8 @@ async def test_screenshots(browser: Browser, stack: Stack, tmp_path: Path) -> No
 
 
 async def set_limits(page: Page, *, rate: str, burst: str, concurrency: str) -> None:
-    """Type the three limits and submit with Enter."""
+    """Type the three limits and submit with Enter (once the form shows the limits in force)."""
+    await expect(page.locator("#s-version")).not_to_have_text("\u2013")  # its placeholder
     await page.get_by_label("Rate (calls begun per second").fill(rate)
     await page.get_by_label("Burst (calls at once").fill(burst)
     concurrency_field = page.get_by_label("Max concurrency (calls in flight")

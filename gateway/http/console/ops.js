@@ -217,8 +217,11 @@
     $("s-dead").textContent = num(view.dead_letters);
     $("s-dead").classList.toggle("alert", view.dead_letters > 0);
     $("s-version").textContent = String(view.version);
-    $("s-updated").textContent = `Updated ${new Date().toLocaleTimeString()} · every second`;
-    if (!state.limitsDirty) fillLimits(view.limits);
+    $("s-updated").textContent = `Updated ${stamp(new Date(), false)} · every second`;
+    // Never under the operator's hands: not while they edit a field, nor once they have.
+    if (!state.limitsDirty && !$("limits-form").contains(document.activeElement)) {
+      fillLimits(view.limits);
+    }
     // Another tab or gateway changed something: the lists follow.
     if (state.dlKnownCount !== null && state.dlKnownCount !== view.dead_letters) loadDeadLetters();
     state.dlKnownCount = view.dead_letters;
@@ -354,9 +357,17 @@
     return b;
   }
 
+  // Local time, 24-hour, date first: unambiguous at 3 a.m. in any locale.
+  function stamp(date, withDate = true) {
+    const two = (n) => String(n).padStart(2, "0");
+    const time = `${two(date.getHours())}:${two(date.getMinutes())}:${two(date.getSeconds())}`;
+    if (!withDate) return time;
+    return `${date.getFullYear()}-${two(date.getMonth() + 1)}-${two(date.getDate())} ${time}`;
+  }
+
   function when(iso) {
     const date = new Date(iso);
-    return Number.isNaN(date.getTime()) ? String(iso) : date.toLocaleString();
+    return Number.isNaN(date.getTime()) ? String(iso) : stamp(date);
   }
 
   function renderDeadLetters(page) {
