@@ -303,6 +303,7 @@ async def test_a_wrong_key_is_refused_and_asked_again(browser: Browser, stack: S
         await expect(page.locator("#state")).to_have_text(re.compile("^Running"))
         await expect(page.locator("#s-rate")).to_have_text("50.0 /s")
         await expect(page.locator("#login")).to_be_hidden()
+        assert await page.evaluate("localStorage.length") == 0  # the tab's storage only
         # Kept for the tab: a reload asks nothing.
         await page.reload()
         await expect(page.locator("#state")).to_have_text(re.compile("^Running"))
@@ -464,6 +465,29 @@ async def test_dead_letters_are_inspected_and_replayed(browser: Browser, stack: 
         await expect(audit.nth(0)).to_contain_text("all: 1 replayed (p2)")
         await expect(audit.nth(1)).to_contain_text("1 replayed (p1)")
         await expect(audit.nth(2)).to_contain_text("1 replayed (p0)")
+        watched.assert_clean()
+
+
+async def test_dead_letters_are_paged(browser: Browser, stack: Stack) -> None:
+    """Twenty a page, oldest first; the second page holds the rest, and the first comes back."""
+    ids = [f"dl{n:02}" for n in range(23)]
+    for order_id in ids:
+        await stack.place(order_id, poison=True)
+    async with console_page(browser, stack) as (page, watched):
+        await sign_in(page, KEYS["ops"])
+        await expect(page.locator("#s-dead")).to_have_text("23")
+        rows = page.locator("#dl-rows tr")
+        await expect(rows).to_have_count(20)
+        await expect(rows.first).to_contain_text("dl00")
+        await expect(page.locator("#dl-page")).to_have_text("Page 1")
+        await press(page, "Next page")
+        await expect(rows).to_have_count(3)
+        assert [await row.get_attribute("data-order-id") for row in await rows.all()] == ids[20:]
+        await expect(page.get_by_role("button", name="Next page")).to_be_disabled()
+        await expect(page.get_by_role("button", name="First page")).to_be_focused()
+        await page.keyboard.press("Enter")
+        await expect(rows).to_have_count(20)
+        await expect(rows.first).to_contain_text("dl00")
         watched.assert_clean()
 
 

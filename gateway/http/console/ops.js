@@ -416,6 +416,7 @@
     $("dl-next").disabled = page.next === null;
     $("dl-first").disabled = pageNo === 1;
     $("dl-page").textContent = page.items.length ? `Page ${pageNo}` : "";
+    keepFocus($("dl-next"), $("dl-first"));
     if (state.detailId !== null) {
       const item = state.dlItems.get(state.detailId);
       if (item) showDetail(item);
@@ -572,6 +573,14 @@
     state.auditNext = page.next;
     $("audit-older").disabled = page.next === null;
     $("audit-newest").disabled = state.auditCursors.length === 1;
+    keepFocus($("audit-older"), $("audit-newest"));
+  }
+
+  // A pager button disabled under the keyboard's focus would drop it to the page's top: hand it
+  // to the other one.
+  function keepFocus(one, other) {
+    if (document.activeElement === one && one.disabled && !other.disabled) other.focus();
+    else if (document.activeElement === other && other.disabled && !one.disabled) one.focus();
   }
 
   // -- wiring ----------------------------------------------------------------------------------
