@@ -60,6 +60,9 @@ class Config:
     writer_window: float = 10.0
     erp_latency_ms: float = 20.0
     burst_ms: float = 50.0
+    # The PostgreSQL baseline and scaling (benchmarks/baseline.py, benchmarks/scaling.py)
+    baseline_pool: int = 16
+    workers: tuple[int, ...] = (1, 2)
 
 
 @dataclass
@@ -87,6 +90,8 @@ class Run:
     profiles: dict[str, Any] = field(default_factory=dict)
     orders: dict[str, Any] = field(default_factory=dict)
     erp_writer: dict[str, Any] = field(default_factory=dict)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    scaling: dict[str, Any] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     # retries of disturbed measurements stop at this time.monotonic() value
@@ -155,8 +160,14 @@ def start_redis(processes: Processes) -> tuple[Started, int]:
 
 
 def start_gateway(
-    processes: Processes, name: str, redis_port: int, dsn: str, extra: dict[str, str] | None = None
+    processes: Processes,
+    name: str,
+    redis_port: int,
+    dsn: str,
+    extra: dict[str, str] | None = None,
+    cores: set[int] | None = None,
 ) -> tuple[Started, int]:
+    """A gateway on a free port, pinned to ``cores`` (default: the server core)."""
     port = free_port()
     # Only this run's settings: a GATEWAY_* variable of the caller's shell must not leak in.
     env = {
@@ -170,7 +181,8 @@ def start_gateway(
         "GATEWAY_SHUTDOWN_TIMEOUT_SECONDS": "1",
         **(extra or {}),
     }
-    proc = processes.start(name, [PYTHON, "-m", "gateway", "serve"], cores={SERVER_CORE}, env=env)
+    where = {SERVER_CORE} if cores is None else cores
+    proc = processes.start(name, [PYTHON, "-m", "gateway", "serve"], cores=where, env=env)
     return proc, port
 
 

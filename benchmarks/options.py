@@ -38,8 +38,10 @@ def parse_args(argv: Sequence[str] | None, description: str | None) -> Config:
         "--only",
         metavar="PHASES",
         help=f"comma-separated subset of {','.join(PHASES)} (openloop runs wrk "
-        "first: it needs the saturation rates; reservations runs the ceiling and redis "
-        "too); 'generator' checks the open-loop generator against the ceiling at a low "
+        "first: it needs the saturation rates; reservations and baseline run the ceiling "
+        "and redis too; baseline: the gateway beside a PostgreSQL SELECT ... FOR UPDATE "
+        "server and PostgreSQL's insert ceiling; scaling: 1..N gateway workers, see "
+        "--workers); 'generator' checks the open-loop generator against the ceiling at a low "
         "and a high rate",
     )
     parser.add_argument(
@@ -99,6 +101,19 @@ def parse_args(argv: Sequence[str] | None, description: str | None) -> Config:
         default=50.0,
         help="writer: GATEWAY_ERP_BURST as this many ms of the rate, at least 1 (50)",
     )
+    parser.add_argument(
+        "--workers",
+        metavar="N,N,...",
+        default="1,2",
+        help="scaling: gateway worker counts to measure (1,2; on a bigger machine e.g. 1,2,4)",
+    )
+    parser.add_argument(
+        "--baseline-pool",
+        type=int,
+        default=16,
+        help="baseline: the PostgreSQL baseline's asyncpg pool size, and the connections of "
+        "the PostgreSQL insert ceiling (16)",
+    )
     a = parser.parse_args(argv)
     quick = a.quick
     return Config(
@@ -123,10 +138,23 @@ def parse_args(argv: Sequence[str] | None, description: str | None) -> Config:
         writer_warmup=a.writer_warmup if a.writer_warmup is not None else (1.0 if quick else 2.0),
         erp_latency_ms=a.erp_latency_ms,
         burst_ms=a.burst_ms,
+        baseline_pool=a.baseline_pool,
+        workers=_workers(a.workers, parser),
     )
 
 
-PHASES = ("redis", "wrk", "openloop", "reservations", "http", "kafka", "orders", "writer")
+PHASES = (
+    "redis",
+    "wrk",
+    "openloop",
+    "reservations",
+    "http",
+    "kafka",
+    "orders",
+    "writer",
+    "baseline",
+    "scaling",
+)
 EXTRA_PHASES = ("generator",)  # only when asked for by --only
 
 
@@ -140,6 +168,16 @@ def _rates(text: str, parser: argparse.ArgumentParser) -> tuple[float, ...]:
     return rates
 
 
+def _workers(text: str, parser: argparse.ArgumentParser) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(n) for n in text.split(",") if n.strip())
+    except ValueError:
+        parser.error(f"--workers: not whole numbers: {text!r}")
+    if not counts or any(n < 1 for n in counts):
+        parser.error("--workers: give counts of at least 1")
+    return counts
+
+
 def _phases(only: str | None, skip_kafka: bool, parser: argparse.ArgumentParser) -> frozenset[str]:
     chosen = set(PHASES) if only is None else {p.strip() for p in only.split(",") if p.strip()}
     unknown = chosen - set(PHASES) - set(EXTRA_PHASES)
@@ -149,7 +187,7 @@ def _phases(only: str | None, skip_kafka: bool, parser: argparse.ArgumentParser)
         )
     if "openloop" in chosen:
         chosen.add("wrk")
-    if "reservations" in chosen:  # its figures sit beside redis-benchmark's
+    if chosen & {"reservations", "baseline"}:  # their figures sit beside redis-benchmark's
         chosen.add("redis")
     if skip_kafka:
         chosen.discard("kafka")

@@ -198,3 +198,24 @@ def cpu_phase(processes: Processes, server_core: int = 0) -> Iterator[CpuReport]
     # Other processes of the machine, interrupts and loopback networking in softirq.
     report.percent["unattributed"] = 100 * (busy - own - sum(used.values())) / wall
     report.percent["server core, others"] = 100 * (core - sum(used[n] for n in on_core)) / wall
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of every live process below ``pid`` (a gateway's workers), from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:  # gone since the listing
+            continue
+        parent = int(text[text.rindex(")") + 2 :].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found

@@ -28,6 +28,8 @@ from dataclasses import asdict
 
 import orjson
 
+from benchmarks.baseline import baseline
+from benchmarks.baseline_report import baseline_rows, scaling_rows
 from benchmarks.ceilings import generator_check, redis_benchmark, start_ceiling
 from benchmarks.common import (
     KEYS,
@@ -53,6 +55,7 @@ from benchmarks.procs import Processes, machine_busy_seconds, pin_self
 from benchmarks.report import build_rows, machine_info, print_report
 from benchmarks.reservations import flash_sale, seed_reservations, write_reservation_bodies
 from benchmarks.saturation import open_loop, saturation, seed
+from benchmarks.scaling import scaling
 
 QUIET_PERCENT = 15.0  # machine-wide CPU (of one core) above which another job is running
 
@@ -151,6 +154,10 @@ def execute(run: Run) -> None:
             processes.stop(ceiling)
         if "writer" in phases:
             erp_writer(run, processes)
+        if "baseline" in phases:
+            baseline(run, processes, redis_port, work)
+        if "scaling" in phases:
+            scaling(run, processes, redis, redis_port, work)
     finally:
         processes.stop_all()
 
@@ -184,7 +191,7 @@ def migrate(dsn: str) -> None:
     name = dsn.rsplit("/", 1)[-1].split("?", 1)[0]
     if "bench" not in name:
         raise SystemExit(
-            f"the orders and writer benchmarks truncate the orders table of {name!r}: give "
+            f"the orders, writer and baseline benchmarks truncate tables of {name!r}: give "
             "--postgres-dsn a database of the benchmark's own (a name with 'bench' in it)"
         )
     create_database(dsn)
@@ -206,7 +213,7 @@ def _json(value: object) -> object:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv, __doc__)
     check_tools()
-    if cfg.phases & {"orders", "writer"}:
+    if cfg.phases & {"orders", "writer", "baseline", "scaling"}:
         migrate(cfg.postgres_dsn)  # refuses a database that is not the benchmark's own
     signal.signal(signal.SIGTERM, _terminate)
     pin_self({LOAD_CORE})
@@ -222,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("interrupted; servers stopped")
         return 130
     build_rows(run)
-    run.rows += order_rows(run) + writer_rows(run)
+    run.rows += order_rows(run) + writer_rows(run) + baseline_rows(run) + scaling_rows(run)
     run.notes.append(f"run took {time.perf_counter() - started:.0f}s")
     json_path = RESULTS / "latest.json"
     data = asdict(run)
