@@ -129,7 +129,7 @@ def call(
             resp.success()
         else:
             resp.failure(f"HTTP {status} {code}".strip())
-        RECORDER.outcome(endpoint, status, code, millis)
+        RECORDER.outcome(endpoint, status, code, millis, retry_after)
     return Answer(status, code, parsed, retry_after)
 
 

@@ -1,8 +1,9 @@
 """What the users saw, written by each Locust process to the run folder for the report.
 
-- ``outcomes-<pid>.jsonl``: per wall-clock second, endpoint, status and problem ``code``, a count
-  and the summed latency: the timeline of 2xx / 409 / 503 the plots draw, and the totals the
-  contract check reads (Locust's own stats know failures, not the allowed 409s and 503s).
+- ``outcomes-<pid>.jsonl``: per wall-clock second, endpoint, status and problem ``code``, a count,
+  the summed latency and the ``Retry-After`` seen (sum, max): the timeline of 2xx / 409 / 503
+  the plots draw, and the totals the contract check reads (Locust's own stats know failures,
+  not the allowed 409s and 503s).
 - ``orders-<pid>.jsonl``: ``{"a": id}`` before an order is sent and ``{"k": id}`` once it was
   answered 202 or 200: every acknowledged order must reach the ERP, and nothing the ERP got may
   be an id no user sent (an attempt cut off by the end of the run may have reached it).
@@ -29,6 +30,7 @@ class Recorder:
         self._dir = Path(out_dir)
         self._counts: Counter[Key] = Counter()
         self._millis: dict[Key, float] = {}
+        self._retry_after: dict[Key, tuple[float, float]] = {}  # sum, max
         self._files: dict[str, IO[str]] = {}
 
     def _file(self, kind: str) -> IO[str]:
@@ -39,10 +41,15 @@ class Recorder:
             self._files[kind] = handle
         return handle
 
-    def outcome(self, endpoint: str, status: int, code: str, millis: float) -> None:
+    def outcome(
+        self, endpoint: str, status: int, code: str, millis: float, retry_after: float | None
+    ) -> None:
         key = (int(time.time()), endpoint, status, code)
         self._counts[key] += 1
         self._millis[key] = self._millis.get(key, 0.0) + millis
+        if retry_after is not None:
+            total, most = self._retry_after.get(key, (0.0, 0.0))
+            self._retry_after[key] = (total + retry_after, max(most, retry_after))
 
     def order(self, kind: str, order_id: str) -> None:
         """``kind``: ``a`` (about to send) or ``k`` (acknowledged). Written at once: an order
@@ -57,13 +64,16 @@ class Recorder:
         handle.flush()
 
     def flush(self) -> None:
-        counts, millis = self._counts, self._millis
-        self._counts, self._millis = Counter(), {}
+        counts, millis, waits = self._counts, self._millis, self._retry_after
+        self._counts, self._millis, self._retry_after = Counter(), {}, {}
         if counts:
             handle = self._file("outcomes")
-            for (second, endpoint, status, code), n in counts.items():
-                row = {"t": second, "endpoint": endpoint, "status": status, "code": code}
-                row |= {"n": n, "ms": round(millis[second, endpoint, status, code], 3)}
+            for key, n in counts.items():
+                second, endpoint, status, code = key
+                row: dict[str, Any] = {"t": second, "endpoint": endpoint, "status": status}
+                row |= {"code": code, "n": n, "ms": round(millis[key], 3)}
+                if key in waits:
+                    row |= {"ra_sum": waits[key][0], "ra_max": waits[key][1]}
                 handle.write(json.dumps(row) + "\n")
             handle.flush()
 

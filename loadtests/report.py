@@ -36,6 +36,20 @@ def outcome_totals(rows: list[dict[str, Any]]) -> Counter[tuple[str, int, str]]:
     return totals
 
 
+def retry_after_stats(
+    rows: list[dict[str, Any]],
+) -> dict[tuple[str, int, str], tuple[float, float]]:
+    """Per (endpoint, status, code): the mean and the largest ``Retry-After`` seen."""
+    sums: dict[tuple[str, int, str], list[float]] = {}
+    for r in rows:
+        if "ra_sum" in r:
+            got = sums.setdefault((r["endpoint"], int(r["status"]), r["code"]), [0.0, 0.0, 0.0])
+            got[0] += float(r["ra_sum"])
+            got[1] = max(got[1], float(r["ra_max"]))
+            got[2] += int(r["n"])
+    return {k: (v[0] / v[2], v[1]) for k, v in sums.items() if v[2]}
+
+
 def outcome_timeline(rows: list[dict[str, Any]]) -> dict[int, dict[str, int]]:
     """Per second: answers by class (2xx, 409, 503, failed: not allowed)."""
     timeline: dict[int, Counter[str]] = defaultdict(Counter)
@@ -90,11 +104,62 @@ def _endpoint_table(out: Path) -> list[str]:
     return lines
 
 
-def _outcome_table(totals: Counter[tuple[str, int, str]]) -> list[str]:
-    lines = ["| endpoint | status | code | answers | allowed |", "|---|---:|---|---:|---|"]
-    for (endpoint, status, code), n in sorted(totals.items()):
+def _outcome_table(
+    totals: Counter[tuple[str, int, str]],
+    waits: dict[tuple[str, int, str], tuple[float, float]],
+) -> list[str]:
+    lines = [
+        "| endpoint | status | code | answers | allowed | Retry-After s (mean / max) |",
+        "|---|---:|---|---:|---|---|",
+    ]
+    for key, n in sorted(totals.items()):
+        endpoint, status, code = key
         verdict = "yes" if allowed(endpoint, status, code) else "**NO**"
-        lines.append(f"| {endpoint} | {status} | {code or '-'} | {n} | {verdict} |")
+        wait = f"{waits[key][0]:.1f} / {waits[key][1]:g}" if key in waits else "-"
+        lines.append(f"| {endpoint} | {status} | {code or '-'} | {n} | {verdict} | {wait} |")
+    return lines
+
+
+def _findings(
+    t0: float,
+    totals: Counter[tuple[str, int, str]],
+    timeline: dict[int, dict[str, int]],
+    samples: list[dict[str, Any]],
+    out: Path,
+) -> list[str]:
+    """What the gateway did under the load, in a few lines: when latency peaked, when the
+    buffer pushed back and how, and whether anything failed outright."""
+    lines = []
+    history = [r for r in _csv(out / "locust_stats_history.csv") if r.get("Name") == "Aggregated"]
+    p95 = [(float(r["Timestamp"]), float(r["95%"])) for r in history if r["95%"] not in ("", "N/A")]
+    if p95:
+        when, worst = max(p95, key=lambda x: x[1])
+        calm = sorted(v for _, v in p95)[len(p95) // 2]
+        lines.append(
+            f"- latency: p95 (Locust's 10 s window) peaked at {worst:g} ms at t = "
+            f"{when - t0:.0f} s; its median over the run was {calm:g} ms"
+        )
+    full = sorted(s for s, c in timeline.items() if c.get("503"))
+    rejected = sum(n for (_, status, code), n in totals.items() if status == 503)
+    if full:
+        depths = [
+            s["erp"]["buffer_depth"] for s in samples if s.get("erp") and abs(s["t"] - full[0]) < 2
+        ]
+        lines.append(
+            f"- back-pressure: the first 503 at t = {full[0] - t0:.0f} s (buffer depth "
+            f"{max(depths) if depths else '?'}), the last at t = {full[-1] - t0:.0f} s: "
+            f"{rejected} answers 503, each with Retry-After (the contract check says if not)"
+        )
+    else:
+        lines.append("- back-pressure: no 503 (the buffer never reached its maximum)")
+    deepest = max((s["erp"]["buffer_depth"] for s in samples if s.get("erp")), default=0)
+    lines.append(f"- deepest buffer sampled: {deepest} orders")
+    failed = sum(n for (e, st, c), n in totals.items() if not allowed(e, st, c))
+    errors = sum(n for (_, st, _), n in totals.items() if st == 0 or (st >= 500 and st != 503))
+    lines.append(
+        f"- answers the contract does not allow: {failed}; 5xx other than 503 and "
+        f"connection errors or timeouts: {errors}"
+    )
     return lines
 
 
@@ -154,6 +219,7 @@ def write_summary(
     *,
     facts: dict[str, Any],
     totals: Counter[tuple[str, int, str]],
+    waits: dict[tuple[str, int, str], tuple[float, float]],
     timeline: dict[int, dict[str, int]],
     samples: list[dict[str, Any]],
     per_second: dict[str, Any] | None,
@@ -183,12 +249,18 @@ def write_summary(
         )
     lines += ["", "## Invariants", "", "| invariant | result | detail |", "|---|---|---|"]
     lines += [f"| {c.name} | {c.status} | {c.detail} |" for c in checks]
+    lines += [
+        "",
+        "## What happened",
+        "",
+        *_findings(config.started_at, totals, timeline, samples, out),
+    ]
     lines += ["", "## Per endpoint (Locust)", "", *_endpoint_table(out)]
     lines += [
         "",
         "## Answers by status and problem code (users' view)",
         "",
-        *_outcome_table(totals),
+        *_outcome_table(totals, waits),
     ]
     lines += ["", "## Failures in Locust's stats", "", *_failure_table(out)]
     if received is not None and config.hot_skus:

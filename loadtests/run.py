@@ -26,12 +26,20 @@ from typing import Any
 import aiohttp
 
 from loadtests.config import ENV_VAR, LimitChange, Limits, RunConfig
-from loadtests.invariants import NOT_CHECKED, RunData, check_all
+from loadtests.invariants import BROKEN, NOT_CHECKED, OK, Check, RunData, check_all
 from loadtests.plots import plot_erp, plot_load
-from loadtests.report import orders, outcome_timeline, outcome_totals, read_jsonl, write_summary
+from loadtests.report import (
+    orders,
+    outcome_timeline,
+    outcome_totals,
+    read_jsonl,
+    retry_after_stats,
+    write_summary,
+)
 from loadtests.sampler import Sampler
 from loadtests.scenarios import SCENARIOS, Scenario
 from loadtests.seed import Seeded, order_positions, seed
+from loadtests.shapes import SPIKE_AT
 from loadtests.stack import GatewayOptions, LocalStack, SimOptions, StackError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,6 +225,11 @@ async def run_locust(config: RunConfig, processes: int, out: Path) -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
             return -9
+        except BaseException:
+            # Ctrl-C or a cancel: Locust runs in its own session, so it would outlive us.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
 
 
 async def drain(
@@ -245,6 +258,18 @@ async def drain(
             pass
         await asyncio.sleep(0.5)
     return False, time.monotonic() - started
+
+
+def run_check(code: int, config: RunConfig, died: list[str] | None) -> Check:
+    """The run itself: Locust ended on its own within the bound, and nothing it drove died."""
+    if code == -9:
+        limit = config.duration_s + LOCUST_GRACE
+        return Check("the run", BROKEN, f"Locust ran past {limit:g} s and was killed")
+    if code != 0:
+        return Check("the run", BROKEN, f"Locust exited with {code} (see locust.log)")
+    if died:
+        return Check("the run", BROKEN, f"died during the run: {died}")
+    return Check("the run", OK, "Locust finished in time; the stack stayed up")
 
 
 async def _get(session: aiohttp.ClientSession, url: str) -> Any:
@@ -329,25 +354,11 @@ async def drive(
         drained=drained,
     )
     checks = check_all(data)
-    if code == -9:
-        from loadtests.invariants import BROKEN, Check
-
-        checks.append(
-            Check(
-                "bounded time",
-                BROKEN,
-                f"Locust ran past {config.duration_s + LOCUST_GRACE:g} s and was killed",
-            )
-        )
+    checks.append(run_check(code, config, facts.get("died during the run")))
     samples = read_jsonl(out, "samples")
     timeline = outcome_timeline(outcome_rows)
-    marks = [
-        (config.started_at + c["sent"] - config.started_at, f"limits -> {c['rate_per_second']:g}/s")
-        for c in ops_rows
-    ]
+    marks = [(c["sent"], f"limits -> {c['rate_per_second']:g}/s") for c in ops_rows]
     if config.shape == "promotion":
-        from loadtests.shapes import SPIKE_AT
-
         marks.append((config.started_at + SPIKE_AT * config.duration_s, "the drop"))
     plots = [
         plot_load(out, config.started_at, timeline, marks),
@@ -368,6 +379,7 @@ async def drive(
         checks,
         facts=facts,
         totals=totals,
+        waits=retry_after_stats(outcome_rows),
         timeline=timeline,
         samples=samples,
         per_second=per_second,

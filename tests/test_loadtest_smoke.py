@@ -54,6 +54,7 @@ def test_the_smoke_scenario_runs_end_to_end_and_every_invariant_holds(tmp_path: 
         "exactly once": "ok",
         "ERP rate": "ok",
         "contract": "ok",
+        "the run": "ok",
     }
     for name in (
         "locust.html",
