@@ -25,7 +25,9 @@ def record_cpu(run: Run, phase: str, report: CpuReport) -> None:
     run.cpu[phase] = {k: round(max(0.0, v), 1) for k, v in report.percent.items()}
 
 
-def disturbance(report: CpuReport, server: str, saturating: bool) -> str | None:
+def disturbance(
+    report: CpuReport, server: str, saturating: bool, system: tuple[str, ...] = ()
+) -> str | None:
     """Why a measurement looks disturbed by other work on the machine, or None.
 
     At saturation the server should keep its core busy. When it used less, the run is disturbed
@@ -41,7 +43,7 @@ def disturbance(report: CpuReport, server: str, saturating: bool) -> str | None:
         on_core = report.percent.get("server core, others", 0.0)
         if on_core > SERVER_CORE_NOISY_PERCENT:
             return f"{short}; {on_core:.0f}% of it went to other processes or the kernel"
-        load = load_core_percent(report, server)
+        load = load_core_percent(report, server, system)
         if load > LOAD_CORE_FULL_PERCENT:
             return f"{short}; the load core was {load:.0f}% busy"
         other = report.percent.get("unattributed", 0.0)
@@ -57,11 +59,15 @@ def disturbance(report: CpuReport, server: str, saturating: bool) -> str | None:
     return None
 
 
-def load_core_percent(report: CpuReport, server: str) -> float:
-    """How busy the load core was: all the machine did but the server and its core's others."""
+def load_core_percent(report: CpuReport, server: str, system: tuple[str, ...] = ()) -> float:
+    """How busy the load core was: all the machine did but the server and its core's others,
+    and but the ``system`` processes pinned there that belong to the system under test (the
+    baseline's PostgreSQL backends: a full core because of them is the system's limit on these
+    two cores, not a disturbance)."""
     on_core = report.percent.get("server core, others", 0.0)
     total = sum(v for k, v in report.percent.items() if k != "server core, others")
-    return total - report.percent.get(server, 0.0) - on_core
+    mine = sum(report.percent.get(name, 0.0) for name in system)
+    return total - report.percent.get(server, 0.0) - on_core - mine
 
 
 def _noise(report: CpuReport, server: str, saturating: bool) -> float:
@@ -89,6 +95,7 @@ def attempts(
     measure: Callable[[], dict[str, Any]],
     warm: Callable[[], object] | None = None,
     attribute: Callable[[CpuReport], None] | None = None,
+    system: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Measure; while disturbed, retry up to ``--retries`` times and keep the least disturbed.
     ``attribute`` names CPU the report would count as ``unattributed`` (PostgreSQL's backends)
@@ -102,7 +109,7 @@ def attempts(
             result = measure()
         if attribute is not None:
             attribute(report)
-        why = disturbance(report, server, saturating)
+        why = disturbance(report, server, saturating, system)
         noise = _noise(report, server, saturating)
         if best is None or noise < best[0]:
             best = (noise, result, report)
@@ -115,18 +122,21 @@ def attempts(
     assert best is not None
     _, result, report = best
     result["attempts"] = attempt
-    why = disturbance(report, server, saturating)
+    why = disturbance(report, server, saturating, system)
     if why is not None:
         result["disturbed"] = why
         run.notes.append(f"{phase}: disturbed in every attempt ({why}); the figure is unreliable")
     elif saturating and report.percent.get(server, 100.0) < SATURATED_PERCENT:
         busy = report.percent.get(server, 100.0)
         result["not_cpu_bound"] = f"{server} {busy:.0f}% of its core"
+        shares = ", ".join(
+            f"{name} {report.percent.get(name, 0.0):.0f}%"
+            for name in dict.fromkeys(("redis", *system))
+        )
         run.notes.append(
             f"{phase}: the {server} used {busy:.0f}% of its core, the load core "
-            f"{load_core_percent(report, server):.0f}% (redis "
-            f"{report.percent.get('redis', 0.0):.0f}%), the machine otherwise quiet: not "
-            "CPU-bound, not noise"
+            f"{load_core_percent(report, server):.0f}% ({shares}), the machine otherwise "
+            "quiet: not CPU-bound, not noise"
         )
     record_cpu(run, phase, report)
     return result

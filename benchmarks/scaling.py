@@ -15,14 +15,16 @@ disturbed only by work outside the gateway, wrk and Redis.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.baseline import seed_gateway
+from benchmarks.baseline import median_of, seed_gateway
 from benchmarks.common import KEYS, LOAD_CORE, SERVER_CORE, Run, say, start_gateway, wait_http
 from benchmarks.load import Target, run_wrk, write_paths
 from benchmarks.measure import attempts
+from benchmarks.noise import OtherProcesses
 from benchmarks.procs import CpuReport, Processes, Started, descendants, process_cpu_seconds
 from benchmarks.reservations import write_reservation_bodies
 
@@ -40,8 +42,9 @@ class TreeCpu:
     """The CPU of a gateway's workers (children of the started parent): ``cpu_phase`` sees only
     the parent, so their share is moved from ``unattributed`` to the gateway's name."""
 
-    def __init__(self, name: str, parent: int, apart: bool) -> None:
+    def __init__(self, processes: Processes, name: str, parent: int, apart: bool) -> None:
         self.name, self.parent, self.apart = name, parent, apart
+        self.noise = OtherProcesses(processes)
         self.pids: list[int] = []
         self._start = 0.0
 
@@ -51,6 +54,7 @@ class TreeCpu:
     def begin(self) -> None:
         self.pids = descendants(self.parent)
         self._start = self.seconds()
+        self.noise.begin()
 
     def attribute(self, report: CpuReport) -> None:
         if report.wall_s <= 0:
@@ -61,6 +65,7 @@ class TreeCpu:
         if not self.apart:
             # The gateway runs on the server core too: what else ran there is not measurable.
             report.percent.pop("server core, others", None)
+        self.noise.attribute(report)
 
 
 def _wait_workers(gateway: Started, workers: int, timeout: float = 60.0) -> None:
@@ -100,12 +105,21 @@ def scaling(run: Run, processes: Processes, redis: Started, redis_port: int, wor
             seed_gateway(base)
             os.sched_setaffinity(0, load_cores)
             os.sched_setaffinity(redis.pid, load_cores)
-            tree = TreeCpu(name, gateway.pid, apart)
-            for figure, target in (
-                ("avail_1", Target(base, key, paths)),
-                ("res_1", Target(f"{base}/v1/reservations", key, bodies=bodies)),
-            ):
-                result = _measure(run, processes, tree, f"scaling {figure} {n}w", target, n)
+            tree = TreeCpu(processes, name, gateway.pid, apart)
+            figures = {
+                "avail_1": Target(base, key, paths),
+                "res_1": Target(f"{base}/v1/reservations", key, bodies=bodies),
+            }
+            samples: dict[str, list[dict[str, Any]]] = {figure: [] for figure in figures}
+            for round_no in range(1, cfg.rounds + 1):
+                for figure, target in figures.items():
+                    phase = f"scaling {figure} {n}w #{round_no}"
+                    samples[figure].append(_measure(run, processes, tree, phase, target, n))
+            for figure, results in samples.items():
+                result = median_of(results)
+                result["gateway_cpu_percent"] = statistics.median(
+                    r["gateway_cpu_percent"] for r in results
+                )
                 result["server_cores"] = sorted(server_cores)
                 result["load_cores"] = sorted(load_cores)
                 result["apart"] = apart
