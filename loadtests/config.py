@@ -48,10 +48,19 @@ class Limits:
 
 @dataclass(frozen=True, kw_only=True)
 class LimitChange:
-    """The operator's ``PUT /v1/ops/erp/limits`` at ``at`` seconds after the run starts."""
+    """The operator's ``PUT /v1/ops/erp/limits`` at ``at`` seconds after the run starts: the
+    limits it found at the start with the rate times ``rate_factor`` (relative, so a run
+    against a deployed stack ends with that stack's own limits back)."""
 
     at: float
-    limits: Limits
+    rate_factor: float
+
+    def applied_to(self, base: Limits) -> Limits:
+        return Limits(
+            rate_per_second=max(0.1, round(base.rate_per_second * self.rate_factor, 3)),
+            burst=base.burst,
+            max_concurrency=base.max_concurrency,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +113,7 @@ class RunConfig:
     operator: bool
     erp_limits: Limits
     limit_changes: list[LimitChange] = field(default_factory=list)
-    spike_at_s: float = 0.0  # promotion: when the drop lands (for the shape and the plots)
+    local_stack: bool = True  # False with --host: the ERP limits are the deployed stack's
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -115,9 +124,7 @@ class RunConfig:
         raw["mix"] = Mix(**raw["mix"])
         raw["flow"] = Flow(**raw["flow"])
         raw["erp_limits"] = Limits(**raw["erp_limits"])
-        raw["limit_changes"] = [
-            LimitChange(at=c["at"], limits=Limits(**c["limits"])) for c in raw["limit_changes"]
-        ]
+        raw["limit_changes"] = [LimitChange(**c) for c in raw["limit_changes"]]
         return cls(**raw)
 
     @classmethod

@@ -44,6 +44,7 @@ from loadtests.config import (
     LOCATIONS,
     ONLINE_SKUS,
     STORES,
+    Limits,
     RunConfig,
 )
 from loadtests.contract import NEEDS_RETRY_AFTER, allowed, endpoint_of
@@ -347,19 +348,19 @@ class Operator(FastHttpUser):
 
     def on_start(self) -> None:
         self._pending = sorted(CONFIG.limit_changes, key=lambda c: c.at)
+        self._base: Limits | None = None
 
     @task
     def watch(self) -> None:
-        call(self, "GET", "/v1/ops/erp", "ops erp", OPS)
+        flow = call(self, "GET", "/v1/ops/erp", "ops erp", OPS)
+        if self._base is None and isinstance(flow.body, dict) and "limits" in flow.body:
+            self._base = Limits(**flow.body["limits"])  # what to come back to
         while self._pending and time.time() - CONFIG.started_at >= self._pending[0].at:
-            change = self._pending.pop(0)
+            limits = self._pending.pop(0).applied_to(self._base or CONFIG.erp_limits)
             sent = time.time()
-            answer = call(
-                self, "PUT", "/v1/ops/erp/limits", "ops limits", OPS, asdict(change.limits)
-            )
+            answer = call(self, "PUT", "/v1/ops/erp/limits", "ops limits", OPS, asdict(limits))
             RECORDER.ops(
-                {"sent": sent, "answered": time.time(), "status": answer.status}
-                | asdict(change.limits)
+                {"sent": sent, "answered": time.time(), "status": answer.status} | asdict(limits)
             )
 
 

@@ -239,8 +239,12 @@ def write_summary(
         f"- host {config.host}; machine: {os.cpu_count()} cores; "
         + ", ".join(f"{k} {v}" for k, v in facts.items()),
         f"- user mix (weights): {config.mix}; checkout: {config.flow}",
-        f"- ERP limits at start: {config.erp_limits}; operator changes: "
-        + (", ".join(f"at {c.at:g} s -> {c.limits}" for c in config.limit_changes) or "none"),
+        f"- ERP limits at start: "
+        f"{config.erp_limits if config.local_stack else 'as deployed'}; operator changes: "
+        + (
+            ", ".join(f"at {c.at:g} s the rate x {c.rate_factor:g}" for c in config.limit_changes)
+            or "none"
+        ),
     ]
     if config.hot_skus:
         lines.append(

@@ -134,10 +134,9 @@ def build_config(
     )
     changes = []
     if args.operator:
-        lowered = replace(base, rate_per_second=max(1.0, rate * scenario.lower_to))
         changes = [
-            LimitChange(at=round(duration * scenario.lower_at, 1), limits=lowered),
-            LimitChange(at=round(duration * scenario.restore_at, 1), limits=base),
+            LimitChange(at=round(duration * scenario.lower_at, 1), rate_factor=scenario.lower_to),
+            LimitChange(at=round(duration * scenario.restore_at, 1), rate_factor=1.0),
         ]
     hot = args.hot_skus if args.hot_skus is not None else scenario.hot_skus
     think = tuple(args.think) if args.think else scenario.think
@@ -408,11 +407,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.host:
             keys = {role: getattr(args, f"{role}_key") for role in DEMO_KEYS}
             config = build_config(args, scenario, args.host.rstrip("/"), keys, out)
+            config = replace(config, local_stack=False)
             facts["gateway"] = f"deployed at {args.host}"
         else:
             stack = LocalStack(out)
             provisional = build_config(args, scenario, "", DEMO_KEYS, out)
-            caps = [provisional.erp_limits, *(c.limits for c in provisional.limit_changes)]
+            caps = [c.applied_to(provisional.erp_limits) for c in provisional.limit_changes]
+            caps.append(provisional.erp_limits)
             sim_limit = args.erp_sim_rate_limit
             if sim_limit is None:
                 sim_limit = math.ceil(max(lim.per_second_cap for lim in caps))
