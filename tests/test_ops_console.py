@@ -326,6 +326,45 @@ async def test_a_wrong_key_is_refused_and_asked_again(browser: Browser, stack: S
         await expect(page.locator("#console")).to_be_hidden()
 
 
+# Visible text under 16 px, and controls without an accessible name, anywhere on the page.
+_READABILITY_JS: Final = """() => {
+    const visible = (el) =>
+        el.getClientRects().length > 0 && getComputedStyle(el).visibility !== "hidden";
+    const tiny = [];
+    for (const el of document.querySelectorAll("body *")) {
+        const text = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+        if (text && visible(el) && parseFloat(getComputedStyle(el).fontSize) < 16) {
+            tiny.push(`${el.tagName}#${el.id}: ${getComputedStyle(el).fontSize}`);
+        }
+    }
+    const unnamed = [];
+    for (const el of document.querySelectorAll("input, button, select, textarea")) {
+        const named = (el.labels && el.labels.length)
+            || el.getAttribute("aria-label") || el.getAttribute("aria-labelledby")
+            || (el.tagName === "BUTTON" && el.textContent.trim());
+        if (!named) unnamed.push(`${el.tagName}#${el.id}`);
+    }
+    return {tiny, unnamed};
+}"""
+
+
+async def test_every_text_is_readable_and_every_control_named(
+    browser: Browser, stack: Stack
+) -> None:
+    """Readable at 3 a.m.: no visible text under 16 px, on the sign-in and on the console with
+    every part filled (dead letters, one inspected, the audit); every control labelled."""
+    await stack.place("p0", poison=True)
+    async with console_page(browser, stack) as (page, watched):
+        assert await page.evaluate(_READABILITY_JS) == {"tiny": [], "unnamed": []}
+        await sign_in(page, KEYS["ops"])
+        await set_limits(page, rate="40", burst="2", concurrency="8")
+        await expect(page.locator("#dl-rows tr")).to_have_count(1)
+        await press(page, "Inspect order p0")
+        await expect(page.locator("#audit-rows tr")).to_have_count(1)
+        assert await page.evaluate(_READABILITY_JS) == {"tiny": [], "unnamed": []}
+        watched.assert_clean()
+
+
 async def test_the_writers_follow_a_limit_set_in_the_console(
     browser: Browser, stack: Stack
 ) -> None:
