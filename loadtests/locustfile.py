@@ -126,6 +126,8 @@ def call(
         ok = allowed(endpoint, status, code)
         if ok and status in NEEDS_RETRY_AFTER and retry_after is None:
             ok, code = False, f"{code} without Retry-After"
+        if ok and 200 <= status < 300 and not isinstance(parsed, dict):
+            ok, code = False, "not a JSON object"
         if ok:
             resp.success()
         else:

@@ -108,3 +108,33 @@ def test_a_run_whose_erp_limit_is_below_the_gateways_rate_fails_and_says_why(
     assert "429" in checks["ERP rate"]["detail"]
     assert "broken  ERP rate" in done.stdout
     assert "BROKEN: " in (out / "summary.md").read_text().splitlines()[0]
+
+
+def test_the_contract_table_allows_only_the_documented_refusals() -> None:
+    from loadtests.contract import allowed
+
+    assert allowed("reserve", 409, "insufficient_stock")
+    assert allowed("confirm", 503, "buffer_full")
+    assert allowed("confirm", 409, "reservation_not_held")
+    assert not allowed("confirm", 503, "buffer_full without Retry-After")
+    assert not allowed("order", 503, "dependency_unavailable")
+    assert not allowed("order", 500, "internal_error")
+    assert not allowed("availability", 0, "connection error ConnectionRefusedError")
+    assert not allowed("reserve", 201, "not a JSON object")
+
+
+def test_the_promotion_shape_spikes_tenfold_at_the_drop_and_decays() -> None:
+    from loadtests.shapes import target
+
+    def users(t: float) -> int:
+        wanted = target("promotion", t, 100, 1000, 50)
+        assert wanted is not None
+        return wanted[0]
+
+    assert users(10) == 100
+    assert users(35) == 1000
+    assert users(59) == 1000
+    assert 100 < users(72) < 1000
+    assert users(90) == 100
+    assert target("promotion", 100, 100, 1000, 50) is None
+    assert target("flash-sale", 0, 60, 2000, 200) == (2000, 200)
