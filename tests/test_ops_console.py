@@ -498,6 +498,11 @@ async def test_dead_letters_are_inspected_and_replayed(browser: Browser, stack: 
         await expect(page.locator("#dl-empty")).to_be_visible()
         await expect(page.locator("#s-dead")).to_have_text("0")
         await eventually(lambda: _accepted(stack, 5), 10, "every order at the ERP")
+        # However many refreshes the actions asked for, the status is still polled once a second.
+        before = len(watched.requests)
+        await asyncio.sleep(3)
+        polls = [r for r in watched.requests[before:] if r.url.endswith("/v1/ops/erp")]
+        assert 2 <= len(polls) <= 4
 
         audit = page.locator("#audit-rows tr")
         await expect(audit).to_have_count(3)

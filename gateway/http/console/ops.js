@@ -19,6 +19,8 @@
     key: null,
     view: null,
     statusTimer: null,
+    polling: false,
+    pollSoon: false,
     auditTimer: null,
     lastOk: 0,
     limitsDirty: false,
@@ -153,7 +155,14 @@
 
   // -- status ----------------------------------------------------------------------------------
 
+  // One polling chain at a time: a refresh asked for while a poll is in flight (after a pause,
+  // a replay) runs right after it instead of starting a second chain.
   async function pollStatus() {
+    if (state.polling) {
+      state.pollSoon = true;
+      return;
+    }
+    state.polling = true;
     clearTimeout(state.statusTimer);
     try {
       const { status, data } = await api("GET", "/v1/ops/erp");
@@ -164,11 +173,17 @@
         $("notice").textContent = `Status not refreshed: ${problemText(status, data)}`;
       }
     } catch (err) {
-      if (err instanceof SignedOut) return;
-      $("notice").textContent = `Status not refreshed: ${failureText(err)}. Retrying.`;
+      if (!(err instanceof SignedOut)) {
+        $("notice").textContent = `Status not refreshed: ${failureText(err)}. Retrying.`;
+      }
+    } finally {
+      state.polling = false;
     }
     markStale();
-    if (state.key) state.statusTimer = setTimeout(pollStatus, STATUS_EVERY_MS);
+    if (state.key) {
+      state.statusTimer = setTimeout(pollStatus, state.pollSoon ? 0 : STATUS_EVERY_MS);
+    }
+    state.pollSoon = false;
   }
 
   function markStale() {
