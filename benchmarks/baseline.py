@@ -50,7 +50,7 @@ from benchmarks.common import (
 )
 from benchmarks.load import Target, run_generator, run_wrk, write_paths
 from benchmarks.measure import attempts
-from benchmarks.noise import OtherProcesses
+from benchmarks.noise import KernelShare
 from benchmarks.orders import PostgresCpu
 from benchmarks.procs import CpuReport, Processes
 from benchmarks.reservations import (
@@ -97,31 +97,26 @@ async def _seed_baseline(dsn: str) -> None:
         await conn.close()
 
 
-async def _server_pids(conn: asyncpg.Connection) -> list[int]:
-    """PostgreSQL's processes that serve the run: the benchmark database's backends and the
-    server's own (WAL writer, checkpointer, ...), this connection's excepted."""
+async def _aux_pids(conn: asyncpg.Connection) -> list[int]:
+    """PostgreSQL's own processes (WAL writer, checkpointer, ...): they work for the run."""
     rows = await conn.fetch(
-        "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
-        "AND (datname = current_database() OR backend_type <> 'client backend')"
+        "SELECT pid FROM pg_stat_activity WHERE backend_type <> 'client backend'"
     )
     return [int(r[0]) for r in rows]
 
 
 class Attribution:
     """Before each measurement: PostgreSQL's backends pinned to the load core and counted as
-    ``postgres``, and everything else on the machine read, so that the kernel's work for the
-    run (fsyncs, loopback) is not taken for other people's (``noise.py``)."""
+    ``postgres``; the kernel's work for the run (fsyncs, loopback) and PostgreSQL's own
+    processes told from other people's work (``noise.py``)."""
 
-    def __init__(self, run: Run, processes: Processes, extra: Callable[[], list[int]] = list):
+    def __init__(self, run: Run) -> None:
         self.dsn = run.config.postgres_dsn
         self.pg = PostgresCpu(self.dsn)
-        self.pids: list[int] = []
-        self.extra = extra
-        self.noise = OtherProcesses(processes, lambda: [*self.pids, *self.extra()])
+        self.noise = KernelShare(lambda: _sql(self.dsn, _aux_pids))
 
     def begin(self) -> None:
         self.pg.begin()
-        self.pids = _sql(self.dsn, _server_pids)
         self.noise.begin()
 
     def attribute(self, report: CpuReport) -> None:
@@ -182,7 +177,7 @@ def pg_ceiling(run: Run, processes: Processes) -> None:
         last.update(run_generator(argv, min(cfg.duration, 5.0) + 1))
         return dict(last)
 
-    noise = Attribution(run, processes)
+    noise = Attribution(run)
 
     def attribute(report: CpuReport) -> None:
         # Its backends are the server here, not noise; its client runs on the server core (a
@@ -245,7 +240,7 @@ def baseline(run: Run, processes: Processes, redis_port: int, work: Path) -> Non
     bl = f"http://127.0.0.1:{bport}"
     wait_http(f"{bl}/healthz", server, processes, "baseline server")
     seed_gateway(gw)
-    pg = Attribution(run, processes)
+    pg = Attribution(run)
     paths = write_paths(work / "paths-1sku.txt", 1)
     res_bodies = write_reservation_bodies(work / "bodies-1line.txt", 1, cfg.reservation_ttl)
     hot_bodies = write_bodies(work / "bodies-hot.txt", [[HOT_SKU]], cfg.reservation_ttl)

@@ -24,7 +24,7 @@ from benchmarks.baseline import median_of, seed_gateway
 from benchmarks.common import KEYS, LOAD_CORE, SERVER_CORE, Run, say, start_gateway, wait_http
 from benchmarks.load import Target, run_wrk, write_paths
 from benchmarks.measure import attempts
-from benchmarks.noise import OtherProcesses
+from benchmarks.noise import KernelShare
 from benchmarks.procs import CpuReport, Processes, Started, descendants, process_cpu_seconds
 from benchmarks.reservations import write_reservation_bodies
 
@@ -42,9 +42,9 @@ class TreeCpu:
     """The CPU of a gateway's workers (children of the started parent): ``cpu_phase`` sees only
     the parent, so their share is moved from ``unattributed`` to the gateway's name."""
 
-    def __init__(self, processes: Processes, name: str, parent: int, apart: bool) -> None:
+    def __init__(self, name: str, parent: int, apart: bool) -> None:
         self.name, self.parent, self.apart = name, parent, apart
-        self.noise = OtherProcesses(processes)
+        self.noise = KernelShare()
         self.pids: list[int] = []
         self._start = 0.0
 
@@ -105,7 +105,7 @@ def scaling(run: Run, processes: Processes, redis: Started, redis_port: int, wor
             seed_gateway(base)
             os.sched_setaffinity(0, load_cores)
             os.sched_setaffinity(redis.pid, load_cores)
-            tree = TreeCpu(processes, name, gateway.pid, apart)
+            tree = TreeCpu(name, gateway.pid, apart)
             figures = {
                 "avail_1": Target(base, key, paths),
                 "res_1": Target(f"{base}/v1/reservations", key, bodies=bodies),
