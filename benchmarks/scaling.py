@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.baseline import median_of, seed_gateway
+from benchmarks.baseline import ensure_ceiling, median_of, seed_gateway
 from benchmarks.common import KEYS, LOAD_CORE, SERVER_CORE, Run, say, start_gateway, wait_http
 from benchmarks.load import Target, run_wrk, write_paths
 from benchmarks.measure import attempts
@@ -81,6 +81,7 @@ def _wait_workers(gateway: Started, workers: int, timeout: float = 60.0) -> None
 
 def scaling(run: Run, processes: Processes, redis: Started, redis_port: int, work: Path) -> None:
     cfg = run.config
+    ensure_ceiling(run, processes, work)  # the table's ratios: this run's aiohttp ceiling
     paths = write_paths(work / "paths-1sku.txt", 1)
     bodies = write_reservation_bodies(work / "bodies-1line.txt", 1, cfg.reservation_ttl)
     key = KEYS["storefront"]
