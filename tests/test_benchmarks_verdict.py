@@ -1,0 +1,85 @@
+"""Self-checks of the benchmark's report for issue 10: the hot-SKU verdict and the core split of
+scaling (pure functions over recorded figures; the measurements themselves run in
+``python -m benchmarks.run``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from benchmarks.baseline_report import baseline_rows, hot_verdict, scaling_rows
+from benchmarks.common import Config, Run
+from benchmarks.scaling import split
+
+
+def _run(gateway: dict[str, Any], baseline: dict[str, Any]) -> Run:
+    config = Config(
+        duration=4,
+        warmup=1,
+        rounds=1,
+        openloop_duration=4,
+        http_events=1,
+        kafka_events=1,
+        kafka_partitions=1,
+        http_connections=1,
+        redis_requests=1,
+        postgres_dsn="postgresql://x/test_bench",
+        phases=frozenset({"baseline"}),
+        profile=False,
+        wait_quiet=0,
+        retries=0,
+        retry_budget=0,
+    )
+    run = Run(config=config)
+    run.saturation["ceiling"] = {"requests_per_s": 20_000.0}
+    run.baseline["pg_ceiling"] = {"rows_per_s": 10_000.0, "connections": 16}
+    run.baseline["hot"] = {"gateway": gateway, "baseline": baseline}
+    return run
+
+
+def _figure(rate: float, p99: float, errors: int = 0) -> dict[str, Any]:
+    return {"requests_per_s": rate, "p99_ms": p99, "p50_ms": p99 / 3, "errors": errors}
+
+
+@pytest.mark.parametrize(
+    ("gateway", "baseline", "met"),
+    [
+        (_figure(8_000, 15), _figure(700, 170), True),
+        (_figure(6_900, 15), _figure(700, 170), False),  # 9.9x
+        (_figure(8_000, 171), _figure(700, 170), False),  # p99 worse
+        (_figure(8_000, 15, errors=3), _figure(700, 170), False),  # errors void it
+    ],
+)
+def test_hot_sku_verdict(gateway: dict[str, Any], baseline: dict[str, Any], met: bool) -> None:
+    run = _run(gateway, baseline)
+    verdict = hot_verdict(run)
+    assert verdict is not None
+    assert verdict[0] is met
+    rows = baseline_rows(run)
+    judged = [r for r in rows if r.target.startswith(">= 10x")]
+    assert len(judged) == 1
+    assert judged[0].met.startswith("yes" if met else "NO")
+    assert any(("MET" if met else "NOT MET") in note for note in run.notes)
+
+
+def test_scaling_split_pins_apart_only_with_spare_cores() -> None:
+    assert split(1, 2) == ({0}, {1}, True)
+    assert split(2, 2) == ({0, 1}, {1}, False)  # shares the cores with the load
+    assert split(4, 8) == ({0, 1, 2, 3}, {4, 5, 6, 7}, True)
+
+
+def test_scaling_rows_say_when_the_gateway_shares_the_cores() -> None:
+    run = _run(_figure(1, 1), _figure(1, 1))
+    for n, apart, rate in (("1", True, 9_000.0), ("2", False, 13_500.0)):
+        figure = {
+            **_figure(rate, 12),
+            "gateway_cpu_percent": 95.0,
+            "server_cores": [0] if apart else [0, 1],
+            "apart": apart,
+        }
+        run.scaling.setdefault("avail_1", {})[n] = figure
+    rows = scaling_rows(run)
+    assert "1.50x 1 worker" in rows[1].ratio
+    assert "unpinned" in rows[1].figure
+    assert any("not pinned" in note for note in run.notes)
