@@ -15,6 +15,7 @@ import contextlib
 import functools
 import gc
 from collections.abc import AsyncIterator
+from typing import Final
 
 import structlog
 from aiohttp import web
@@ -71,6 +72,7 @@ from gateway.http.state import (
     SETTINGS,
 )
 from gateway.lifecycle import Lifecycle, Readiness
+from gateway.metrics import flush as flush_metrics
 from gateway.reservation.expiry import run_sweeper
 from gateway.reservation.service import ReservationService
 from gateway.reservation.store import CommitmentStore
@@ -78,6 +80,8 @@ from gateway.settings import Settings
 from gateway.supervisor import supervised
 
 log = structlog.get_logger(__name__)
+# How stale another worker's share of a scrape may be (see gateway.metrics).
+METRICS_FLUSH_SECONDS: Final = 1.0
 
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -228,6 +232,20 @@ async def _orders_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _flush_metrics_forever() -> None:
+    while True:
+        flush_metrics()
+        await asyncio.sleep(METRICS_FLUSH_SECONDS)
+
+
+async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Under workers a scrape reaches one of them and reads the others' files: they must be
+    # fresh without waiting for a scrape of their own. The last flush follows the drain.
+    async with supervised("metrics-flush", _flush_metrics_forever, app[LIFECYCLE]):
+        yield
+    flush_metrics()
+
+
 async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     worker = functools.partial(run_sweeper, app[RESERVATIONS_SERVICE], RedisRecords(app[BATCHER]))
     async with supervised("expiry-sweeper", worker, app[LIFECYCLE]):
@@ -266,6 +284,7 @@ def create_app(settings: Settings) -> web.Application:
     app[LIFECYCLE] = lifecycle
     app.cleanup_ctx.extend(
         [
+            _metrics_ctx,
             _redis_ctx,
             _postgres_ctx,
             _readiness_ctx,

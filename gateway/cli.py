@@ -12,19 +12,29 @@ import asyncpg
 
 from gateway.adapters.migrations import CLI_LOCK_WAIT, MigrationLockBusy, migrate_dsn
 from gateway.logs import configure_logging
-from gateway.server import serve
 from gateway.settings import Settings, SettingsError
 
 
-def _settings(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
-    return Settings.from_env(environ if environ is not None else dict(os.environ), args.config)
+def _settings(args: argparse.Namespace) -> Settings:
+    environ = dict(os.environ)
+    if getattr(args, "workers", None) is not None:
+        environ["GATEWAY_WORKERS"] = args.workers  # the flag wins, validated as the variable
+    return Settings.from_env(environ, args.config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     parser.add_argument("--config", help="TOML file of settings (environment variables win)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the HTTP API and the Kafka consumer")
+    serve_cmd = sub.add_parser("serve", help="run the HTTP API and the Kafka consumer")
+    serve_cmd.add_argument(
+        "--workers",
+        metavar="N",
+        help="processes serving the port (SO_REUSEPORT) under one supervising parent; "
+        "'auto': one per usable core (default: GATEWAY_WORKERS, else 1)",
+    )
+    # Set by the parent of a worker group for each worker it starts; not for people.
+    serve_cmd.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     migrate = sub.add_parser("migrate", help="apply pending PostgreSQL migrations")
     migrate.add_argument(
         "--lock-wait",
@@ -61,7 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "migrate":
         configure_logging(settings.log_level)
         return _migrate(settings, args.lock_wait)
-    serve(settings)
+    if args.worker_index is None and settings.workers > 1:
+        from gateway.workers import run_workers
+
+        configure_logging(settings.log_level)
+        return run_workers(settings, args.config)
+    # Imported here: the parent of a worker group must not load the metrics (prometheus-client
+    # would open files in the workers' directory under the parent's pid).
+    from gateway.server import serve
+
+    serve(settings, worker_index=args.worker_index)
     return 0
 
 

@@ -1,15 +1,30 @@
 """Prometheus metrics of the gateway, defined once (prometheus-client's default registry).
 
-Per-request HTTP counters live in ``gateway.http.request_metrics`` (cheaper on the hot path)."""
+Per-request HTTP counters live in ``gateway.http.request_metrics`` (cheaper on the hot path).
+
+Under ``gateway serve --workers N`` the parent gives every worker one ``PROMETHEUS_MULTIPROC_DIR``:
+prometheus-client then keeps each value in a file there, and :func:`exposition` (whichever
+worker the scrape reaches) sums the files of all of them, so a scrape shows the whole group.
+Gauges say how their workers' values combine (``multiprocess_mode``); the counters kept in plain
+dicts for speed copy their growth into files at least once a second (:func:`flush`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
+
+# prometheus-client reads this variable once, at import, to decide where values live; the
+# exporters below must make the same decision (the gateway's own settings never carry it: only
+# the parent of a worker group sets it).
+MULTIPROCESS: Final = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 REDIS_BATCH_SIZE: Final = Histogram(
     "gateway_redis_batch_commands",
@@ -30,6 +45,8 @@ KAFKA_LAG: Final = Gauge(
     "gateway_kafka_consumer_lag",
     "Messages not yet applied and committed: high watermark minus committed offset",
     ["topic", "partition"],
+    # The worker that owns a partition now set it last; one that lost it stops setting it.
+    multiprocess_mode="livemostrecent",
 )
 KAFKA_DLQ: Final = Counter(
     "gateway_kafka_dead_letters_total", "Messages sent to a dead-letter topic", ["topic"]
@@ -43,12 +60,69 @@ RESERVATIONS_DUE: Final = Gauge(
     "gateway_reservations_due",
     "Overdue holds the last sweeper pass found (up to 200 a bucket, 3,200 in all): staying near "
     "the cap means expiry falls behind",
+    multiprocess_mode="livemax",
 )
 DEPENDENCY_UP: Final = Gauge(
     "gateway_dependency_up",
     "1 when the last readiness check reached the dependency",
     ["dependency"],
+    multiprocess_mode="livemin",  # down in any worker is down
 )
+
+
+_FLUSHES: list[Callable[[], None]] = []
+
+
+def on_flush(flush: Callable[[], None]) -> None:
+    """Have :func:`flush` call ``flush`` (a dict-kept metric copying itself into files)."""
+    _FLUSHES.append(flush)
+
+
+WORKER_CPU: Final = Counter(
+    "gateway_worker_cpu_seconds",
+    "CPU time (user + system) used by each worker process of the gateway; a restarted worker "
+    "continues its slot's count",
+    ["worker"],
+)
+
+
+class _CpuClock:
+    def __init__(self) -> None:
+        self.worker = "0"
+        self._counted = 0.0
+
+    def tick(self) -> None:
+        used = time.process_time()
+        WORKER_CPU.labels(self.worker).inc(used - self._counted)
+        self._counted = used
+
+
+_CPU: Final = _CpuClock()
+
+
+def set_worker(index: int) -> None:
+    """Name this process's slot in the worker group (label ``worker`` of the CPU counter)."""
+    _CPU.worker = str(index)
+
+
+def flush() -> None:
+    """Bring the files of this worker up to date: the dict-kept counters and the CPU clock.
+
+    Runs on the event loop (the dicts are only touched there): every second, before a scrape,
+    and once more at shutdown."""
+    _CPU.tick()
+    for flush_one in _FLUSHES:
+        flush_one()
+
+
+def exposition() -> bytes:
+    """The text a scrape gets: this process's registry, or under workers every worker's files
+    summed. Reading the files blocks on disk: call this one off the event loop."""
+    if not MULTIPROCESS:
+        return generate_latest()
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
+    return generate_latest(registry)
 
 
 class Tally(Collector):
@@ -62,9 +136,23 @@ class Tally(Collector):
         self._name, self._documentation, self._label = name, documentation, label
         self._counts: dict[str, int] = dict.fromkeys(values, 0)
         REGISTRY.register(self)
+        if MULTIPROCESS:
+            self._shadow = Counter(name, documentation, [label], registry=None)
+            self._flushed: dict[str, int] = {}
+            for value in values:
+                self._shadow.labels(value)  # shows as 0 from the start, as below
+            on_flush(self.flush)
 
     def inc(self, value: str, amount: int = 1) -> None:
         self._counts[value] = self._counts.get(value, 0) + amount
+
+    def flush(self) -> None:
+        """Copy the growth since the last flush into the worker group's files."""
+        for value, count in list(self._counts.items()):
+            delta = count - self._flushed.get(value, 0)
+            if delta:
+                self._shadow.labels(value).inc(delta)
+                self._flushed[value] = count
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(self._name, self._documentation, labels=[self._label])
@@ -118,13 +206,19 @@ ERP_SECONDS: Final = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 BUFFER_DEPTH: Final = Gauge(
-    "gateway_buffer_depth", "Orders in the buffer not yet accepted by the ERP (queued or sending)"
+    "gateway_buffer_depth",
+    "Orders in the buffer not yet accepted by the ERP (queued or sending)",
+    multiprocess_mode="livemostrecent",
 )
 BUFFER_OLDEST_AGE: Final = Gauge(
-    "gateway_buffer_oldest_age_seconds", "Age of the oldest order in the buffer not yet accepted"
+    "gateway_buffer_oldest_age_seconds",
+    "Age of the oldest order in the buffer not yet accepted",
+    multiprocess_mode="livemostrecent",
 )
 BUFFER_DRAIN_RATE: Final = Gauge(
-    "gateway_buffer_drain_rate", "Orders leaving the buffer per second (accepted or dead-lettered)"
+    "gateway_buffer_drain_rate",
+    "Orders leaving the buffer per second (accepted or dead-lettered)",
+    multiprocess_mode="livemostrecent",
 )
 BUFFER_REJECTIONS: Final = Counter(
     "gateway_buffer_rejections_total", "Orders refused with 503 buffer_full (back-pressure)"
@@ -133,10 +227,12 @@ COMMITMENTS_WAITING: Final = Gauge(
     "gateway_commitments_waiting",
     "Orders the ERP accepted whose committed quantities still count, waiting for a stock "
     "snapshot at or after the acceptance",
+    multiprocess_mode="livemostrecent",
 )
 COMMITMENTS_OLDEST_AGE: Final = Gauge(
     "gateway_commitments_waiting_oldest_age_seconds",
     "Time since the ERP accepted the oldest order whose commitment still waits for a snapshot",
+    multiprocess_mode="livemostrecent",
 )
 COMMITMENTS_RESTORED: Final = Counter(
     "gateway_commitments_restored_total",

@@ -7,6 +7,7 @@ Nothing else in the gateway reads ``os.environ``: everything it needs arrives th
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,6 +31,8 @@ class ApiKey:
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
+    # Processes serving the port (SO_REUSEPORT) under one parent; GATEWAY_WORKERS=auto: one a core.
+    workers: int = 1
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_cluster: bool = False
     postgres_dsn: str = dataclasses.field(
@@ -120,6 +123,23 @@ def _int(lo: int, hi: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+MAX_WORKERS: Final = 256
+
+
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return max(1, min(MAX_WORKERS, _usable_cores()))
+    return _int(1, MAX_WORKERS)(text)
+
+
+def _usable_cores() -> int:
+    # The cores this process may run on (a container's cpuset), not the machine's.
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity call
+        return os.cpu_count() or 1
 
 
 def _float(lo: float, hi: float) -> Callable[[str], float]:
@@ -219,6 +239,7 @@ def _log_level(text: str) -> str:
 _PARSERS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "GATEWAY_HOST": ("host", _nonempty),
     "GATEWAY_PORT": ("port", _int(0, 65535)),
+    "GATEWAY_WORKERS": ("workers", _workers),
     "GATEWAY_REDIS_URL": ("redis_url", _dsn("redis", "rediss", "unix")),
     "GATEWAY_REDIS_CLUSTER": ("redis_cluster", _bool),
     "GATEWAY_POSTGRES_DSN": ("postgres_dsn", _dsn("postgresql", "postgres")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,11 +61,21 @@ def test_api_keys_roles() -> None:
         ("GATEWAY_API_KEYS", "nocolon"),
         ("GATEWAY_LOG_LEVEL", "loud"),
         ("GATEWAY_EVENT_HORIZON_SECONDS", "5"),
+        ("GATEWAY_WORKERS", "0"),
+        ("GATEWAY_WORKERS", "many"),
+        ("GATEWAY_WORKERS", "257"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
         Settings.from_env({name: value})
+
+
+def test_workers_default_count_and_auto() -> None:
+    assert Settings.from_env({}).workers == 1
+    assert Settings.from_env({"GATEWAY_WORKERS": "4"}).workers == 4
+    # auto: one per core this process may run on (a container's cpuset, not the host's).
+    assert Settings.from_env({"GATEWAY_WORKERS": "auto"}).workers == len(os.sched_getaffinity(0))
 
 
 def test_secret_not_echoed() -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.http import problems
 from gateway.http.codec import json_response
 from gateway.http.state import LIFECYCLE, POSTGRES, READINESS, REDIS
+from gateway.metrics import MULTIPROCESS, exposition, flush
 
 routes = web.RouteTableDef()
 
@@ -50,4 +53,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    flush()  # this worker's share is current; the others' is at most a second old
+    # One process: its registry, in memory. Workers: every worker's files, read off the loop.
+    body = await asyncio.to_thread(exposition) if MULTIPROCESS else exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
