@@ -75,10 +75,8 @@ SYSTEM = ("postgres", "redis")
 def seed_gateway(base: str) -> None:
     """The seeded SKUs, unless an earlier phase of this run (same Redis) seeded them already:
     seeding twice would be refused as duplicate events."""
-    if availability(base, "SKU-00007")["on_hand"] != 107:
-        seed(base)
-    if availability(base, reservation_sku(7))["on_hand"] != RESERVATION_STOCK:
-        seed_reservations(base)
+    seed(base)
+    seed_reservations(base)
     if availability(base, HOT_SKU)["on_hand"] != RESERVATION_STOCK:
         snapshot(base, {HOT_SKU: RESERVATION_STOCK}, "hot-ample")
 

@@ -60,6 +60,10 @@ def write_reservation_bodies(
 
 
 def seed_reservations(base: str) -> None:
+    """The reservation SKUs' stock, unless an earlier phase of the run seeded this Redis: the
+    same snapshot events again would be refused as duplicates."""
+    if availability(base, reservation_sku(7))["on_hand"] == RESERVATION_STOCK:
+        return
     snapshot(base, {reservation_sku(i): RESERVATION_STOCK for i in range(SEED_SKUS)}, "rseed")
     if availability(base, reservation_sku(7))["available"] != RESERVATION_STOCK:
         raise RuntimeError("availability check after seeding reservation SKUs failed")
