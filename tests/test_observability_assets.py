@@ -10,7 +10,10 @@ and the runbook, checked against each other and against a real gateway.
 - every metric name a dashboard query, a rule expression or the runbook uses is one a real gateway
   exports: the names come from ``/metrics`` of a gateway started in-process against real Redis and
   PostgreSQL, after requests of a few kinds. A deliberately wrong name in a copy of each asset
-  must be reported, so the check can fail.
+  must be reported, so the check can fail;
+- a real Prometheus (same package) scrapes that gateway with the rules loaded: every dashboard
+  query runs without an error and the panels that must show data do, every rule evaluates
+  healthy, and only the alert the test's own bad batch provokes goes pending.
 """
 
 from __future__ import annotations
