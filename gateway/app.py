@@ -209,6 +209,7 @@ async def _orders_ctx(app: web.Application) -> AsyncIterator[None]:
         await control.start(settings.postgres_timeout_seconds)
         sync = supervised("erp-flow-sync", control.keep_in_sync, app[LIFECYCLE])
         await stack.enter_async_context(sync)
+        await stack.enter_async_context(supervised("erp-flow-watch", control.watch, app[LIFECYCLE]))
         mender = functools.partial(run_mender, intake, outbox)
         await stack.enter_async_context(supervised("order-mender", mender, app[LIFECYCLE]))
         await stack.enter_async_context(supervised("buffer-watch", pressure.watch, app[LIFECYCLE]))

@@ -41,6 +41,13 @@ STOCK_EVENTS: Final = Counter(
     "Stock events processed, by where they came from and what became of them",
     ["source", "outcome"],
 )
+STOCK_LAST_EVENT: Final = Gauge(
+    "gateway_stock_last_event_timestamp_seconds",
+    "Unix time the gateway last took a batch of stock events from the source (http, kafka): "
+    "time() minus it is how stale availability may be",
+    ["source"],
+    multiprocess_mode="max",  # the latest of any worker, a dead one's included
+)
 KAFKA_LAG: Final = Gauge(
     "gateway_kafka_consumer_lag",
     "Messages not yet applied and committed: high watermark minus committed offset",
@@ -218,6 +225,28 @@ BUFFER_OLDEST_AGE: Final = Gauge(
 BUFFER_DRAIN_RATE: Final = Gauge(
     "gateway_buffer_drain_rate",
     "Orders leaving the buffer per second (accepted or dead-lettered)",
+    multiprocess_mode="livemostrecent",
+)
+ERP_BREAKER_OPEN: Final = Gauge(
+    "gateway_erp_breaker_open",
+    "1 while the shared breaker before the ERP is open or half open (probing), 0 when closed",
+    multiprocess_mode="livemostrecent",
+)
+ERP_PAUSED: Final = Gauge(
+    "gateway_erp_paused",
+    "1 while ops have paused the ERP writers",
+    multiprocess_mode="livemostrecent",
+)
+ERP_RATE_LIMIT: Final = Gauge(
+    "gateway_erp_rate_limit_per_second",
+    "The ERP send rate: configured (ops' limit) and effective (after the adaptive slow-down "
+    "on 429s and the breaker; 0 while paused)",
+    ["kind"],
+    multiprocess_mode="livemostrecent",
+)
+ERP_DEAD_LETTERS: Final = Gauge(
+    "gateway_erp_dead_letters",
+    "Orders dead-lettered (the ERP refused them or attempts ran out), waiting for ops to replay",
     multiprocess_mode="livemostrecent",
 )
 BUFFER_REJECTIONS: Final = Counter(

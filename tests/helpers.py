@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 import signal
 import subprocess
@@ -203,3 +204,17 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: 
         assert waited < within, f"not within {within} s: {what}"
         await asyncio.sleep(0.02)
     return time.monotonic() - start
+
+
+def metric_sum(metrics: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` in a Prometheus text scrape whose labels include
+    ``labels`` (all of them when none are given)."""
+    found = 0.0
+    for line in metrics.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head != name and not head.startswith(name + "{"):
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', head))
+        if all(have.get(k) == v for k, v in labels.items()):
+            found += float(value)
+    return found

@@ -30,6 +30,7 @@ from gateway.reservation import keys as reservation_keys
 from tests.conftest import auth
 from tests.gateway_proc import GatewayProcess
 from tests.helpers import event
+from tests.helpers import metric_sum as total
 
 WORKERS = 2
 
@@ -50,19 +51,6 @@ async def eventually_exists(path: Path) -> None:
 
 def alive(pids: set[int]) -> list[int]:
     return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
-
-
-def total(metrics: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    found = 0.0
-    for line in metrics.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        head, value = line.rsplit(" ", 1)
-        have = dict(re.findall(r'(\w+)="([^"]*)"', head))
-        if all(have.get(k) == v for k, v in labels.items()):
-            found += float(value)
-    return found
 
 
 async def scrape(session: aiohttp.ClientSession, url: str) -> str:

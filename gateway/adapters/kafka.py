@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -30,7 +31,7 @@ from gateway.atp.events import OUTCOMES, REJECTED, EventApplier
 from gateway.atp.schemas import StockEvent
 from gateway.atp.validation import decode_event, latest_allowed
 from gateway.errors import Unavailable, ValidationFailed
-from gateway.metrics import KAFKA_BATCH_SECONDS, KAFKA_LAG, STOCK_EVENTS
+from gateway.metrics import KAFKA_BATCH_SECONDS, KAFKA_LAG, STOCK_EVENTS, STOCK_LAST_EVENT
 from gateway.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -186,6 +187,8 @@ class KafkaIngest:
         if after:
             await self._dead_letters.write(after)
         codes = [c for c in codes if isinstance(c, int)]
+        if sources:
+            STOCK_LAST_EVENT.labels("kafka").set(time.time())
         for code, outcome in enumerate(OUTCOMES):
             STOCK_EVENTS.labels("kafka", outcome).inc(codes.count(code))
         KAFKA_BATCH_SECONDS.observe(loop.time() - started)

@@ -42,13 +42,23 @@ from gateway.buffering.control_schemas import (
 )
 from gateway.buffering.store import FlowStore, Limits
 from gateway.errors import RETRY_AFTER, GatewayError, OutcomeUnknown, ValidationFailed
-from gateway.metrics import DEAD_LETTERS_REPLAYED, ERP_LIMITS_RESTORES, ERP_OPS_CHANGES
+from gateway.metrics import (
+    DEAD_LETTERS_REPLAYED,
+    ERP_BREAKER_OPEN,
+    ERP_DEAD_LETTERS,
+    ERP_LIMITS_RESTORES,
+    ERP_OPS_CHANGES,
+    ERP_PAUSED,
+    ERP_RATE_LIMIT,
+)
 from gateway.ports import Caller, ErpControlRecord, FlowSettings, OrderQueue
 
 log = structlog.get_logger(__name__)
 
 SYNC_INTERVAL: Final = 1.0
 SENT_WINDOW: Final = 10.0
+# How often the flow's figures (what GET /v1/ops/erp shows) are exported as metrics.
+WATCH_INTERVAL: Final = 2.0
 # "all" replays in batches of one transaction each (a lock on a few rows, briefly), and at most
 # this many per request: the rest is for the next, which the answer says.
 REPLAY_BATCH: Final = 1000
@@ -95,6 +105,22 @@ class ErpControl:
             version=state.version,
         )
 
+    async def watch(self, interval: float = WATCH_INTERVAL) -> None:
+        """Owned worker: the flow as ops see it, as metrics (breaker, pause, rates, dead
+        letters), so alerts need no call to the ops API. A dependency down keeps the last."""
+        while True:
+            try:
+                view = await self.view()
+            except GatewayError as exc:
+                log.debug("erp_flow_watch_skipped", reason=exc.detail)
+            else:
+                ERP_BREAKER_OPEN.set(0 if view.breaker == "closed" else 1)
+                ERP_PAUSED.set(1 if view.paused else 0)
+                ERP_RATE_LIMIT.labels("configured").set(view.limits.rate_per_second)
+                ERP_RATE_LIMIT.labels("effective").set(view.effective_rate_per_second)
+                ERP_DEAD_LETTERS.set(view.dead_letters)
+            await asyncio.sleep(interval)
+
     async def dead_letters(self, after: int, limit: int) -> DeadLetterPage:
         found = await self._record.dead_letters(after, limit + 1)
         page = found[:limit]
@@ -131,7 +157,7 @@ class ErpControl:
     # -- changes -----------------------------------------------------------------------------
 
     async def set_limits(self, limits: Limits, caller: Caller) -> ErpView:
-        await self._change(
+        after = await self._change(
             "limits",
             lambda s: s._replace(
                 rate_per_second=limits.rate_per_second,
@@ -140,19 +166,39 @@ class ErpControl:
             ),
             caller,
         )
-        return await self.view()
+        return await self._view_of(after)
 
     async def pause(self, caller: Caller) -> ErpView:
-        await self._change("pause", lambda s: s._replace(paused=True), caller)
-        return await self.view()
+        return await self._view_of(
+            await self._change("pause", lambda s: s._replace(paused=True), caller)
+        )
 
     async def resume(self, caller: Caller) -> ErpView:
-        await self._change("resume", lambda s: s._replace(paused=False), caller)
-        return await self.view()
+        return await self._view_of(
+            await self._change("resume", lambda s: s._replace(paused=False), caller)
+        )
+
+    async def _view_of(self, change: FlowSettings) -> ErpView:
+        """The answer to a change: the settings it committed (its version), with the live
+        figures. Read back instead, a change racing it from another gateway could show in its
+        place, and ops would think theirs was lost; GET shows whichever came last."""
+        view = await self.view()
+        return msgspec.structs.replace(
+            view,
+            limits=Limits(
+                rate_per_second=change.rate_per_second,
+                burst=change.burst,
+                max_concurrency=change.max_concurrency,
+            ),
+            paused=change.paused,
+            effective_rate_per_second=0.0 if change.paused else view.effective_rate_per_second,
+            version=change.version,
+        )
 
     async def _change(
         self, action: str, update: Callable[[FlowSettings], FlowSettings], caller: Caller
-    ) -> None:
+    ) -> FlowSettings:
+        """Commit the change (PostgreSQL, audited), then copy it to Redis; what it committed."""
         if self._redis_check is not None:
             self._redis_check()
         before, after = await self._record.change(action, update, self._defaults, caller)
@@ -176,6 +222,7 @@ class ErpControl:
                 dependency="redis",
                 retry_after=RETRY_AFTER,
             ) from exc
+        return after
 
     async def replay(self, request: ReplayRequest, caller: Caller) -> ReplayResult:
         """Put dead letters back in the buffer, due now with their attempts from zero."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from gateway.atp.schemas import AvailabilityResponse
@@ -10,7 +12,7 @@ from gateway.http.availability_query import parse_query
 from gateway.http.codec import json_response, read_body
 from gateway.http.guard import requires
 from gateway.http.state import APPLIER, AVAILABILITY, SETTINGS
-from gateway.metrics import STOCK_EVENTS
+from gateway.metrics import STOCK_EVENTS, STOCK_LAST_EVENT
 
 routes = web.RouteTableDef()
 
@@ -21,6 +23,8 @@ async def post_stock_events(request: web.Request) -> web.Response:
     skew = request.app[SETTINGS].max_clock_skew_seconds
     events = decode_batch(await read_body(request), max_skew_seconds=skew)
     result = await request.app[APPLIER].apply(events)
+    if events:
+        STOCK_LAST_EVENT.labels("http").set(time.time())
     STOCK_EVENTS.labels("http", "applied").inc(result.applied)
     STOCK_EVENTS.labels("http", "duplicate").inc(result.duplicate)
     STOCK_EVENTS.labels("http", "stale").inc(result.stale)

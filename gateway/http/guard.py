@@ -167,6 +167,10 @@ class Guard:
                 status = CLIENT_GONE
                 log.debug("client_gone", request_id=request_id, path=request.path)
             REQUEST_METRICS.observe(route_name, request.method, status, elapsed)
+            if status >= 400:
+                code = response.get(problems.PROBLEM_CODE)
+                if code is not None:
+                    REQUEST_METRICS.problem(route_name, code)
             if access_log:
                 log.info(
                     "http_request",

@@ -25,6 +25,10 @@ _HTTP_CODES: Final = {
 }
 
 
+# Where a problem response carries its code for whoever counts it (aiohttp responses hold state).
+PROBLEM_CODE: Final = web.ResponseKey("problem_code", str)
+
+
 def problem_response(
     status: int,
     code: str,
@@ -76,9 +80,11 @@ def _body(
 
 
 def _respond(status: int, body: dict[str, Any], headers: dict[str, str] | None) -> web.Response:
-    return web.Response(
+    response = web.Response(
         status=status, body=orjson.dumps(body), content_type=CONTENT_TYPE, headers=headers
     )
+    response[PROBLEM_CODE] = body["code"]  # for the metrics: errors by code, without parsing
+    return response
 
 
 def for_status(

@@ -30,19 +30,21 @@ class _Latency:
 
 _REQUESTS_HELP: Final = "HTTP requests answered"
 _LATENCY_HELP: Final = "Time to answer an HTTP request"
+_PROBLEMS_HELP: Final = "Problem responses (RFC 9457) by route and error code"
 
 
 class RequestMetrics(Collector):
     def __init__(self) -> None:
         self._requests: dict[tuple[str, str, int], int] = {}
         self._latency: dict[str, _Latency] = {}
+        self._problems: dict[tuple[str, str], int] = {}
         if MULTIPROCESS:
             self._files = _Files()
             on_flush(self.flush)
 
     def flush(self) -> None:
         """Copy the growth since the last flush into the worker group's files."""
-        self._files.copy(self._requests, self._latency)
+        self._files.copy(self._requests, self._latency, self._problems)
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
@@ -52,6 +54,11 @@ class RequestMetrics(Collector):
             latency = self._latency[route] = _Latency()
         latency.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
         latency.total += seconds
+
+    def problem(self, route: str, code: str) -> None:
+        """A problem response (any 4xx/5xx the gateway answers) by its stable ``code``."""
+        key = (route, code)
+        self._problems[key] = self._problems.get(key, 0) + 1
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         requests = CounterMetricFamily(
@@ -70,6 +77,12 @@ class RequestMetrics(Collector):
                 buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
             latency.add_metric([route], buckets, hist.total)
         yield latency
+        problems = CounterMetricFamily(
+            "gateway_http_problems", _PROBLEMS_HELP, labels=["route", "code"]
+        )
+        for (route, code), count in list(self._problems.items()):
+            problems.add_metric([route, code], count)
+        yield problems
 
 
 class _Files:
@@ -91,9 +104,23 @@ class _Files:
             registry=None,
         )
         self._copied_requests: dict[tuple[str, str, int], int] = {}
+        self._problems = Counter(
+            "gateway_http_problems", _PROBLEMS_HELP, ["route", "code"], registry=None
+        )
         self._copied_latency: dict[str, _Latency] = {}
+        self._copied_problems: dict[tuple[str, str], int] = {}
 
-    def copy(self, requests: dict[tuple[str, str, int], int], latency: dict[str, _Latency]) -> None:
+    def copy(
+        self,
+        requests: dict[tuple[str, str, int], int],
+        latency: dict[str, _Latency],
+        problems: dict[tuple[str, str], int],
+    ) -> None:
+        for pair, count in list(problems.items()):
+            delta = count - self._copied_problems.get(pair, 0)
+            if delta:
+                self._problems.labels(*pair).inc(delta)
+                self._copied_problems[pair] = count
         for key, count in list(requests.items()):
             delta = count - self._copied_requests.get(key, 0)
             if delta:

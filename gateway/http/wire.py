@@ -158,6 +158,7 @@ class ProblemRequestHandler(RequestHandler):
         response.headers[X_REQUEST_ID] = request_id
         response.force_close()
         REQUEST_METRICS.observe(UNPARSED, request.method, status, 0.0)
+        REQUEST_METRICS.problem(UNPARSED, response[problems.PROBLEM_CODE])
         return response
 
 
