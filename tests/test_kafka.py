@@ -14,6 +14,7 @@ import json
 import random
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.settings import Settings
-from tests.helpers import event
+from tests.helpers import event, metric_sum
 from tests.kafka_feed import (
     PARTITIONS,
     ROOT,
@@ -72,11 +73,17 @@ async def test_events_published_before_start_are_applied_once(
     events = history("pre", 90, rng)
     await feed.publish_events(events, rng)
     before = await kafka_outcomes()
+    started = time.time()
 
     async with gateway(kafka_settings) as client:
         await feed.wait_committed()
         # Offsets are committed only after applying: once they are, the state is final.
         await assert_state(client, rule(events))
+        # The feed's freshness: when its last batch came in (dashboards show time() minus it).
+        last = metric_sum(
+            await metrics_text(client), "gateway_stock_last_event_timestamp_seconds", source="kafka"
+        )
+        assert started <= last <= time.time()
         counted = delta(await kafka_outcomes(client), before)
         assert counted["applied"] + counted["stale"] == len(events)
         assert counted["duplicate"] == 0
