@@ -584,7 +584,7 @@ def run(args: list[str], timeout: float = 300, **kwargs: Any) -> subprocess.Comp
 def others_can_run(path: str) -> bool:
     """Whether a user without privileges may execute ``path`` (every folder above it searchable)."""
     real = Path(os.path.realpath(path))
-    return all(p.stat().st_mode & 0o001 for p in (real, *real.parents))
+    return real.is_file() and all(p.stat().st_mode & 0o001 for p in (real, *real.parents))
 
 
 def interpreter() -> tuple[str, dict[str, Any]]:
@@ -593,11 +593,18 @@ def interpreter() -> tuple[str, dict[str, Any]]:
     is executable by others (pyenv's under /root is not), else the current user."""
     if os.geteuid() != 0:
         return sys.executable, {}
-    candidates = [sys.executable, *(shutil.which(n) for n in ("python3.11", "python3"))]
+    candidates = [
+        sys.executable,
+        *(shutil.which(name) for name in ("python3.11", "python3")),
+        "/usr/local/bin/python3.11",  # outside pyenv's shims, which lead into /root
+        "/usr/bin/python3.11",
+    ]
     for candidate in filter(None, candidates):
+        if not others_can_run(candidate):
+            continue
         probe = [candidate, "-c", "import sys, venv, ensurepip; print(sys.version_info[:2])"]
         answer = subprocess.run(probe, capture_output=True, text=True, check=False)
-        if others_can_run(candidate) and answer.stdout.strip() == "(3, 11)":
+        if answer.stdout.strip() == "(3, 11)":
             return candidate, {"user": NOBODY, "group": NOBODY, "extra_groups": []}
     return sys.executable, {}
 
