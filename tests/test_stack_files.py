@@ -692,8 +692,8 @@ def test_image_steps(redis_url: str, postgres_dsn: str, shared_tmp: Path) -> Non
         wait_for(f"http://127.0.0.1:{port}/readyz", serve)
         if user:
             assert Path(f"/proc/{serve.pid}").stat().st_uid == NOBODY
-        run(health, env=env, timeout=10)
-        run(sim_check, env=env, timeout=10)
+        run(health, env=env, timeout=10, **user)  # Docker runs a HEALTHCHECK as the image's USER
+        run(sim_check, env=env, timeout=10, **user)
         # One scrape shows the whole group (what Prometheus relies on): every worker's counter.
         workers = {str(i) for i in range(Settings.from_env(env).workers)}
         assert len(workers) >= 2
@@ -712,5 +712,7 @@ def test_image_steps(redis_url: str, postgres_dsn: str, shared_tmp: Path) -> Non
     assert serve.returncode == 0, f"serve exited with {serve.returncode}"
     # The checks can fail: nothing listens any more.
     for check in (health, sim_check):
-        stopped = subprocess.run(check, env=env, capture_output=True, timeout=10, check=False)
+        stopped = subprocess.run(
+            check, env=env, capture_output=True, timeout=10, check=False, **user
+        )
         assert stopped.returncode != 0, f"{check} passed with nothing listening"
