@@ -317,6 +317,14 @@ class DeadLetter(NamedTuple):
     updated_at: datetime
 
 
+class DeadLetterDetail(NamedTuple):
+    """One dead letter with what was sent: the order as the storefront gave it, and its lines."""
+
+    letter: DeadLetter
+    order: bytes  # JSON, as received
+    lines: bytes  # JSON array of {sku, location, quantity}
+
+
 class Replayed(NamedTuple):
     """Dead letters put back in the buffer, and the ids asked for that were not dead letters."""
 
@@ -361,6 +369,10 @@ class ErpControlRecord(Protocol):
 
     async def dead_letters(self, after_seq: int, limit: int) -> list[DeadLetter]:
         """Up to ``limit`` dead letters past ``after_seq``, in confirm order."""
+        ...
+
+    async def dead_letter(self, order_id: str) -> DeadLetterDetail | None:
+        """That order if it is a dead letter, with its body and lines; else None."""
         ...
 
     async def replay(self, order_ids: Sequence[str], caller: Caller) -> Replayed:

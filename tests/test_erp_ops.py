@@ -332,6 +332,17 @@ async def test_dead_letters_page_and_replay(
             "updated_at",
         }
         assert (item["attempts"], "422" in item["last_error"]) == (1, True)
+        # One of them inspected: the order as it would be sent again, and what it holds.
+        detail = await ops(client, "GET", "/v1/ops/dead-letters/dl3")
+        assert detail.keys() == item.keys() | {"order", "lines"}
+        assert detail["order_id"] == "dl3"
+        assert detail["order"] == {"customer_id": "dl3", "ref": "dl3"}
+        assert detail["lines"] == [{"sku": "A", "location": "L1", "quantity": 1}]
+        assert detail["last_error"] is not None
+        assert detail["attempts"] == 1
+        for missing in ("nope", "replay"):
+            problem = await ops(client, "GET", f"/v1/ops/dead-letters/{missing}", status=404)
+            assert problem["code"] == "not_found"
 
         taking = True
         asked = {"order_ids": ["dl0", "nope", "dl1", "dl0"]}

@@ -466,6 +466,10 @@ async def test_dead_letters_are_inspected_and_replayed(browser: Browser, stack: 
         await expect(page.locator("#dl-detail-title")).to_be_focused()
         await expect(page.locator("#d-error")).to_have_text(f"ERP answered 422: {POISON_ANSWER}")
         await expect(page.locator("#d-attempts")).to_have_text("1")
+        # The order as it would go to the ERP again, and what it holds.
+        await expect(page.locator("#d-payload")).to_contain_text('"customer_id": "p0"')
+        await expect(page.locator("#d-payload")).to_contain_text('"poison": true')
+        await expect(page.locator("#d-lines")).to_contain_text('"sku": "A"')
         await press(page, "Replay this order")
         dialog = page.get_by_role("dialog")
         await expect(dialog).to_contain_text("Replay order p0?")

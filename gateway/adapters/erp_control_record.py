@@ -16,7 +16,14 @@ import asyncpg
 import msgspec
 
 from gateway.adapters.postgres import Postgres
-from gateway.ports import AuditEntry, Caller, DeadLetter, FlowSettings, Replayed
+from gateway.ports import (
+    AuditEntry,
+    Caller,
+    DeadLetter,
+    DeadLetterDetail,
+    FlowSettings,
+    Replayed,
+)
 
 _SETTINGS: Final = "SELECT version, rate_per_second, burst, max_concurrency, paused FROM erp_limits"
 _CREATE: Final = """
@@ -38,6 +45,10 @@ _SENT_AND_DEAD: Final = """
 _DEAD_LETTERS: Final = """
     SELECT seq, order_id, reservation_id, attempts, last_error, created_at, updated_at
     FROM orders WHERE status = 'failed' AND seq > $1 ORDER BY seq LIMIT $2"""
+_DEAD_LETTER: Final = """
+    SELECT seq, order_id, reservation_id, attempts, last_error, created_at, updated_at,
+           body, lines::text
+    FROM orders WHERE status = 'failed' AND order_id = $1"""
 # Back in the buffer as if just confirmed: due now, with every attempt ahead of it again. The
 # last error stays until an answer replaces it, so a replayed order still says why it failed.
 _REPLAY_SET: Final = """
@@ -94,6 +105,13 @@ class PostgresErpControl:
     async def dead_letters(self, after_seq: int, limit: int) -> list[DeadLetter]:
         rows = await self._db.fetch(_DEAD_LETTERS, after_seq, limit)
         return [DeadLetter(*row.values()) for row in rows]
+
+    async def dead_letter(self, order_id: str) -> DeadLetterDetail | None:
+        rows = await self._db.fetch(_DEAD_LETTER, order_id)
+        if not rows:
+            return None
+        *letter, body, lines = rows[0].values()
+        return DeadLetterDetail(DeadLetter(*letter), bytes(body), lines.encode())
 
     async def replay(self, order_ids: Sequence[str], caller: Caller) -> Replayed:
         asked = list(dict.fromkeys(order_ids))  # once each, in the order asked

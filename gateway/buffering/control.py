@@ -34,6 +34,7 @@ import structlog
 from gateway.buffering.control_schemas import (
     AuditPage,
     AuditView,
+    DeadLetterDetailView,
     DeadLetterPage,
     DeadLetterView,
     ErpView,
@@ -41,7 +42,13 @@ from gateway.buffering.control_schemas import (
     ReplayResult,
 )
 from gateway.buffering.store import FlowStore, Limits
-from gateway.errors import RETRY_AFTER, GatewayError, OutcomeUnknown, ValidationFailed
+from gateway.errors import (
+    RETRY_AFTER,
+    GatewayError,
+    NotFound,
+    OutcomeUnknown,
+    ValidationFailed,
+)
 from gateway.metrics import (
     DEAD_LETTERS_REPLAYED,
     ERP_BREAKER_OPEN,
@@ -136,6 +143,23 @@ class ErpControl:
             for d in page
         ]
         return DeadLetterPage(items=items, next=page[-1].seq if len(found) > limit else None)
+
+    async def dead_letter(self, order_id: str) -> DeadLetterDetailView:
+        """One dead letter with the order as it would be sent again; 404 if it is not one."""
+        found = await self._record.dead_letter(order_id)
+        if found is None:
+            raise NotFound(f"no dead letter {order_id!r} (unknown, or not failed)")
+        d = found.letter
+        return DeadLetterDetailView(
+            order_id=d.order_id,
+            reservation_id=d.reservation_id,
+            attempts=d.attempts,
+            last_error=d.last_error,
+            created_at=d.created_at.isoformat(timespec="milliseconds"),
+            updated_at=d.updated_at.isoformat(timespec="milliseconds"),
+            lines=msgspec.Raw(found.lines),
+            order=msgspec.Raw(found.order),
+        )
 
     async def audit(self, before: int | None, limit: int) -> AuditPage:
         found = await self._record.audit(before, limit + 1)

@@ -62,6 +62,19 @@ class DeadLetterView(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: str
 
 
+class DeadLetterDetailView(msgspec.Struct, frozen=True, kw_only=True):
+    """``GET /v1/ops/dead-letters/{order_id}``: the dead letter and what was sent."""
+
+    order_id: str
+    reservation_id: str
+    attempts: int
+    last_error: str | None
+    created_at: str
+    updated_at: str
+    lines: msgspec.Raw
+    order: msgspec.Raw
+
+
 class DeadLetterPage(msgspec.Struct, frozen=True, kw_only=True):
     items: list[DeadLetterView]
     next: int | None  # the ``after`` of the next page; null on the last

@@ -84,6 +84,15 @@ async def get_dead_letters(request: web.Request) -> web.Response:
     return json_response(await request.app[ERP_CONTROL].dead_letters(after or 0, limit))
 
 
+@routes.get("/v1/ops/dead-letters/{order_id:[^/]+}")
+@requires("ops")
+async def get_dead_letter(request: web.Request) -> web.Response:
+    order_id = request.match_info["order_id"]
+    if not 1 <= len(order_id) <= 128:
+        raise ValidationFailed([{"field": "order_id", "message": "1-128 characters"}])
+    return json_response(await request.app[ERP_CONTROL].dead_letter(order_id))
+
+
 @routes.post("/v1/ops/dead-letters/replay")
 @requires("ops")
 async def replay_dead_letters(request: web.Request) -> web.Response:

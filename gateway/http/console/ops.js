@@ -464,6 +464,30 @@
     $("d-created").textContent = when(item.created_at);
     $("d-updated").textContent = when(item.updated_at);
     $("d-error").textContent = item.last_error || "(none recorded)";
+    $("d-lines").textContent = "loading…";
+    $("d-payload").textContent = "loading…";
+    loadPayload(item.order_id);
+  }
+
+  // The order itself comes from its own call: the list stays small however big orders are.
+  async function loadPayload(orderId) {
+    let shown;
+    let lines = "";
+    try {
+      const { status, data } = await api("GET", `/v1/ops/dead-letters/${encodeURIComponent(orderId)}`);
+      if (status === 200 && data) {
+        shown = JSON.stringify(data.order, null, 2);
+        lines = JSON.stringify(data.lines, null, 2);
+      } else {
+        shown = `not available: ${problemText(status, data)}`;
+      }
+    } catch (err) {
+      if (err instanceof SignedOut) return;
+      shown = `not available: ${err.message || err}`;
+    }
+    if (state.detailId !== orderId) return; // another one was opened meanwhile
+    $("d-payload").textContent = shown;
+    $("d-lines").textContent = lines || shown;
   }
 
   function closeDetail(moveFocus) {
