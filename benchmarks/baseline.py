@@ -280,6 +280,13 @@ def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
             "errors": sum(r["errors"] for r in results),
         }
     )
+    for key in (
+        "server_cpu_us_per_request",
+        "postgres_cpu_us_per_request",
+        "redis_cpu_us_per_request",
+    ):
+        if len(results) > 1 and all(key in r for r in results):
+            summary[key] = statistics.median(r[key] for r in results)
     if any(r.get("disturbed") for r in results):
         summary["disturbed"] = "; ".join(r["disturbed"] for r in results if r.get("disturbed"))
     summary["rounds"] = [

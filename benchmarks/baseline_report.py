@@ -111,6 +111,30 @@ def baseline_rows(run: Run) -> list[Row]:
                 met,
             )
         )
+    hot = data.get("hot", {})
+    if {"gateway", "baseline"} <= set(hot):
+        g, b = hot["gateway"], hot["baseline"]
+        parts = [
+            f"{label} {r[key]:,.0f}"
+            for label, r, key in (
+                ("gateway", g, "server_cpu_us_per_request"),
+                ("Redis", g, "redis_cpu_us_per_request"),
+                ("baseline", b, "server_cpu_us_per_request"),
+                ("PostgreSQL", b, "postgres_cpu_us_per_request"),
+            )
+            if key in r
+        ]
+        if parts:
+            rows.append(
+                Row(
+                    "hot SKU: CPU per reservation, µs (gateway + Redis; baseline + PostgreSQL)",
+                    "; ".join(parts),
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                )
+            )
     flash = data.get("flash")
     if flash and set(flash) == {"gateway", "baseline"}:
         g, b = flash["gateway"], flash["baseline"]
