@@ -1,13 +1,16 @@
 """One run of every benchmark of the gateway, each figure printed beside its ceiling.
 
-    .venv/bin/python -m benchmarks.run              # ~4 minutes
-    .venv/bin/python -m benchmarks.run --quick      # ~1.5 minutes, shorter and smaller
+    .venv/bin/python -m benchmarks.run              # ~12 minutes
+    .venv/bin/python -m benchmarks.run --quick      # ~4 minutes, shorter and smaller
     .venv/bin/python -m benchmarks.run --only orders,writer   # the order buffer and its writer
+    .venv/bin/python -m benchmarks.run --only baseline,scaling   # vs PostgreSQL FOR UPDATE; workers
 
 What it starts (all on loopback, all stopped at the end, Ctrl-C included): a private redis-server,
 the plain aiohttp ceiling server (``benchmarks/ceiling.py``), the gateway (``python -m gateway
 serve``), later a tansu Kafka broker and a second gateway that consumes it; for orders a gateway
-without an ERP, for the writer the ERP simulator and a gateway per rate. PostgreSQL must be
+without an ERP, for the writer the ERP simulator and a gateway per rate; for the baseline the
+PostgreSQL ``SELECT ... FOR UPDATE`` server (``baseline_pg.py``) beside a gateway, for scaling a
+gateway per ``--workers`` count. PostgreSQL must be
 running already (``--postgres-dsn``, a database of the benchmark's own: the orders phases
 truncate ``orders``). The server under test runs on core 0; wrk, the open-loop generator, the
 ingest client, Redis, tansu and this script run on core 1.
