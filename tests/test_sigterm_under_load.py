@@ -5,18 +5,21 @@ the test's own) and the ERP simulator (orders flowing to it under the gateway's 
 serves shoppers (reserve then confirm, or one-step orders), HTTP feeds and a Kafka producer of
 stock events. A few seconds in, SIGTERM goes to the parent (the whole group), or to one worker
 alone (the parent starts it again while the other serves on; then the group is stopped too).
-Then, as an operator would see it:
+The signal comes while Redis holds every write for a moment (``CLIENT PAUSE WRITE``), so work is
+surely admitted and in flight when it lands. Then, as an operator would see it:
 
 - every request got its whole answer, or a connection-level refusal; never a 500, never a
   timeout; every answer is one the contract allows (503 ``shutting_down`` with Retry-After);
+  those waiting in their handlers when the signal came were answered, not dropped;
 - a request refused at the connection, or answered 503, did nothing: its hold, order or events
   are nowhere in Redis or PostgreSQL ("admitted" means: its work comes with its answer); each
   201 is held, each 202 is a row of the outbox, each 200's events are applied, and the outbox
   holds nothing else;
 - the parent exits 0 with no worker left behind, within the drain's bound;
-- the group's committed Kafka offsets cover only applied events (each event below the committed
-  offset of its partition is in its SKU's ids), and a gateway started afterwards applies the
-  rest: every on-hand is the sum of its events, each counted once;
+- the group's committed Kafka offsets cover exactly the applied events (each event below the
+  committed offset of its partition is in its SKU's ids, none above it: the drain committed what
+  it applied), and a gateway started afterwards from those offsets applies the rest: every
+  on-hand is the sum of its events, each counted once;
 - that gateway sends every order of the outbox to the ERP, each exactly once.
 """
 
