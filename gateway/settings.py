@@ -250,7 +250,8 @@ _PARSERS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "GATEWAY_API_KEYS": ("api_keys", _api_keys),
     "GATEWAY_LOG_LEVEL": ("log_level", _log_level),
     "GATEWAY_EVENT_HORIZON_SECONDS": ("event_horizon_seconds", _int(60, 366 * 24 * 3600)),
-    "GATEWAY_SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_seconds", _float(0, 600)),
+    # aiohttp reads a timeout of 0 as "wait forever": the drain must have a bound.
+    "GATEWAY_SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_seconds", _float(0.1, 600)),
     "GATEWAY_ACCESS_LOG": ("access_log", _bool),
     "GATEWAY_RESERVATION_MAX_TTL": ("reservation_max_ttl", _int(1, 7 * 24 * 3600)),
     "GATEWAY_REDIS_TIMEOUT_SECONDS": ("redis_timeout_seconds", _float(0.05, 60)),

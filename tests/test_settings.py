@@ -62,6 +62,7 @@ def test_api_keys_roles() -> None:
         ("GATEWAY_LOG_LEVEL", "loud"),
         ("GATEWAY_EVENT_HORIZON_SECONDS", "5"),
         ("GATEWAY_WORKERS", "0"),
+        ("GATEWAY_SHUTDOWN_TIMEOUT_SECONDS", "0"),
         ("GATEWAY_WORKERS", "many"),
         ("GATEWAY_WORKERS", "257"),
     ],
