@@ -114,18 +114,27 @@ class ErpControl:
 
     async def watch(self, interval: float = WATCH_INTERVAL) -> None:
         """Owned worker: the flow as ops see it, as metrics (breaker, pause, rates, dead
-        letters), so alerts need no call to the ops API. A dependency down keeps the last."""
+        letters), so alerts need no call to the ops API. The buffer's depth is the buffer
+        watch's to read; Redis' figures and PostgreSQL's are read apart, so one dependency
+        down keeps only its own figures at their last values."""
         while True:
             try:
-                view = await self.view()
+                state = await self._flow.state()
             except GatewayError as exc:
                 log.debug("erp_flow_watch_skipped", reason=exc.detail)
             else:
-                ERP_BREAKER_OPEN.set(0 if view.breaker == "closed" else 1)
-                ERP_PAUSED.set(1 if view.paused else 0)
-                ERP_RATE_LIMIT.labels("configured").set(view.limits.rate_per_second)
-                ERP_RATE_LIMIT.labels("effective").set(view.effective_rate_per_second)
-                ERP_DEAD_LETTERS.set(view.dead_letters)
+                ERP_BREAKER_OPEN.set(0 if state.breaker == "closed" else 1)
+                ERP_PAUSED.set(1 if state.paused else 0)
+                ERP_RATE_LIMIT.labels("configured").set(state.limits.rate_per_second)
+                ERP_RATE_LIMIT.labels("effective").set(
+                    0.0 if state.paused else state.effective_rate
+                )
+            try:
+                _, dead = await self._record.sent_and_dead(SENT_WINDOW)
+            except GatewayError as exc:
+                log.debug("erp_flow_watch_skipped", reason=exc.detail)
+            else:
+                ERP_DEAD_LETTERS.set(dead)
             await asyncio.sleep(interval)
 
     async def dead_letters(self, after: int, limit: int) -> DeadLetterPage:
