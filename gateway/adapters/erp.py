@@ -6,13 +6,14 @@ status 0 with the reason, so the writer decides every case in one place.
 
 from __future__ import annotations
 
+import email.utils
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 
-import aiohttp
 import msgspec
 from yarl import URL
 
+from gateway.adapters.http_client import OriginClient
 from gateway.ports import ErpReply
 
 
@@ -26,44 +27,39 @@ _DECODER = msgspec.json.Decoder(_Accepted)
 
 class HttpErpClient:
     def __init__(self, base_url: str, timeout_seconds: float) -> None:
-        # Parsed once: a str would be parsed into a URL on every call.
-        self._url = URL(base_url.rstrip("/") + "/orders")
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
-        self._session: aiohttp.ClientSession | None = None
+        url = URL(base_url.rstrip("/") + "/orders")
+        self._origin = str(url.origin())
+        self._path = url.raw_path_qs
+        self._timeout = timeout_seconds
+        self._client: OriginClient | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            timeout=self._timeout,
-            connector=aiohttp.TCPConnector(limit=0),
-            # The ERP's cookies mean nothing here; the default jar filters them on every call.
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        self._client = OriginClient(self._origin)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
 
     async def send(self, order_id: str, body: bytes) -> ErpReply:
-        assert self._session is not None, "start() first"
+        assert self._client is not None, "start() first"
         headers = {"Idempotency-Key": order_id, "Content-Type": "application/json"}
         started = time.monotonic()
         try:
-            async with self._session.post(self._url, data=body, headers=headers) as resp:
-                payload = await resp.read()
-                status = resp.status
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            answer = await self._client.post(self._path, headers, body, self._timeout)
+        except (TimeoutError, OSError) as exc:
             return ErpReply(0, None, None, None, f"{type(exc).__name__}: {exc}", _since(started))
         seconds = _since(started)
+        status = answer.status
         if status in (200, 201, 409):
             try:
-                accepted = _DECODER.decode(payload)
+                accepted = _DECODER.decode(answer.body)
             except msgspec.DecodeError:
                 accepted = _Accepted()
             return ErpReply(
                 status, accepted.erp_order_id, _when(accepted.accepted_at), None, "", seconds
             )
-        text = payload[:500].decode(errors="replace")
+        text = answer.body[:500].decode(errors="replace")
+        retry_after = _retry_after(answer.headers.get("retry-after"))
         return ErpReply(status, None, None, retry_after, f"ERP answered {status}: {text}", seconds)
 
 
@@ -72,12 +68,20 @@ def _since(started: float) -> float:
 
 
 def _retry_after(value: str | None) -> float | None:
+    """Seconds, or an HTTP date (RFC 9110 allows both), bounded to five minutes."""
     if value is None:
         return None
     try:
-        return max(0.0, min(float(value), 300.0))
+        seconds = float(value)
     except ValueError:
-        return None
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return max(0.0, min(seconds, 300.0))
 
 
 def _when(value: str | None) -> datetime | None:

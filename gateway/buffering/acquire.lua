@@ -3,7 +3,7 @@
 -- ARGV[1] permits wanted  ARGV[2] permit id prefix (ids are prefix:1..n)  ARGV[3] lease ms
 -- ARGV[4..6] default rate, burst, max_concurrency (used until ops set their own)
 -- returns {granted, wait ms before asking again (when 0 granted), reason, and when granted the
---         effective rate per second}
+--         effective rate per second and the burst}
 -- reason: ok | paused | open (breaker) | probing (half open, a probe is out) | rate | concurrency
 --         | unsynced (Redis holds no copy of ops' settings: it lost its data, and the gateways'
 --           sync has not put them back yet; sending on defaults could undo a pause)
@@ -51,4 +51,4 @@ if state == 'half_open' then
 end
 -- The rate the permits were granted at: the writer spaces its calls by it (as strings: Redis
 -- turns a Lua number into an integer).
-return {granted, 0, 'ok', tostring(effective)}
+return {granted, 0, 'ok', tostring(effective), burst}

@@ -34,6 +34,7 @@ class Grant(msgspec.Struct, frozen=True):
     wait_seconds: float
     reason: str
     rate: float = 0.0  # per second, when granted: the bucket's refill rate now
+    burst: int = 1  # when granted: the most tokens the bucket holds
 
 
 class FlowState(msgspec.Struct, frozen=True, kw_only=True):
@@ -63,8 +64,10 @@ class FlowStore:
     async def acquire(self, want: int, prefix: str, lease_ms: int) -> Grant:
         args = [str(want), prefix, str(lease_ms), *self._defaults]
         (reply,) = await self._scripts.run("acquire.lua", [(_KEYS, args)])
-        rate = float(reply[3]) if len(reply) > 3 else 0.0
-        return Grant(int(reply[0]), int(reply[1]) / 1000, _text(reply[2]) or "", rate)
+        if len(reply) > 4:
+            rate, burst = float(reply[3]), int(reply[4])
+            return Grant(int(reply[0]), 0.0, _text(reply[2]) or "", rate, burst)
+        return Grant(int(reply[0]), int(reply[1]) / 1000, _text(reply[2]) or "")
 
     async def report(self, permit: str, outcome: Outcome) -> str:
         (state,) = await self._scripts.run(

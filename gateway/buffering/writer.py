@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import math
 import random
 import time
 import uuid
@@ -25,7 +26,8 @@ from typing import Final
 import structlog
 from prometheus_client import Counter
 
-from gateway.buffering.store import FlowStore, Outcome
+from gateway.buffering.pacer import Pacer
+from gateway.buffering.store import FlowStore, Grant, Outcome
 from gateway.errors import GatewayError
 from gateway.metrics import ERP_CALLS, ERP_SECONDS
 from gateway.ports import ClaimedOrder, ErpClient, ErpReply, OrderQueue
@@ -34,7 +36,15 @@ log = structlog.get_logger(__name__)
 _BACKOFF_BASE: Final = 0.5
 _BACKOFF_CAP: Final = 60.0
 _IDLE_WAIT: Final = 0.05
+_ANSWER_WAIT: Final = 0.002
+# No new ask while the pacer holds more than this many seconds of granted orders.
+_MAX_BACKLOG: Final = 0.03  # for an ask's answer or a claim, when every ready order is asked for
 _MAX_CLAIM: Final = 100
+# Between two asks once the bucket is spent (at most: half the burst's worth of the rate).
+_BATCH_WAIT: Final = 0.02
+# Orders claimed ahead: this many seconds of the rate, at most _MAX_AHEAD.
+_AHEAD_SECONDS: Final = 0.25
+_MAX_AHEAD: Final = 1000
 # Orders claimed ahead are handed back after this long without a grant.
 _READY_MAX_AGE: Final = 1.0
 _JITTER: Final = random.Random()
@@ -79,63 +89,141 @@ class ErpWriter:
         self._ready: collections.deque[tuple[float, ClaimedOrder]] = collections.deque()
         self._prefetch: asyncio.Task[None] | None = None
         self._ready_max_age = min(_READY_MAX_AGE, self._lease_ms / 4000)
+        # Asks for permits for orders claimed ahead, in flight, and how many of those orders
+        # they asked for: the next ask goes out on time without waiting for their answers.
+        self._asks: set[asyncio.Task[None]] = set()
+        self._promised = 0
+        self._pause = 0.0  # before the next ask: what the last answer said
+        # Granted orders wait here for their turn to leave (see gateway.buffering.pacer).
+        self._pacer: Pacer[tuple[ClaimedOrder, str]] = Pacer()
 
     async def run(self) -> None:
         """Owned worker. On cancellation the sends in flight finish first (each bounded by the
-        ERP timeout), so no order is left half-answered."""
+        ERP timeout), so no order is left half-answered; orders granted but not yet sent go
+        back to the buffer."""
+        pacer = asyncio.create_task(self._pacer.run(self._launch))
         try:
-            while True:
+            while not pacer.done():
                 try:
                     await self._step()
                 except GatewayError as exc:  # Redis or PostgreSQL down: try again shortly
                     log.warning("erp_writer_waiting", reason=exc.detail)
                     await asyncio.sleep(0.5)
+            pacer.result()  # the pacer failed: so does the writer (its supervisor restarts it)
         finally:
             if self._prefetch is not None:
                 self._prefetch.cancel()
                 await asyncio.gather(self._prefetch, return_exceptions=True)
-            await self._hand_back(self._pop_stale(0.0))
+            if self._asks:  # each ends within the Redis timeout; what it was granted is queued
+                await asyncio.shield(asyncio.gather(*self._asks, return_exceptions=True))
+            pacer.cancel()
+            await asyncio.gather(pacer, return_exceptions=True)
+            unsent = self._pacer.take_all()
+            await self._hand_back([order.order_id for order, _ in unsent] + self._pop_stale(0.0))
+            await self._give_back([permit for _, permit in unsent])
             if self._sends:
                 await asyncio.shield(asyncio.gather(*self._sends, return_exceptions=True))
 
     async def _step(self) -> None:
+        await self._hand_back(self._pop_stale(self._ready_max_age))
+        free = len(self._ready) - self._promised
+        if self._pacer.backlog_seconds > _MAX_BACKLOG:
+            # Granted orders still wait their turn (the loop was held up): asking now would
+            # only lengthen the queue; the bucket keeps up to a burst of tokens meanwhile.
+            await asyncio.sleep(_ANSWER_WAIT)
+        elif free > 0:
+            await self._ask_on_time(min(self._want, free))
+        elif self._asks or self._prefetch is not None:
+            # Every order claimed ahead is asked for, or the next ones are being claimed.
+            await asyncio.sleep(_ANSWER_WAIT)
+        else:
+            await self._ask_and_claim()
+
+    async def _ask_on_time(self, n: int) -> None:
+        """Ask for permits for ``n`` orders claimed ahead, then wait for the next ask's turn,
+        not for this answer: the asks keep their pace however long Redis takes to answer
+        while the event loop is busy, and the bucket never fills up and drops tokens."""
+        asked_at = time.monotonic()
+        self._promised += n
+        task = asyncio.create_task(self._ask_for_ready(n))
+        self._asks.add(task)
+        task.add_done_callback(self._asks.discard)
+        await asyncio.sleep(max(0.0, asked_at + self._pause - time.monotonic()))
+
+    async def _ask_for_ready(self, n: int) -> None:
         prefix = uuid.uuid4().hex
-        grant = await self._flow.acquire(self._want, prefix, self._lease_ms)
+        try:
+            grant = await self._flow.acquire(n, prefix, self._lease_ms)
+        except GatewayError as exc:
+            log.warning("erp_writer_waiting", reason=exc.detail)
+            self._pause = 0.5
+            return
+        finally:
+            self._promised -= n
         if grant.granted == 0:
-            await self._hand_back(self._pop_stale(self._ready_max_age))
+            self._pause = min(grant.wait_seconds, 1.0)
+            return
+        permits = [f"{prefix}:{i}" for i in range(1, grant.granted + 1)]
+        # Fewer may be left: orders handed back as stale while this was asked for.
+        orders = [self._ready.popleft()[1] for _ in range(min(grant.granted, len(self._ready)))]
+        self._start_sends(orders, permits, grant)
+        self._pause = self._after(grant, n)
+        if len(orders) == grant.granted:
+            self._want = min(_MAX_CLAIM, self._want * 2)
+            self._keep_ready(grant)
+        await self._give_back(permits[len(orders) :])
+
+    async def _ask_and_claim(self) -> None:
+        """Nothing claimed ahead: ask, then claim as many orders as were granted."""
+        prefix = uuid.uuid4().hex
+        want = self._want
+        grant = await self._flow.acquire(want, prefix, self._lease_ms)
+        if grant.granted == 0:
             await asyncio.sleep(min(grant.wait_seconds, 1.0))
             return
         permits = [f"{prefix}:{i}" for i in range(1, grant.granted + 1)]
-        stale = self._pop_stale(self._ready_max_age)
-        orders = [self._ready.popleft()[1] for _ in range(min(grant.granted, len(self._ready)))]
+        orders: list[ClaimedOrder] = []
         try:
-            if len(orders) < grant.granted:
-                orders += await self._claim(grant.granted - len(orders))
+            orders = await self._claim(grant.granted)
         finally:
             # Before any other wait: from here the send tasks own the orders, so a stop that
             # comes now cannot leave one claimed and neither sent nor handed back.
-            self._start_sends(orders, permits, grant.rate)
-            await self._hand_back(stale)
+            self._start_sends(orders, permits, grant)
             await self._give_back(permits[len(orders) :])
         filled = len(orders) == len(permits)
-        self._want = min(_MAX_CLAIM, self._want * 2) if filled else 1
-        if filled and self._prefetch is None and len(self._ready) < grant.granted:
-            # The buffer had enough for this grant: have the next one's orders ready, as many
-            # as this grant took (more would wait for tokens, holding leases for nothing).
-            ahead = grant.granted - len(self._ready)
-            self._prefetch = asyncio.create_task(self._claim_ahead(ahead))
+        self._want = min(_MAX_CLAIM, want * 2) if filled else 1
+        if filled:
+            self._keep_ready(grant)
         if not orders:
             await asyncio.sleep(_IDLE_WAIT)
+        else:
+            await asyncio.sleep(self._after(grant, want))
 
-    def _start_sends(self, orders: list[ClaimedOrder], permits: list[str], rate: float) -> None:
-        # A grant of n permits is spread over n / rate seconds, as the bucket refills them: a
-        # burst sent at one instant reaches the ERP bunched with the next one (the event loops
-        # on the way lag), which can put more than rate + burst into one of the ERP's seconds.
-        spacing = 1 / rate if rate > 0 else 0.0
-        for i, (order, permit) in enumerate(zip(orders, permits, strict=False)):
-            task = asyncio.create_task(self._send(order, permit, i * spacing))
-            self._sends.add(task)
-            task.add_done_callback(self._sends.discard)
+    @staticmethod
+    def _after(grant: Grant, asked: int) -> float:
+        """How long before the next ask: no time when the grant was whole (the bucket may hold
+        more); when it was not, the bucket is spent: let a batch of tokens build up rather
+        than ask for one or two each millisecond, for less than half the burst's worth of
+        time so the bucket never fills and drops tokens meanwhile."""
+        if grant.granted >= asked or grant.rate <= 0:
+            return 0.0
+        return min(_BATCH_WAIT, 0.5 * grant.burst / grant.rate)
+
+    def _keep_ready(self, grant: Grant) -> None:
+        """The buffer had enough for this grant: keep the next grants' orders claimed ahead,
+        about ``_AHEAD_SECONDS`` of the rate (more would hold leases for nothing), claimed
+        again when under half of that."""
+        target = min(_MAX_AHEAD, max(grant.granted, math.ceil(grant.rate * _AHEAD_SECONDS)))
+        if self._prefetch is None and len(self._ready) < target / 2:
+            self._prefetch = asyncio.create_task(self._claim_ahead(target - len(self._ready)))
+
+    def _start_sends(self, orders: list[ClaimedOrder], permits: list[str], grant: Grant) -> None:
+        self._pacer.push(list(zip(orders, permits, strict=False)), grant.rate, grant.burst)
+
+    def _launch(self, item: tuple[ClaimedOrder, str]) -> None:
+        task = asyncio.create_task(self._send(*item))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
 
     async def _claim(self, n: int) -> list[ClaimedOrder]:
         claim = asyncio.ensure_future(self._queue.claim(n, self._lease_ms / 1000))
@@ -188,9 +276,7 @@ class ErpWriter:
             except GatewayError:
                 return  # their leases end on their own
 
-    async def _send(self, order: ClaimedOrder, permit: str, delay: float = 0.0) -> None:
-        if delay:
-            await asyncio.sleep(delay)
+    async def _send(self, order: ClaimedOrder, permit: str) -> None:
         reply = await self._erp.send(order.order_id, order.body)
         outcome = await self._settle(order, reply)
         _calls(reply.status).inc()
