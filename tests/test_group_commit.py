@@ -12,8 +12,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.adapters.group_commit import MAX_PENDING, GroupCommit, Statement
+from gateway.adapters.outbox import PostgresOutbox
 from gateway.adapters.postgres import Postgres
 from gateway.errors import DependencyDown, Overloaded
+from gateway.ports import NewOrder
 from tests.conftest import auth
 from tests.helpers import reserve, stock
 
@@ -116,3 +118,49 @@ async def test_racing_confirms_in_one_batch_make_one_order_per_reservation(
             else:
                 assert status == 409
                 assert body["code"] == "idempotency_conflict"
+
+
+async def test_new_rows_carry_the_moved_marks_of_earlier_ones(postgres_dsn: str) -> None:
+    """Marks queued with new rows go in the rows' statement: one transaction (the marked rows'
+    new versions and the new rows share an xmin), each caller with its own answer; a mark
+    with no rows beside it is written on its own."""
+    db = Postgres(postgres_dsn, 3.0)
+    await db.start()
+    commits = GroupCommit(db)
+    outbox = PostgresOutbox(db, commits)
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute("DELETE FROM orders WHERE order_id LIKE 'gc-carry-%'")
+
+        def order(i: int) -> NewOrder:
+            return NewOrder(f"gc-carry-{i:03d}", f"gc-carry-r{i:03d}", None, b"{}", b"[]")
+
+        first = await asyncio.gather(*(outbox.add(order(i)) for i in range(10)))
+        assert all(stored is not None for stored in first)
+        # Both slots taken, as by batches in flight: what follows waits and goes together.
+        async with commits._slots, commits._slots:
+            pending = [outbox.add(order(i)) for i in range(10, 20)]
+            pending += [outbox.hold_moved(f"gc-carry-{i:03d}") for i in range(10)]
+            tasks = [asyncio.ensure_future(p) for p in pending]
+            await asyncio.sleep(0.05)
+            assert not any(t.done() for t in tasks)
+        answers = await asyncio.gather(*tasks)
+        assert all(a is not None for a in answers[:10])  # the new rows, each its own row
+        assert [a.order_id for a in answers[:10] if a is not None] == [
+            f"gc-carry-{i:03d}" for i in range(10, 20)
+        ]
+        rows = await conn.fetch(
+            "SELECT order_id, hold_state, xmin::text::bigint AS x FROM orders "
+            "WHERE order_id LIKE 'gc-carry-%' ORDER BY order_id"
+        )
+        assert [r["hold_state"] for r in rows] == ["moved"] * 10 + ["pending"] * 10
+        assert len({r["x"] for r in rows}) == 1  # one statement, one transaction
+        # Alone, a mark still goes (its own statement).
+        await outbox.hold_moved("gc-carry-015")
+        state = await conn.fetchval("SELECT hold_state FROM orders WHERE order_id = 'gc-carry-015'")
+        assert state == "moved"
+    finally:
+        await conn.execute("DELETE FROM orders WHERE order_id LIKE 'gc-carry-%'")
+        await conn.close()
+        await commits.close()
+        await db.close()

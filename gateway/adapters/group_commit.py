@@ -8,11 +8,13 @@ together in the next. An idle gateway writes with no added latency, a busy one i
 large as its load makes them.
 
 A batch is one statement per kind of write (rows written by ``unnest`` of arrays), each atomic
-and committed on its own. Each caller gets its own row's result, or its statement's failure with
-the port's honest outcome (:meth:`gateway.adapters.postgres.Postgres.write_statement`):
-``dependency_unavailable`` when nothing was applied, ``outcome_unknown`` when the statement was
-sent and not answered. Each statement takes its row locks in key order, so two in flight never
-wait on each other in opposite orders.
+and committed on its own; a kind may carry another's writes in its statement (the order
+buffer's new rows carry the moved marks of earlier ones). Each caller gets its own row's
+result, or its statement's failure with the port's honest outcome
+(:meth:`gateway.adapters.postgres.Postgres.write_statement`): ``dependency_unavailable`` when
+nothing was applied, ``outcome_unknown`` when the statement was sent and not answered. Each
+statement takes its row locks in key order, so two in flight never wait on each other in
+opposite orders.
 """
 
 from __future__ import annotations
@@ -37,12 +39,33 @@ MAX_PENDING: Final = 20 * MAX_BATCH
 
 class Statement(Generic[A, R]):
     """One kind of write: ``run`` writes every argument of a batch on one connection and
-    answers one result per argument, in their order."""
+    answers one result per argument, in their order. ``carries``: another kind whose writes,
+    when a batch holds both, go in this one's statement (one round trip and one WAL flush
+    instead of two)."""
 
     def __init__(
-        self, name: str, run: Callable[[asyncpg.Connection, Sequence[A]], Awaitable[list[R]]]
+        self,
+        name: str,
+        run: Callable[[asyncpg.Connection, Sequence[A]], Awaitable[list[R]]],
+        carries: Carry[A, R] | None = None,
     ) -> None:
         self.name = name
+        self.run = run
+        self.carries = carries
+
+
+class Carry(Generic[A, R]):
+    """``run`` writes a batch of the carrying kind and one of ``statement``'s in one
+    statement, and answers the results of each."""
+
+    def __init__(
+        self,
+        statement: Statement[Any, Any],
+        run: Callable[
+            [asyncpg.Connection, Sequence[A], Sequence[Any]], Awaitable[tuple[list[R], list[Any]]]
+        ],
+    ) -> None:
+        self.statement = statement
         self.run = run
 
 
@@ -109,27 +132,42 @@ class GroupCommit:
             by_statement: dict[Statement[Any, Any], list[_Write]] = {}
             for w in batch:
                 by_statement.setdefault(w.statement, []).append(w)
-            # Side by side, each on a connection of its own: a kind nobody waits for (the moved
-            # marks) does not hold back one that checkout waits for (new rows).
-            await asyncio.gather(*(self._commit(st, ws) for st, ws in by_statement.items()))
+            commits = []
+            for statement in list(by_statement):
+                carry = statement.carries
+                if carry is not None and statement in by_statement:
+                    carried = by_statement.pop(carry.statement, [])
+                    commits.append(self._commit(statement, by_statement.pop(statement), carried))
+            commits += [self._commit(st, ws, []) for st, ws in by_statement.items()]
+            # Side by side, each on a connection of its own.
+            await asyncio.gather(*commits)
 
-    async def _commit(self, statement: Statement[Any, Any], writes: list[_Write]) -> None:
+    async def _commit(
+        self, statement: Statement[Any, Any], writes: list[_Write], carried: list[_Write]
+    ) -> None:
         # One statement, atomic on its own: it commits without the round trips of BEGIN and
         # COMMIT, and holds its row locks only while it runs, so writes of different kinds
         # never wait on each other in a cycle.
+        args = [w.arg for w in writes]
+        carry = statement.carries
         try:
-            results = await self._db.write_statement(
-                lambda conn: statement.run(conn, [w.arg for w in writes])
-            )
+            if carried and carry is not None:
+                more = [w.arg for w in carried]
+                results, carried_results = await self._db.write_statement(
+                    lambda conn: carry.run(conn, args, more)
+                )
+            else:
+                results = await self._db.write_statement(lambda conn: statement.run(conn, args))
+                carried_results = []
         except BaseException as exc:
             told = exc if isinstance(exc, Exception) else _interrupted()
-            for w in writes:
+            for w in (*writes, *carried):
                 if not w.future.done():
                     w.future.set_exception(told)
             if told is not exc:
                 raise  # cancelled (shutdown): the callers were told above
             return
-        for w, result in zip(writes, results, strict=True):
+        for w, result in zip((*writes, *carried), (*results, *carried_results), strict=True):
             if not w.future.done():  # a caller that went away does not want its answer
                 w.future.set_result(result)
 

@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from gateway.adapters.group_commit import GroupCommit, Statement
+from gateway.adapters.group_commit import Carry, GroupCommit, Statement
 from gateway.adapters.postgres import Postgres
 from gateway.ports import BufferDepth, ClaimedOrder, NewOrder, StoredOrder
 
@@ -28,6 +28,19 @@ _INSERT: Final = f"""
         AS u(order_id, reservation_id, customer_id, body, lines)
     ON CONFLICT DO NOTHING
     RETURNING {_COLUMNS}"""
+# New rows and the moved marks of earlier ones in one statement: the marks of one batch's
+# confirms are queued when its rows have committed and its holds moved, so under load they meet
+# the next batch's rows, and one round trip and one WAL flush carry both. The marked rows are
+# committed ones, never among those inserted, so neither part sees the other's rows.
+_INSERT_AND_MARK: Final = f"""
+    WITH moved AS (
+        UPDATE orders SET hold_state = 'moved', updated_at = now()
+        WHERE order_id IN (
+            SELECT order_id FROM orders
+            WHERE order_id = ANY($6::text[]) AND hold_state = 'pending'
+            ORDER BY order_id FOR UPDATE)
+          AND hold_state = 'pending')
+    {_INSERT}"""
 _BY_ID: Final = f"SELECT {_COLUMNS} FROM orders WHERE order_id = $1"
 _BY_RESERVATION: Final = f"SELECT {_COLUMNS} FROM orders WHERE reservation_id = $1"
 # Locked in key order first (the plan of a plain UPDATE decides its own order).
@@ -50,9 +63,25 @@ def _stored(row: asyncpg.Record | None) -> StoredOrder | None:
 
 
 async def _insert(conn: asyncpg.Connection, orders: Sequence[NewOrder]) -> list[StoredOrder | None]:
+    return await _insert_marking(conn, orders, ())
+
+
+async def _insert_and_mark(
+    conn: asyncpg.Connection, orders: Sequence[NewOrder], moved: Sequence[str]
+) -> tuple[list[StoredOrder | None], list[None]]:
+    return await _insert_marking(conn, orders, moved), [None] * len(moved)
+
+
+async def _insert_marking(
+    conn: asyncpg.Connection, orders: Sequence[NewOrder], moved: Sequence[str]
+) -> list[StoredOrder | None]:
     rows = sorted(orders, key=lambda o: o.order_id)  # lock order: see group_commit
     columns = [[o[i] for o in rows] for i in range(4)]
-    inserted = await conn.fetch(_INSERT, *columns, [o.lines.decode() for o in rows])
+    lines = [o.lines.decode() for o in rows]
+    if moved:
+        inserted = await conn.fetch(_INSERT_AND_MARK, *columns, lines, sorted(moved))
+    else:
+        inserted = await conn.fetch(_INSERT, *columns, lines)
     by_id = {row[0]: StoredOrder(*row.values()) for row in inserted}
     # A row is one caller's: the first that asked for it with its reservation. A racing
     # request for the same order (or the same id and another reservation) lost, and learns
@@ -73,8 +102,8 @@ async def _hold_moved(conn: asyncpg.Connection, order_ids: Sequence[str]) -> lis
     return [None] * len(order_ids)
 
 
-INSERT: Final = Statement("insert-order", _insert)
 HOLD_MOVED: Final = Statement("hold-moved", _hold_moved)
+INSERT: Final = Statement("insert-order", _insert, carries=Carry(HOLD_MOVED, _insert_and_mark))
 
 
 class PostgresOutbox:
