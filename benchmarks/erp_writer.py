@@ -20,11 +20,11 @@ above" is what the token bucket promises over a window of T seconds: at most R x
 (the window may begin with tokens left in the bucket). The buffer must not run dry during the
 window (checked: orders still queued at its end).
 
-Why B is a time: the writer takes permits, claims that many orders and sends them, then asks
-again. Tokens beyond B are lost while it is busy, so B must cover the longest gap between two of
-its asks at rate R (a claim is a PostgreSQL transaction); 50 ms of the rate does at 2,000/s
-(B = 100, a second may see 5% above R), and B = 1 at 50/s would keep the writer to one order
-per ask.
+Why B is a time: the bucket holds at most B tokens, so tokens that come while the writer does
+not ask are lost beyond B. The writer asks every 20 ms at most (less than half of B's worth of
+time), so B must cover that gap and the event loop's stalls: 50 ms of the rate does at 2,000/s
+(B = 100, a second may see 5% above R), and B = 1 at 50/s would keep the writer to one order per
+ask.
 """
 
 from __future__ import annotations
