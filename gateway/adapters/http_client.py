@@ -60,6 +60,7 @@ class _Connection(asyncio.Protocol):
         self._answered = False  # a byte of the current answer came
         self._headers_done = False
         self._until_eof = False  # no length, not chunked: the body ends with the connection
+        self._stray = False  # an answer began that no request asked for
         self.reusable = True
 
     # asyncio.Protocol
@@ -78,6 +79,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(ConnectionLostError(f"bad HTTP answer: {exc}", answered=True))
             self.close()
+            return
+        if self._stray:  # more came after the answer, in the same read: not to be trusted
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -92,8 +96,18 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        # A fresh dict per answer: one handed out is never written to again.
+        self._headers = {}
+        self._body = []
+        self._headers_done = self._until_eof = False
+        if self._waiter is None:
+            self._stray = True
+            self.reusable = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        if not self._stray:
+            self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
@@ -104,10 +118,16 @@ class _Connection(asyncio.Protocol):
         )
 
     def on_body(self, body: bytes) -> None:
-        self._body.append(body)
+        if not self._stray:
+            self._body.append(body)
 
     def on_message_complete(self) -> None:
-        self.reusable = self._parser.should_keep_alive()
+        if self._stray:
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return  # interim (100 Continue, 103 Early Hints): the answer follows
+        self.reusable = status != 101 and self._parser.should_keep_alive()
         self._complete()
 
     # the request
@@ -115,9 +135,7 @@ class _Connection(asyncio.Protocol):
     def start(self, request: bytes) -> asyncio.Future[HttpAnswer]:
         assert self.transport is not None
         self._waiter = waiter = self._loop.create_future()
-        self._headers = {}
-        self._body = []
-        self._answered = self._headers_done = self._until_eof = False
+        self._answered = False
         self.transport.write(request)
         return waiter
 
@@ -160,6 +178,8 @@ class OriginClient:
         host = url.host if url.is_default_port() else f"{url.host}:{self._port}"
         if ":" in url.host and not url.host.startswith("["):  # an IPv6 literal
             host = f"[{url.host}]" + ("" if url.is_default_port() else f":{self._port}")
+        if _BREAKS.intersection(user_agent):
+            raise ValueError("the user agent holds a line break")
         self._fixed = f"Host: {host}\r\nUser-Agent: {user_agent}\r\n".encode("latin-1")
         self._idle_seconds = idle_seconds
         self._idle: collections.deque[_Connection] = collections.deque()
@@ -173,6 +193,8 @@ class OriginClient:
         came. The timeout covers connecting, writing and the whole answer."""
         if self._closed:
             raise ConnectionLostError("the client is closed", answered=False)
+        if _BREAKS.intersection(path) or " " in path:
+            raise ValueError("the path holds a space or a line break")
         request = self._request(path, headers, body)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_seconds
@@ -181,7 +203,7 @@ class OriginClient:
             try:
                 return await self._exchange(conn, request, deadline)
             except ConnectionLostError as exc:
-                if exc.answered:
+                if exc.answered or self._closed:
                     raise
                 # A kept connection the server had closed: once more on a fresh one.
         conn = await self._connect(deadline)

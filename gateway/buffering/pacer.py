@@ -48,6 +48,16 @@ class Pacer(Generic[T]):
     def __len__(self) -> int:
         return len(self._queue)
 
+    def trim(self, seconds: float) -> list[T]:
+        """What would wait longer than ``seconds`` at the current rate, out of the pacer (the
+        rate was cut while much was queued: those go back rather than outlive their leases)."""
+        keep = max(1, int(seconds * self._rate)) if self._rate > 0 else len(self._queue)
+        excess: list[T] = []
+        while len(self._queue) > keep:
+            excess.append(self._queue.pop())
+        excess.reverse()
+        return excess
+
     def take_all(self) -> list[T]:
         """Everything still queued, out of the pacer (on stop: handed back, not sent)."""
         items = list(self._queue)

@@ -126,6 +126,12 @@ class ErpWriter:
 
     async def _step(self) -> None:
         await self._hand_back(self._pop_stale(self._ready_max_age))
+        if self._pacer.backlog_seconds > self._ready_max_age:
+            # The rate was cut with orders queued at the old one: what would wait longer than
+            # a claimed-ahead order may goes back, with its permit, long before its lease ends.
+            late = self._pacer.trim(self._ready_max_age)
+            await self._hand_back([order.order_id for order, _ in late])
+            await self._give_back([permit for _, permit in late])
         free = len(self._ready) - self._promised
         if self._pacer.backlog_seconds > _MAX_BACKLOG:
             # Granted orders still wait their turn (the loop was held up): asking now would
