@@ -164,3 +164,42 @@ async def test_new_rows_carry_the_moved_marks_of_earlier_ones(postgres_dsn: str)
         await conn.close()
         await commits.close()
         await db.close()
+
+
+async def test_a_mark_waits_briefly_for_new_rows_to_ride_with(postgres_dsn: str) -> None:
+    """A mark alone does not take a commit of its own at once: rows that come within its wait
+    carry it (one transaction); with none, it is written when the wait is over."""
+    db = Postgres(postgres_dsn, 3.0)
+    await db.start()
+    commits = GroupCommit(db)
+    outbox = PostgresOutbox(db, commits)
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute("DELETE FROM orders WHERE order_id LIKE 'gc-ride-%'")
+
+        def order(i: int) -> NewOrder:
+            return NewOrder(f"gc-ride-{i}", f"gc-ride-r{i}", None, b"{}", b"[]")
+
+        await outbox.add(order(1))
+        mark = asyncio.ensure_future(outbox.hold_moved("gc-ride-1"))
+        await asyncio.sleep(0.01)  # well within the mark's wait
+        assert not mark.done()
+        await outbox.add(order(2))
+        await mark
+        xmins = await conn.fetch(
+            "SELECT order_id, hold_state, xmin::text::bigint AS x FROM orders "
+            "WHERE order_id LIKE 'gc-ride-%' ORDER BY order_id"
+        )
+        assert [r["hold_state"] for r in xmins] == ["moved", "pending"]
+        assert xmins[0]["x"] == xmins[1]["x"]  # the new row carried the mark
+        # Alone, the mark is written once its wait is over.
+        started = asyncio.get_running_loop().time()
+        await outbox.hold_moved("gc-ride-2")
+        assert asyncio.get_running_loop().time() - started < 1.0
+        state = await conn.fetchval("SELECT hold_state FROM orders WHERE order_id = 'gc-ride-2'")
+        assert state == "moved"
+    finally:
+        await conn.execute("DELETE FROM orders WHERE order_id LIKE 'gc-ride-%'")
+        await conn.close()
+        await commits.close()
+        await db.close()

@@ -41,17 +41,22 @@ class Statement(Generic[A, R]):
     """One kind of write: ``run`` writes every argument of a batch on one connection and
     answers one result per argument, in their order. ``carries``: another kind whose writes,
     when a batch holds both, go in this one's statement (one round trip and one WAL flush
-    instead of two)."""
+    instead of two). ``rides_for``: how long its own writes may wait for a carrier."""
 
     def __init__(
         self,
         name: str,
         run: Callable[[asyncpg.Connection, Sequence[A]], Awaitable[list[R]]],
         carries: Carry[A, R] | None = None,
+        *,
+        rides_for: float = 0.0,
     ) -> None:
         self.name = name
         self.run = run
         self.carries = carries
+        # Writes nobody waits on (the moved marks) may wait this long for a batch that carries
+        # them rather than take a commit slot of their own, which new rows would wait behind.
+        self.rides_for = rides_for
 
 
 class Carry(Generic[A, R]):
@@ -88,6 +93,7 @@ class GroupCommit:
         self._pending: list[_Write] = []
         self._flusher_waiting = False
         self._flushes: set[asyncio.Task[None]] = set()
+        self._riders_due: asyncio.TimerHandle | None = None
 
     async def write(self, statement: Statement[A, R], arg: A) -> R:
         return await self.submit(statement, arg)
@@ -101,18 +107,35 @@ class GroupCommit:
                 "postgres: too many writes waiting for a batch; nothing was applied",
                 retry_after=RETRY_AFTER,
             )
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
         self._pending.append(_Write(statement, arg, future))
-        if not self._flusher_waiting:
+        if self._flusher_waiting:
+            pass  # the next batch takes it
+        elif statement.rides_for > 0:
+            if self._riders_due is None:
+                self._riders_due = loop.call_later(statement.rides_for, self._flush_riders)
+        else:
             self._start_flush()
         return future
 
     async def close(self) -> None:
-        """Wait for the batches in flight (each bounded by the port's deadline)."""
+        """Write what waits, and wait for the batches in flight (each bounded by the port's
+        deadline)."""
+        if self._pending and not self._flusher_waiting:
+            self._start_flush()
         while self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
 
+    def _flush_riders(self) -> None:
+        self._riders_due = None
+        if self._pending and not self._flusher_waiting:
+            self._start_flush()
+
     def _start_flush(self) -> None:
+        if self._riders_due is not None:  # this batch takes them along
+            self._riders_due.cancel()
+            self._riders_due = None
         self._flusher_waiting = True
         task = asyncio.create_task(self._flush(), name="group-commit")
         self._flushes.add(task)
