@@ -13,8 +13,9 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.app import create_app
 from gateway.http.state import ERP_FLOW
-from tests.conftest import auth
+from tests.conftest import auth, make_settings
 from tests.erp_flow import (
     all_accepted,
     busiest_second,
@@ -47,6 +48,31 @@ async def test_orders_reach_the_erp_once_within_rate_and_burst(
         assert view["erp_order_id"].startswith("ERP-")
         assert view["attempts"] == 1
         assert "accepted_at" in view
+
+
+async def test_the_bucket_names_when_its_next_token_is_whole(
+    redis_url: str, postgres_dsn: str, redis: aioredis.Redis
+) -> None:
+    """With a burst of one the bucket holds a single token, so a writer that asks late loses
+    the time it is late: an answer names when the next token is whole, to the fraction of a
+    millisecond, whether it granted fewer than asked or none; asking then is granted. (No
+    writer runs here: no ERP is set.)"""
+    settings = make_settings(
+        redis_url, postgres_dsn, erp_url="", erp_rate_per_second=10, erp_burst=1
+    )
+    async with TestClient(TestServer(create_app(settings))) as client:
+        flow = client.app[ERP_FLOW]
+        some = await flow.acquire(2, "a", 5000)
+        assert (some.granted, some.reason) == (1, "ok")
+        assert 0.099 < some.wait_seconds <= 0.1  # the bucket is empty: 100 ms of the rate
+        none = await flow.acquire(1, "b", 5000)
+        assert (none.granted, none.reason) == (0, "rate")
+        assert 0 < none.wait_seconds < some.wait_seconds
+        await asyncio.sleep(none.wait_seconds + 0.002)
+        assert (await flow.acquire(1, "c", 5000)).granted == 1
+        after = await flow.acquire(1, "d", 5000)  # ... and none is left before the next
+        assert after.granted == 0
+        assert after.wait_seconds > 0.09
 
 
 async def test_a_429_storm_slows_the_writers_and_loses_nothing(

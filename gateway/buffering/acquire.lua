@@ -2,15 +2,16 @@
 -- KEYS[1] limits  KEYS[2] flow  KEYS[3] in-flight
 -- ARGV[1] permits wanted  ARGV[2] permit id prefix (ids are prefix:1..n)  ARGV[3] lease ms
 -- ARGV[4..6] default rate, burst, max_concurrency (used until ops set their own)
--- returns {granted, wait ms before asking again (when 0 granted), reason, and when granted the
---         effective rate per second and the burst}
+-- returns {granted, wait ms before asking again (when 0 granted; when some were granted, until
+--         the bucket holds a whole token again, 0 if it still does), reason, and when granted
+--         the effective rate per second and the burst}
 -- reason: ok | paused | open (breaker) | probing (half open, a probe is out) | rate | concurrency
 --         | unsynced (Redis holds no copy of ops' settings: it lost its data, and the gateways'
 --           sync has not put them back yet; sending on defaults could undo a pause)
 -- The bucket holds at most `burst` tokens and fills at rate * factor per second, so no second
 -- sees more than rate + burst calls begin.
 if redis.call('HEXISTS', KEYS[1], LIM.version) == 0 then return {0, 200, 'unsynced'} end
-local now = clock_ms()
+local now, gone = clock_ms()
 local rate, burst, concurrency, paused = limits(4)
 if paused then return {0, 200, 'paused'} end
 local f = redis.call('HMGET', KEYS[2], FLOW.tokens, FLOW.ts, FLOW.factor, FLOW.state,
@@ -38,10 +39,14 @@ local granted = math.min(want, math.floor(tokens), free)
 if granted < 1 then
   redis.call('HSET', KEYS[2], FLOW.tokens, tostring(tokens), FLOW.ts, now)
   if free < 1 then return {0, 10, 'concurrency'} end
-  return {0, math.max(1, math.ceil((1 - tokens) * 1000 / effective)), 'rate'}
+  return {0, tostring(math.ceil((1 - tokens) * 1000 / effective) - gone), 'rate'}
 end
 tokens = tokens - granted
 redis.call('HSET', KEYS[2], FLOW.tokens, tostring(tokens), FLOW.ts, now)
+-- A writer that asked for more than it got asks again when the next token is whole, not a
+-- guess later: with a burst of one, every millisecond past that is a token's time lost.
+local next_ms = 0
+if tokens < 1 then next_ms = math.ceil((1 - tokens) * 1000 / effective) - gone end
 local lease_end = now + tonumber(ARGV[3])
 for i = 1, granted do
   redis.call('ZADD', KEYS[3], lease_end, ARGV[2] .. ':' .. i)
@@ -51,4 +56,4 @@ if state == 'half_open' then
 end
 -- The rate the permits were granted at: the writer spaces its calls by it (as strings: Redis
 -- turns a Lua number into an integer).
-return {granted, 0, 'ok', tostring(effective), burst}
+return {granted, tostring(next_ms), 'ok', tostring(effective), burst}

@@ -17,9 +17,12 @@ local BREAK_AFTER, OPEN_MS = 5, 5000
 -- The adaptive factor's floor, its cut on a 429 or a slow answer, and its climb per success.
 local FACTOR_MIN, FACTOR_CUT, SLOW_CUT, FACTOR_STEP = 0.05, 0.5, 0.9, 0.02
 
+-- Whole milliseconds (stored and compared), and the fraction of the current one already gone
+-- (a wait named to the caller ends on the millisecond the bucket will count, not up to 1 ms past).
 local function clock_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local us = tonumber(t[2])
+  return tonumber(t[1]) * 1000 + math.floor(us / 1000), (us % 1000) / 1000
 end
 
 -- The limits in force: ops' values, else the defaults the caller sends (ARGV from ARGV[d]).

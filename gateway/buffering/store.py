@@ -31,6 +31,8 @@ class Grant(msgspec.Struct, frozen=True):
     """Permits granted (ids ``prefix:1..granted``); when none, how long to wait and why."""
 
     granted: int
+    # When none were granted: before asking again. When some were: until the bucket holds a
+    # whole token again (0 while it still does).
     wait_seconds: float
     reason: str
     rate: float = 0.0  # per second, when granted: the bucket's refill rate now
@@ -66,8 +68,9 @@ class FlowStore:
         (reply,) = await self._scripts.run("acquire.lua", [(_KEYS, args)])
         if len(reply) > 4:
             rate, burst = float(reply[3]), int(reply[4])
-            return Grant(int(reply[0]), 0.0, _text(reply[2]) or "", rate, burst)
-        return Grant(int(reply[0]), int(reply[1]) / 1000, _text(reply[2]) or "")
+        else:
+            rate, burst = 0.0, 1
+        return Grant(int(reply[0]), float(reply[1]) / 1000, _text(reply[2]) or "", rate, burst)
 
     async def report(self, permit: str, outcome: Outcome) -> str:
         (state,) = await self._scripts.run(

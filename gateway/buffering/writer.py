@@ -93,7 +93,11 @@ class ErpWriter:
         # they asked for: the next ask goes out on time without waiting for their answers.
         self._asks: set[asyncio.Task[None]] = set()
         self._promised = 0
-        self._pause = 0.0  # before the next ask: what the last answer said
+        # Before the next ask: what the last answer said, kept as the cadence while the next
+        # answers are out; and the time it named, measured from when its ask left (the bucket
+        # answered about half a round trip later, so the next ask lands as the token is whole).
+        self._pause = 0.0
+        self._not_before = 0.0
         # Granted orders wait here for their turn to leave (see gateway.buffering.pacer).
         self._pacer: Pacer[tuple[ClaimedOrder, str]] = Pacer()
 
@@ -138,7 +142,13 @@ class ErpWriter:
             # only lengthen the queue; the bucket keeps up to a burst of tokens meanwhile.
             await asyncio.sleep(_ANSWER_WAIT)
         elif free > 0:
-            await self._ask_on_time(min(self._want, free))
+            early = self._not_before - time.monotonic()
+            if early > 0:
+                # The last answer named when a token is whole again: asking sooner would only
+                # be refused, asking later loses tokens once the bucket is full.
+                await asyncio.sleep(early)
+            else:
+                await self._ask_on_time(min(self._want, free))
         elif self._asks or self._prefetch is not None:
             # Every order claimed ahead is asked for, or the next ones are being claimed.
             await asyncio.sleep(_ANSWER_WAIT)
@@ -146,34 +156,38 @@ class ErpWriter:
             await self._ask_and_claim()
 
     async def _ask_on_time(self, n: int) -> None:
-        """Ask for permits for ``n`` orders claimed ahead, then wait for the next ask's turn,
-        not for this answer: the asks keep their pace however long Redis takes to answer
-        while the event loop is busy, and the bucket never fills up and drops tokens."""
+        """Ask for permits for ``n`` orders claimed ahead, then wait for this answer or the
+        next ask's turn, whichever comes first: the asks keep their pace however long Redis
+        takes to answer while the event loop is busy (the bucket never fills up and drops
+        tokens), and an answer that comes sooner says when to ask next (a refusal whose
+        token is whole in a millisecond is not left waiting a whole turn)."""
         asked_at = time.monotonic()
         self._promised += n
-        task = asyncio.create_task(self._ask_for_ready(n))
+        task = asyncio.create_task(self._ask_for_ready(n, asked_at))
         self._asks.add(task)
         task.add_done_callback(self._asks.discard)
-        await asyncio.sleep(max(0.0, asked_at + self._pause - time.monotonic()))
+        turn = asked_at + self._pause - time.monotonic()
+        if turn > 0:
+            await asyncio.wait((task,), timeout=turn)
 
-    async def _ask_for_ready(self, n: int) -> None:
+    async def _ask_for_ready(self, n: int, asked_at: float) -> None:
         prefix = uuid.uuid4().hex
         try:
             grant = await self._flow.acquire(n, prefix, self._lease_ms)
         except GatewayError as exc:
             log.warning("erp_writer_waiting", reason=exc.detail)
-            self._pause = 0.5
+            self._wait(time.monotonic(), 0.5)
             return
         finally:
             self._promised -= n
         if grant.granted == 0:
-            self._pause = min(grant.wait_seconds, 1.0)
+            self._wait(asked_at, min(grant.wait_seconds, 1.0))
             return
         permits = [f"{prefix}:{i}" for i in range(1, grant.granted + 1)]
         # Fewer may be left: orders handed back as stale while this was asked for.
         orders = [self._ready.popleft()[1] for _ in range(min(grant.granted, len(self._ready)))]
         self._start_sends(orders, permits, grant)
-        self._pause = self._after(grant, n)
+        self._wait(asked_at, self._after(grant, n))
         if len(orders) == grant.granted:
             self._want = min(_MAX_CLAIM, self._want * 2)
             self._keep_ready(grant)
@@ -205,15 +219,21 @@ class ErpWriter:
         else:
             await asyncio.sleep(self._after(grant, want))
 
+    def _wait(self, asked_at: float, pause: float) -> None:
+        self._pause = pause
+        self._not_before = asked_at + pause
+
     @staticmethod
     def _after(grant: Grant, asked: int) -> float:
-        """How long before the next ask: no time when the grant was whole (the bucket may hold
-        more); when it was not, the bucket is spent: let a batch of tokens build up rather
-        than ask for one or two each millisecond, for less than half the burst's worth of
-        time so the bucket never fills and drops tokens meanwhile."""
+        """How long before the next ask: when the grant was whole, until the bucket holds a
+        token again (no time if it still does). When it was not, the bucket is spent: let a
+        batch of tokens build up rather than ask for one or two each millisecond, for less
+        than half the burst's worth of time so the bucket never fills and drops tokens
+        meanwhile, but at least until the next token is whole (with a burst of one, that is
+        all the bucket can hold)."""
         if grant.granted >= asked or grant.rate <= 0:
-            return 0.0
-        return min(_BATCH_WAIT, 0.5 * grant.burst / grant.rate)
+            return grant.wait_seconds
+        return max(grant.wait_seconds, min(_BATCH_WAIT, 0.5 * grant.burst / grant.rate))
 
     def _keep_ready(self, grant: Grant) -> None:
         """The buffer had enough for this grant: keep the next grants' orders claimed ahead,
