@@ -563,22 +563,28 @@ def order_rows(run: Run) -> list[Row]:
         return []
     ceiling = sat["ceiling"]["requests_per_s"]
     rows = []
-    for name, label in (
-        ("confirm", "confirm of a held reservation (POST .../confirm), orders/s at saturation"),
-        ("place", "POST /v1/orders (hold + confirm in one step), orders/s at saturation"),
+    # The issue sets a rate for confirm only; POST /v1/orders informs (a hold and a confirm in
+    # one request), judged only on answering every request 202.
+    for name, label, ratio in (
+        (
+            "confirm",
+            "confirm of a held reservation (POST .../confirm), orders/s at saturation",
+            TARGET_CONFIRM_RATIO,
+        ),
+        ("place", "POST /v1/orders (hold + confirm in one step), orders/s at saturation", 0.0),
     ):
         if name not in sat:
             continue
         s = sat[name]
         value = s["requests_per_s"]
-        ok = not s["errors"] and not s["exhausted"] and value >= TARGET_CONFIRM_RATIO * ceiling
+        ok = not s["errors"] and not s["exhausted"] and value >= ratio * ceiling
         rows.append(
             Row(
                 f"{label} (wrk c64, all 202, no ERP writer)",
                 f"{value:,.0f}",
                 f"{ceiling:,.0f}",
                 f"{value / ceiling:.0%}" if ceiling > 0 else "-",
-                f">= {TARGET_CONFIRM_RATIO:.0%} of ceiling",
+                f">= {ratio:.0%} of ceiling" if ratio else "all 202 (no rate set)",
                 _met(ok, s),
             )
         )
@@ -593,8 +599,8 @@ def order_rows(run: Run) -> list[Row]:
                 f"{g['p50_ms']:.2f} / {g['p99_ms']:.2f}",
                 f"{c['p50_ms']:.2f} / {c['p99_ms']:.2f}",
                 f"p99 {g['p99_ms'] / c['p99_ms']:.1f}x" if c["p99_ms"] > 0 else "-",
-                f"p99 <= {TARGET_CONFIRM_P99_MS:g} ms",
-                _met(clean and g["p99_ms"] <= TARGET_CONFIRM_P99_MS, g),
+                f"p99 <= {TARGET_CONFIRM_P99_MS:g} ms" if name == "confirm" else "(none set)",
+                _met(clean and (name != "confirm" or g["p99_ms"] <= TARGET_CONFIRM_P99_MS), g),
             )
         )
     parts = [
