@@ -23,8 +23,8 @@ window (checked: orders still queued at its end).
 Why B is a time: the bucket holds at most B tokens, so tokens that come while the writer does
 not ask are lost beyond B. The writer asks every 20 ms at most (less than half of B's worth of
 time), so B must cover that gap and the event loop's stalls: 50 ms of the rate does at 2,000/s
-(B = 100, a second may see 5% above R), and B = 1 at 50/s would keep the writer to one order per
-ask.
+(B = 100, a second may see 5% above R). With B = 1 the writer asks once per token, at the time
+the bucket names for it (``--burst-ms 1``: 15/s and 50/s reach 97-99%).
 """
 
 from __future__ import annotations
