@@ -84,7 +84,7 @@ def fill_orders(dsn: str, count: int) -> float:
         started = time.perf_counter()
         conn = await asyncpg.connect(dsn)
         try:
-            await conn.execute("TRUNCATE orders")
+            await conn.execute("TRUNCATE orders, order_holds_pending")
             # No ops limits from an earlier run: the gateway starts on its GATEWAY_ERP_* values.
             if await conn.fetchval("SELECT to_regclass('erp_limits') IS NOT NULL"):
                 await conn.execute("DELETE FROM erp_limits")
@@ -97,7 +97,6 @@ def fill_orders(dsn: str, count: int) -> float:
                     b'"lines":[{"sku":"RSV-%05d","location":"DC1","quantity":1}]}' % (i, i % 1000),
                     f'[{{"sku":"RSV-{i % 1000:05d}","location":"DC1","quantity":1}}]',
                     "queued",
-                    "moved",
                 )
                 for i in range(count)
             ]
@@ -111,7 +110,6 @@ def fill_orders(dsn: str, count: int) -> float:
                     "body",
                     "lines",
                     "status",
-                    "hold_state",
                 ],
             )
             await conn.execute("ANALYZE orders")

@@ -99,7 +99,7 @@ def sql(dsn: str, statement: str) -> None:
 
 
 def truncate_orders(dsn: str) -> None:
-    sql(dsn, "TRUNCATE orders")
+    sql(dsn, "TRUNCATE orders, order_holds_pending")
 
 
 def postgres_backends(dsn: str) -> list[int]:

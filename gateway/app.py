@@ -270,11 +270,21 @@ async def _on_shutdown(app: web.Application) -> None:
     log.info("draining")
 
 
+# The young generation is collected after this many more container allocations than frees.
+# At CPython's default of 700 a busy gateway collected it ~300 times a second, each pass walking
+# every object of the requests in flight: 5-18% of the process's time at saturation. At 20,000
+# it collects a few times a minute (measured: confirms/s +30-40% at 64 connections). Garbage
+# in cycles is rare here (no ORM, no object graphs per request), so little waits longer.
+GC_YOUNG_THRESHOLD: Final = 20_000
+
+
 async def _freeze_gc(app: web.Application) -> None:
     # Everything built at start-up lives as long as the process: move it out of the collector's
     # reach, or each full collection rescans it (~20 ms pauses at saturation, the p99 tail).
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -91,7 +91,9 @@ async def pg(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.execute("TRUNCATE location_groups, safety_stock")
     # The order buffer too, once a gateway has created it: reservation ids repeat across tests.
     await conn.execute(
-        "DO $$ BEGIN IF to_regclass('orders') IS NOT NULL THEN TRUNCATE orders; END IF; END $$"
+        "DO $$ BEGIN IF to_regclass('orders') IS NOT NULL THEN TRUNCATE orders; END IF;"
+        " IF to_regclass('order_holds_pending') IS NOT NULL THEN"
+        " TRUNCATE order_holds_pending; END IF; END $$"
     )
     # Ops' ERP flow settings too: a limit one test set must not steer the next one's writers.
     await conn.execute(

@@ -42,6 +42,7 @@ from tests.conftest import auth
 from tests.erp_flow import busiest_second, erp_sim, received
 from tests.gateway_proc import GatewayProcess
 from tests.helpers import (
+    ORDER_HOLDS,
     Client,
     OwnRedis,
     assert_problem,
@@ -168,7 +169,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 async def buffer_empty(pg: asyncpg.Connection) -> bool:
     """No order left waiting, being sent, or with a hold not yet moved."""
     left = await pg.fetchval(
-        "SELECT count(*) FROM orders WHERE status IN ('queued', 'sending')"
+        f"SELECT count(*) FROM {ORDER_HOLDS} WHERE status IN ('queued', 'sending')"
         " OR hold_state = 'pending'"
     )
     return left == 0
@@ -308,7 +309,7 @@ async def test_a_gateway_killed_between_the_two_writes_is_mended_after_restart(
         ]
 
         async def between_the_writes() -> bool:
-            pending = await pg.fetchval("SELECT count(*) FROM orders WHERE hold_state = 'pending'")
+            pending = await pg.fetchval("SELECT count(*) FROM order_holds_pending")
             return pending == 2 and await stalled_in_redis(redis) == 2
 
         await eventually(between_the_writes, 10, "both rows committed, both holds waiting")
@@ -335,7 +336,7 @@ async def test_a_gateway_killed_between_the_two_writes_is_mended_after_restart(
                 api = Api(http, second)
 
                 async def mended() -> bool:
-                    rows = await pg.fetch("SELECT order_id, hold_state, status FROM orders")
+                    rows = await pg.fetch(f"SELECT order_id, hold_state, status FROM {ORDER_HOLDS}")
                     return [tuple(r) for r in rows] == [("o-kept", "moved", "accepted")]
 
                 await eventually(mended, GRACE_SECONDS + 10, "the rows mended and the order sent")

@@ -17,11 +17,13 @@ from gateway.buffering.mender import mend_once
 from gateway.http.state import ORDER_INTAKE, POSTGRES, RESERVATIONS_SERVICE
 from tests.conftest import auth, make_settings
 from tests.helpers import (
+    ORDER_HOLDS,
     SWEEP_PROMISE,
     assert_problem,
     availability,
     backdate_expiry,
     eventually,
+    insert_pending_order,
     reserve,
     stock,
 )
@@ -56,10 +58,10 @@ async def test_confirm_commits_the_hold_and_queues_the_order(
 
     # The moved mark is written after the answer (the order is safe once row and hold are done).
     async def marked() -> bool:
-        return await pg.fetchval("SELECT hold_state FROM orders") == "moved"
+        return await pg.fetchval(f"SELECT hold_state FROM {ORDER_HOLDS}") == "moved"
 
     await eventually(marked, 2, "the row marked moved")
-    row = await pg.fetchrow("SELECT body, lines, hold_state, customer_id FROM orders")
+    row = await pg.fetchrow(f"SELECT body, lines, hold_state, customer_id FROM {ORDER_HOLDS}")
     assert row["customer_id"] == "c1"
     assert json.loads(row["body"]) == order  # passed on as received
     assert json.loads(row["lines"]) == [{"sku": "A", "location": "L1", "quantity": 3}]
@@ -173,18 +175,13 @@ async def test_the_mender_finishes_a_row_whose_hold_did_not_move(
     for rid in ("kept", "lapsed"):
         assert (await reserve(client, rid, [{**LINE[0], "quantity": 2}])).status == 201
     for order_id, rid in (("o-kept", "kept"), ("o-lapsed", "lapsed")):
-        await pg.execute(
-            "INSERT INTO orders (order_id, reservation_id, body, lines, created_at)"
-            " VALUES ($1, $2, '{}', '[]', now() - interval '1 minute')",
-            order_id,
-            rid,
-        )
+        await insert_pending_order(pg, order_id, rid, age_seconds=60)
     await backdate_expiry(redis, "lapsed", 3600)
     assert (await client.get("/v1/orders/o-kept", headers=auth("storefront"))).status == 404
     app = client.server.app
     done = await mend_once(app[ORDER_INTAKE], PostgresOutbox(app[POSTGRES]), grace=1)
     assert done == 2
-    rows = dict(await pg.fetch("SELECT order_id, hold_state FROM orders"))
+    rows = dict(await pg.fetch(f"SELECT order_id, hold_state FROM {ORDER_HOLDS}"))
     assert rows == {"o-kept": "moved"}
     assert (await figures(client))[1] == 2  # kept's 2 committed; lapsed's never
     assert (await client.get("/v1/orders/o-kept", headers=auth("storefront"))).status == 200
@@ -200,15 +197,13 @@ async def test_an_order_reads_as_queued_before_its_mark_lands(
     acknowledged order is never a 404 (and an unacknowledged pending row stays one)."""
     await stock(client, A__L1=10)
     assert (await reserve(client, "r1", LINE)).status == 201
-    await pg.execute(
-        "INSERT INTO orders (order_id, reservation_id, body, lines) VALUES ('o1', 'r1', '{}', '[]')"
-    )
+    await insert_pending_order(pg, "o1", "r1")
     assert (await client.get("/v1/orders/o1", headers=auth("storefront"))).status == 404
     assert await client.app[RESERVATIONS_SERVICE].confirm("r1") == "confirmed"  # the hold moved
     resp = await client.get("/v1/orders/o1", headers=auth("storefront"))
     assert resp.status == 200
     assert (await resp.json())["status"] == "queued"
-    assert await pg.fetchval("SELECT hold_state FROM orders") == "pending"  # not marked yet
+    assert await pg.fetchval(f"SELECT hold_state FROM {ORDER_HOLDS}") == "pending"  # not marked yet
 
 
 async def test_a_full_buffer_refuses_honestly_and_resumes_below_low_water(

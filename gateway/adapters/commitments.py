@@ -17,8 +17,9 @@ _ACCEPTED: Final = f"""
     WHERE status = 'accepted' AND commitment = $1 AND seq > $2
     ORDER BY seq LIMIT $3"""
 _COUNTING: Final = f"""
-    SELECT {_COLUMNS} FROM orders
-    WHERE hold_state = 'moved' AND commitment <> 'cleared' AND seq > $1
+    SELECT {_COLUMNS} FROM orders o
+    WHERE commitment <> 'cleared' AND seq > $1
+      AND NOT EXISTS (SELECT 1 FROM order_holds_pending p WHERE p.order_id = o.order_id)
     ORDER BY seq LIMIT $2"""
 _MARK: Final = """
     UPDATE orders SET commitment = $2, updated_at = now()

@@ -17,45 +17,61 @@ from gateway.adapters.group_commit import Carry, GroupCommit, Statement
 from gateway.adapters.postgres import Postgres
 from gateway.ports import BufferDepth, ClaimedOrder, NewOrder, StoredOrder
 
+# An order's hold is pending while its row in ``order_holds_pending`` exists (migration 0007).
+_PENDING: Final = (
+    "CASE WHEN EXISTS (SELECT 1 FROM order_holds_pending p WHERE p.order_id = orders.order_id)"
+    " THEN 'pending' ELSE 'moved' END"
+)
 _COLUMNS: Final = (
-    "order_id, reservation_id, status, hold_state, attempts, last_error, erp_order_id,"
+    f"order_id, reservation_id, status, {_PENDING}, attempts, last_error, erp_order_id,"
+    " accepted_at, created_at, updated_at"
+)
+# A new row's hold is pending: its row in order_holds_pending is written in the same statement.
+_INSERTED: Final = (
+    "order_id, reservation_id, status, 'pending', attempts, last_error, erp_order_id,"
     " accepted_at, created_at, updated_at"
 )
 _INSERT: Final = f"""
-    INSERT INTO orders (order_id, reservation_id, customer_id, body, lines)
-    SELECT u.order_id, u.reservation_id, u.customer_id, u.body, u.lines::jsonb
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[])
-        AS u(order_id, reservation_id, customer_id, body, lines)
-    ON CONFLICT DO NOTHING
-    RETURNING {_COLUMNS}"""
+    WITH new AS (
+        INSERT INTO orders (order_id, reservation_id, customer_id, body, lines)
+        SELECT u.order_id, u.reservation_id, u.customer_id, u.body, u.lines::jsonb
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[])
+            AS u(order_id, reservation_id, customer_id, body, lines)
+        ON CONFLICT DO NOTHING
+        RETURNING order_id, reservation_id, status, attempts, last_error, erp_order_id,
+            accepted_at, created_at, updated_at),
+    pending AS (
+        INSERT INTO order_holds_pending (order_id, created_at)
+        SELECT order_id, created_at FROM new)
+    SELECT {_INSERTED} FROM new"""
+# Locked in key order first (the plan of a plain DELETE decides its own order).
+_MOVED: Final = """
+    DELETE FROM order_holds_pending
+    WHERE order_id IN (
+        SELECT order_id FROM order_holds_pending
+        WHERE order_id = ANY({ids}::text[])
+        ORDER BY order_id FOR UPDATE)"""
 # New rows and the moved marks of earlier ones in one statement: the marks of one batch's
 # confirms are queued when its rows have committed and its holds moved, so under load they meet
 # the next batch's rows, and one round trip and one WAL flush carry both. The marked rows are
 # committed ones, never among those inserted, so neither part sees the other's rows.
 _INSERT_AND_MARK: Final = f"""
-    WITH moved AS (
-        UPDATE orders SET hold_state = 'moved', updated_at = now()
-        WHERE order_id IN (
-            SELECT order_id FROM orders
-            WHERE order_id = ANY($6::text[]) AND hold_state = 'pending'
-            ORDER BY order_id FOR UPDATE)
-          AND hold_state = 'pending')
-    {_INSERT}"""
+    WITH moved AS ({_MOVED.format(ids="$6")}),
+    {_INSERT.lstrip().removeprefix("WITH ")}"""
 _BY_ID: Final = f"SELECT {_COLUMNS} FROM orders WHERE order_id = $1"
 _BY_RESERVATION: Final = f"SELECT {_COLUMNS} FROM orders WHERE reservation_id = $1"
-# Locked in key order first (the plan of a plain UPDATE decides its own order).
-_HOLD_MOVED: Final = """
-    UPDATE orders SET hold_state = 'moved', updated_at = now()
-    WHERE order_id IN (
-        SELECT order_id FROM orders
-        WHERE order_id = ANY($1::text[]) AND hold_state = 'pending'
-        ORDER BY order_id FOR UPDATE)
-      AND hold_state = 'pending'"""
-_DISCARD: Final = "DELETE FROM orders WHERE order_id = $1 AND hold_state = 'pending'"
+_HOLD_MOVED: Final = _MOVED.format(ids="$1")
+# Only a row whose hold is still pending: its pending mark goes with it, in one statement.
+_DISCARD: Final = """
+    WITH gone AS (DELETE FROM order_holds_pending WHERE order_id = $1 RETURNING order_id)
+    DELETE FROM orders o USING gone WHERE o.order_id = gone.order_id"""
 _HOLDS_PENDING: Final = f"""
-    SELECT {_COLUMNS} FROM orders
-    WHERE hold_state = 'pending' AND created_at <= now() - make_interval(secs => $1)
-    ORDER BY created_at LIMIT $2"""
+    SELECT {_INSERTED} FROM orders
+    WHERE order_id IN (
+        SELECT order_id FROM order_holds_pending
+        WHERE created_at <= now() - make_interval(secs => $1)
+        ORDER BY created_at LIMIT $2)
+    ORDER BY created_at"""
 
 
 def _stored(row: asyncpg.Record | None) -> StoredOrder | None:
@@ -154,7 +170,7 @@ def _fetch_one(query: str, *args: Any) -> Any:
 _CLAIM: Final = """
     WITH next AS (
         SELECT o.order_id FROM orders o
-        WHERE o.hold_state = 'moved'
+        WHERE NOT EXISTS (SELECT 1 FROM order_holds_pending p WHERE p.order_id = o.order_id)
           AND ((o.status = 'queued' AND o.next_attempt_at <= now())
                OR (o.status = 'sending' AND o.lease_until < now()))
           AND NOT EXISTS (
@@ -207,7 +223,8 @@ RETRY: Final = _outcomes(_RETRY)
 FAIL: Final = _outcomes(_FAIL)
 _DEPTH: Final = """
     SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)
-    FROM orders WHERE status IN ('queued', 'sending') AND hold_state = 'moved'"""
+    FROM orders o WHERE status IN ('queued', 'sending')
+      AND NOT EXISTS (SELECT 1 FROM order_holds_pending p WHERE p.order_id = o.order_id)"""
 
 
 _DRAINED: Final = """

@@ -2,7 +2,7 @@
 
 Two stores, no transaction across them, so the order of the writes is the protocol:
 
-1. the order row is committed to PostgreSQL (``hold_state`` pending);
+1. the order row is committed to PostgreSQL, its hold pending (a row in ``order_holds_pending``);
 2. the reservation is confirmed in Redis (held -> committed, idempotent);
 3. the order is acknowledged (202), and the row is marked ``moved`` (in the background: the
    order is safe once 1 and 2 are done, so checkout does not wait for a second commit; until
