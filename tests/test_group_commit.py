@@ -22,6 +22,11 @@ from tests.helpers import ORDER_HOLDS, reserve, stock
 Client = TestClient[Any, Any]
 
 
+async def delete_orders(conn: asyncpg.Connection, pattern: str) -> None:
+    await conn.execute("DELETE FROM order_holds_pending WHERE order_id LIKE $1", pattern)
+    await conn.execute("DELETE FROM orders WHERE order_id LIKE $1", pattern)
+
+
 def count_statements(db: Postgres) -> list[object]:
     """Each statement the port sends from now on (one transaction each) adds an entry."""
     sent: list[object] = []
@@ -143,7 +148,7 @@ async def test_new_rows_carry_the_moved_marks_of_earlier_ones(postgres_dsn: str)
     outbox = PostgresOutbox(db, commits)
     conn = await asyncpg.connect(postgres_dsn)
     try:
-        await conn.execute("DELETE FROM orders WHERE order_id LIKE 'gc-carry-%'")
+        await delete_orders(conn, "gc-carry-%")
 
         def order(i: int) -> NewOrder:
             return NewOrder(f"gc-carry-{i:03d}", f"gc-carry-r{i:03d}", None, b"{}", b"[]")
@@ -176,7 +181,7 @@ async def test_new_rows_carry_the_moved_marks_of_earlier_ones(postgres_dsn: str)
         )
         assert state == "moved"
     finally:
-        await conn.execute("DELETE FROM orders WHERE order_id LIKE 'gc-carry-%'")
+        await delete_orders(conn, "gc-carry-%")
         await conn.close()
         await commits.close()
         await db.close()
@@ -192,7 +197,7 @@ async def test_a_mark_waits_briefly_for_new_rows_to_ride_with(postgres_dsn: str)
     outbox = PostgresOutbox(db, commits)
     conn = await asyncpg.connect(postgres_dsn)
     try:
-        await conn.execute("DELETE FROM orders WHERE order_id LIKE 'gc-ride-%'")
+        await delete_orders(conn, "gc-ride-%")
 
         def order(i: int) -> NewOrder:
             return NewOrder(f"gc-ride-{i}", f"gc-ride-r{i}", None, b"{}", b"[]")
@@ -219,7 +224,40 @@ async def test_a_mark_waits_briefly_for_new_rows_to_ride_with(postgres_dsn: str)
         )
         assert state == "moved"
     finally:
-        await conn.execute("DELETE FROM orders WHERE order_id LIKE 'gc-ride-%'")
+        await delete_orders(conn, "gc-ride-%")
         await conn.close()
         await commits.close()
+        await db.close()
+
+
+async def test_a_pending_row_left_without_its_order_does_not_fail_a_batch(
+    postgres_dsn: str,
+) -> None:
+    """A hand-made delete from orders can leave its pending row behind: an order of that id
+    written later is pending (the row is its own now), and the others of its batch stand."""
+    db = Postgres(postgres_dsn, 3.0)
+    await db.start()
+    outbox = PostgresOutbox(db, GroupCommit(db))
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await delete_orders(conn, "gc-orphan-%")
+        await conn.execute(
+            "INSERT INTO order_holds_pending (order_id, created_at)"
+            " VALUES ('gc-orphan-1', now() - interval '1 hour')"
+        )
+        answers = await asyncio.gather(
+            *(
+                outbox.add(NewOrder(f"gc-orphan-{i}", f"gc-orphan-r{i}", None, b"{}", b"[]"))
+                for i in (1, 2)
+            )
+        )
+        assert [a.hold_state if a else None for a in answers] == ["pending", "pending"]
+        age = await conn.fetchval(
+            "SELECT extract(epoch FROM now() - created_at) FROM order_holds_pending"
+            " WHERE order_id = 'gc-orphan-1'"
+        )
+        assert age < 60  # the new order's, not the orphan's hour-old stamp
+    finally:
+        await delete_orders(conn, "gc-orphan-%")
+        await conn.close()
         await db.close()

@@ -42,7 +42,10 @@ _INSERT: Final = f"""
             accepted_at, created_at, updated_at),
     pending AS (
         INSERT INTO order_holds_pending (order_id, created_at)
-        SELECT order_id, created_at FROM new)
+        SELECT order_id, created_at FROM new
+        -- A row left by a hand-made delete from orders (no foreign key: it would cost a lock
+        -- on every new row) is the new order's now, rather than fail the whole batch.
+        ON CONFLICT (order_id) DO UPDATE SET created_at = excluded.created_at)
     SELECT {_INSERTED} FROM new"""
 # Locked in key order first (the plan of a plain DELETE decides its own order).
 _MOVED: Final = """
@@ -68,9 +71,9 @@ _DISCARD: Final = """
 _HOLDS_PENDING: Final = f"""
     SELECT {_INSERTED} FROM orders
     WHERE order_id IN (
-        SELECT order_id FROM order_holds_pending
-        WHERE created_at <= now() - make_interval(secs => $1)
-        ORDER BY created_at LIMIT $2)
+        SELECT p.order_id FROM order_holds_pending p JOIN orders o USING (order_id)
+        WHERE p.created_at <= now() - make_interval(secs => $1)
+        ORDER BY p.created_at LIMIT $2)
     ORDER BY created_at"""
 
 
