@@ -31,8 +31,9 @@ _INSERTED: Final = (
     "order_id, reservation_id, status, 'pending', attempts, last_error, erp_order_id,"
     " accepted_at, created_at, updated_at"
 )
-_INSERT: Final = f"""
-    WITH new AS (
+# The new rows and their pending marks, as the CTEs of a statement that answers from ``new``.
+_NEW_ROWS: Final = """
+    new AS (
         INSERT INTO orders (order_id, reservation_id, customer_id, body, lines)
         SELECT u.order_id, u.reservation_id, u.customer_id, u.body, u.lines::jsonb
         FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[])
@@ -45,8 +46,8 @@ _INSERT: Final = f"""
         SELECT order_id, created_at FROM new
         -- A row left by a hand-made delete from orders (no foreign key: it would cost a lock
         -- on every new row) is the new order's now, rather than fail the whole batch.
-        ON CONFLICT (order_id) DO UPDATE SET created_at = excluded.created_at)
-    SELECT {_INSERTED} FROM new"""
+        ON CONFLICT (order_id) DO UPDATE SET created_at = excluded.created_at)"""
+_INSERT: Final = f"WITH {_NEW_ROWS} SELECT {_INSERTED} FROM new"
 # Locked in key order first (the plan of a plain DELETE decides its own order).
 _MOVED: Final = """
     DELETE FROM order_holds_pending
@@ -59,8 +60,8 @@ _MOVED: Final = """
 # the next batch's rows, and one round trip and one WAL flush carry both. The marked rows are
 # committed ones, never among those inserted, so neither part sees the other's rows.
 _INSERT_AND_MARK: Final = f"""
-    WITH moved AS ({_MOVED.format(ids="$6")}),
-    {_INSERT.lstrip().removeprefix("WITH ")}"""
+    WITH moved AS ({_MOVED.format(ids="$6")}), {_NEW_ROWS}
+    SELECT {_INSERTED} FROM new"""
 _BY_ID: Final = f"SELECT {_COLUMNS} FROM orders WHERE order_id = $1"
 _BY_RESERVATION: Final = f"SELECT {_COLUMNS} FROM orders WHERE reservation_id = $1"
 _HOLD_MOVED: Final = _MOVED.format(ids="$1")
