@@ -225,10 +225,21 @@ ACCEPTED: Final = _outcomes(_ACCEPTED)
 HAND_BACK: Final = _outcomes(_HAND_BACK)
 RETRY: Final = _outcomes(_RETRY)
 FAIL: Final = _outcomes(_FAIL)
+# The depth without a count over the waiting orders (migration 0008 keeps the counts): all
+# waiting orders, less those whose hold is still pending (not acknowledged yet; a few, for
+# milliseconds). The oldest is found from the front of the queue by ``seq``: rows of statements
+# that ran side by side may take their ``seq`` out of ``created_at`` order, never by more than
+# the few rows a look at the front covers.
 _DEPTH: Final = """
-    SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)
-    FROM orders o WHERE status IN ('queued', 'sending')
-      AND NOT EXISTS (SELECT 1 FROM order_holds_pending p WHERE p.order_id = o.order_id)"""
+    SELECT greatest(0,
+        (SELECT sum(waiting) FROM order_buffer_counts)
+        - (SELECT count(*) FROM order_holds_pending p JOIN orders o USING (order_id)
+           WHERE o.status IN ('queued', 'sending'))),
+      coalesce((
+        SELECT extract(epoch FROM now() - min(created_at)) FROM (
+            SELECT created_at FROM orders o WHERE status IN ('queued', 'sending')
+              AND NOT EXISTS (SELECT 1 FROM order_holds_pending p WHERE p.order_id = o.order_id)
+            ORDER BY seq LIMIT 100) AS front), 0)"""
 
 
 _DRAINED: Final = """
