@@ -6,8 +6,10 @@
 --
 -- Statement-level triggers with transition tables: one counter update per statement, however
 -- many rows it writes (the order buffer group-commits tens of rows a statement). The counter is
--- split into slots by backend, so concurrent statements seldom wait on one counter row; the
--- depth is the sum of the slots.
+-- split into slots by backend, so concurrent statements seldom wait on one counter row (and
+-- then only for the other's commit: the row is written at the end of its statement); the depth
+-- is the sum of the slots. Every transaction of the gateway that changes the depth does so in
+-- one statement, so it locks one counter row, after its order rows: no lock cycle can form.
 CREATE TABLE IF NOT EXISTS order_buffer_counts (
     slot    smallint PRIMARY KEY,
     waiting bigint   NOT NULL
