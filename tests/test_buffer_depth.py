@@ -1,6 +1,7 @@
 """The buffer's depth, read from the counts its statements keep (migration 0008), equals a count
 over the waiting orders after any mix of what changes it: group-committed confirms side by
-side, moved marks, discards, claims, every writer outcome, replays, deletes by hand, TRUNCATE."""
+side, moved marks, discards, claims, every writer outcome, replays, deletes by hand, TRUNCATE;
+and its oldest order's age is the oldest waiting, acknowledged order's."""
 
 from __future__ import annotations
 
@@ -8,18 +9,23 @@ import asyncio
 from datetime import UTC, datetime
 
 import asyncpg
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from gateway.adapters.erp_control_record import PostgresErpControl
 from gateway.adapters.group_commit import GroupCommit
 from gateway.adapters.outbox import PostgresOrderQueue, PostgresOutbox
 from gateway.adapters.postgres import Postgres
-from gateway.ports import NewOrder
+from gateway.ports import Caller, NewOrder
 from tests.helpers import insert_pending_order
 
 # What the depth was before the counts: every waiting order whose hold moved (acknowledged).
 REFERENCE = """
     SELECT count(*) FROM orders o WHERE status IN ('queued', 'sending')
+      AND NOT EXISTS (SELECT 1 FROM order_holds_pending p WHERE p.order_id = o.order_id)"""
+REFERENCE_AGE = """
+    SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0) FROM orders o
+    WHERE status IN ('queued', 'sending')
       AND NOT EXISTS (SELECT 1 FROM order_holds_pending p WHERE p.order_id = o.order_id)"""
 
 OPS = st.sampled_from(
@@ -45,6 +51,7 @@ class Buffer:
         commits = GroupCommit(db)
         self.outbox = PostgresOutbox(db, commits)
         self.queue = PostgresOrderQueue(db, commits)
+        self.control = PostgresErpControl(db)
         self.conn = conn
         self.made = 0
 
@@ -57,6 +64,9 @@ class Buffer:
     async def run(self, op: str, n: int) -> None:
         pending = "EXISTS (SELECT 1 FROM order_holds_pending p WHERE p.order_id = o.order_id)"
         if op == "add":
+            # What came before is 10 s older than the new batch, whatever its state: an age
+            # taken from a row it should not look at is off by 10 s or more.
+            await self.conn.execute("UPDATE orders SET created_at = created_at - interval '10s'")
             first, self.made = self.made, self.made + n
             await asyncio.gather(
                 *(
@@ -90,10 +100,8 @@ class Buffer:
             await self.queue.claim(n, 30.0)
             await self.queue.hand_back(await self.ids("status = 'sending'", n))
         elif op == "replay":
-            await self.conn.execute(
-                "UPDATE orders SET status = 'queued' WHERE order_id = ANY($1::text[])",
-                await self.ids("status = 'failed'", n),
-            )
+            caller = Caller("test", "depth")
+            await self.control.replay(await self.ids("status = 'failed'", n), caller)
         elif op == "delete":
             await self.conn.execute(
                 "DELETE FROM orders WHERE order_id = ANY($1::text[])",
@@ -110,6 +118,8 @@ class Buffer:
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(steps=st.lists(st.tuples(OPS, st.integers(1, 6)), min_size=1, max_size=25))
+# Always tried: an older row the writer settled must not count as the oldest waiting one.
+@example(steps=[("add", 2), ("add", 1), ("accept", 1)])
 async def test_the_depth_counts_every_waiting_order_after_any_mix_of_changes(
     postgres_dsn: str, pg: asyncpg.Connection, steps: list[tuple[str, int]]
 ) -> None:
@@ -122,5 +132,7 @@ async def test_the_depth_counts_every_waiting_order_after_any_mix_of_changes(
             await buffer.run(op, n)
             depth = await buffer.queue.depth()
             assert depth.depth == await pg.fetchval(REFERENCE), (op, steps)
+            oldest = float(await pg.fetchval(REFERENCE_AGE))
+            assert abs(depth.oldest_age_seconds - oldest) < 1.0, (op, steps)
     finally:
         await db.close()
