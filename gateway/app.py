@@ -40,7 +40,7 @@ from gateway.atp.store import AtpStore
 from gateway.buffering.backpressure import BackPressure
 from gateway.buffering.commitments import CommitmentKeeper
 from gateway.buffering.control import ErpControl
-from gateway.buffering.intake import OrderIntake
+from gateway.buffering.intake import ANSWER_SLACK_SECONDS, OrderIntake
 from gateway.buffering.mender import run_mender
 from gateway.buffering.store import FlowStore, Limits
 from gateway.buffering.writer import ErpWriter
@@ -186,7 +186,14 @@ async def _orders_ctx(app: web.Application) -> AsyncIterator[None]:
         max_depth=settings.buffer_max_depth,
         max_age_seconds=settings.buffer_max_age_seconds,
     )
-    intake = OrderIntake(app[RESERVATIONS_SERVICE], outbox, pressure)
+    intake = OrderIntake(
+        app[RESERVATIONS_SERVICE],
+        outbox,
+        pressure,
+        answer_within=settings.redis_timeout_seconds
+        + settings.postgres_timeout_seconds
+        + ANSWER_SLACK_SECONDS,
+    )
     app[ORDER_INTAKE] = intake
     flow = FlowStore(
         ScriptRegistry(app[REDIS], "gateway.buffering", app[BATCHER]),

@@ -198,8 +198,9 @@ ORDERS_IN: Final = Counter(
 )
 ORDERS_MENDED: Final = Counter(
     "gateway_orders_mended_total",
-    "Order rows whose Redis half the mender finished: moved (the hold now counts as committed) "
-    "or discarded (the hold lapsed first; the order was never acknowledged)",
+    "Orders the mender finished: moved (the row's hold now counts as committed), discarded "
+    "(the hold lapsed before it moved; the order was never acknowledged) or taken_back (a "
+    "moved hold whose row was never committed is held again; never acknowledged either)",
     ["outcome"],
 )
 ERP_CALLS: Final = Counter(

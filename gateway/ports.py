@@ -168,6 +168,10 @@ class OrderOutbox(Protocol):
         """Commit the row; None when its order id or its reservation id is taken already."""
         ...
 
+    async def add_moved(self, order: NewOrder) -> StoredOrder | None:
+        """Commit the row of an order whose hold moved already: its hold is not pending."""
+        ...
+
     async def find(self, order_id: str) -> StoredOrder | None: ...
 
     async def find_by_reservation(self, reservation_id: str) -> StoredOrder | None: ...
@@ -188,6 +192,10 @@ class OrderOutbox(Protocol):
 
     async def holds_pending(self, older_than_seconds: float, limit: int) -> list[StoredOrder]:
         """Rows whose Redis half is not done, committed at least ``older_than_seconds`` ago."""
+        ...
+
+    async def with_rows(self, reservation_ids: Sequence[str]) -> set[str]:
+        """Which of these reservations have an order row."""
         ...
 
 

@@ -18,6 +18,7 @@ from gateway.adapters.lua import lua_libs, lua_source
 from gateway.reservation import keys as rsv_keys
 
 REC, IDX, SS = "t:{r}:rec", "t:{r}:idx", "t:ss"
+UNV = "t:unverified"
 POS, HOLDS = "t:{A}:p", "t:{A}:h"
 POS_B, HOLDS_B = "t:{B}:p", "t:{B}:h"
 DAY = "86400"
@@ -144,9 +145,15 @@ async def test_reserve_error_fails_one_reservation_alone(redis: aioredis.Redis) 
 # --- settle.lua ---------------------------------------------------------------------------------
 
 
-async def settle(redis: aioredis.Redis, rid: str, action: str, skus: str = '["A"]') -> Any:
-    keys = [REC, IDX, POS, HOLDS] if skus else [REC, IDX]
-    return await run(redis, "settle.lua", keys, [rid, action, DAY, skus])
+async def settle(
+    redis: aioredis.Redis, rid: str, action: str, skus: str = '["A"]', track: bool = False
+) -> Any:
+    keys = [REC, IDX, UNV, POS, HOLDS] if skus else [REC, IDX, UNV]
+    return await run(redis, "settle.lua", keys, [rid, action, DAY, skus, "1" if track else ""])
+
+
+async def unconfirm(redis: aioredis.Redis, rid: str, stamp: str, skus: str = '["A"]') -> Any:
+    return await run(redis, "unconfirm.lua", [REC, IDX, UNV, POS, HOLDS], [rid, stamp, skus])
 
 
 async def test_settle_release_and_confirm(redis: aioredis.Redis) -> None:
@@ -188,6 +195,66 @@ async def test_settle_missing_and_retry(redis: aioredis.Redis) -> None:
     assert await redis.hget(POS, "res:L1") == "3"
     await redis.hset(REC, "st", "rejected")
     assert await settle(redis, "r1", "release") == ["missing"]
+
+
+async def test_a_tracked_confirm_is_listed_restamped_and_taken_back(
+    redis: aioredis.Redis,
+) -> None:
+    await redis.hset(POS, "oh:L1", 10)
+    await reserve(redis, "r1", 3)
+    expires = await redis.hget(REC, "exp")
+    status, stamp, moved, lines = await settle(redis, "r1", "confirm", track=True)
+    assert (status, moved) == ("confirmed", 1)
+    assert json.loads(lines) == [{"sku": "A", "location": "L1", "quantity": 3}]
+    assert await redis.zscore(UNV, "r1") == float(stamp)
+    assert await redis.hmget(POS, "res:L1", "com:L1") == ["0", "3"]
+    assert await redis.ttl(REC) > 0
+    # A confirm again (a retry writing the row) moves nothing and restamps the move, so a
+    # take-back of the stamp read before it misses.
+    await redis.zadd(UNV, {"r1": 5})
+    again, restamp, moved, lines_again = await settle(redis, "r1", "confirm", track=True)
+    assert (again, moved, lines_again) == ("confirmed", 0, lines)
+    assert int(restamp) >= int(stamp)
+    assert await unconfirm(redis, "r1", "5") == ["kept"]
+    assert await redis.hmget(POS, "res:L1", "com:L1") == ["0", "3"]
+    # Its own stamp: held again, as before the confirm, and due for expiry again.
+    assert await unconfirm(redis, "r1", restamp) == ["held"]
+    assert await redis.hmget(POS, "res:L1", "com:L1") == ["3", "0"]
+    assert await redis.hget(HOLDS, "r1") == "L1=3"
+    assert await redis.hexists(HOLDS, "\x1fr1") == 0
+    assert await redis.hmget(REC, "st", "exp") == ["held", expires]
+    assert await redis.ttl(REC) == -1
+    assert await redis.zscore(IDX, "r1") == float(expires)
+    assert await redis.zscore(UNV, "r1") is None
+    assert await unconfirm(redis, "r1", restamp) == ["kept"]  # unlisted: nothing more
+    # A confirm of a confirmed reservation that is not listed lists it (a retry writing a
+    # row the mender must then find before it takes anything back).
+    await settle(redis, "r1", "confirm")
+    assert await redis.zscore(UNV, "r1") is None
+    _, stamp, moved, _ = await settle(redis, "r1", "confirm", track=True)
+    assert (moved, await redis.zscore(UNV, "r1")) == (0, float(stamp))
+    await redis.zrem(UNV, "r1")
+    await redis.delete(REC, HOLDS)
+    await redis.hset(POS, mapping={"res:L1": 0, "com:L1": 0})
+    await reserve(redis, "r1", 3)
+    # The reservation is an ordinary hold again: it can be released, or confirmed.
+    assert await settle(redis, "r1", "release") == ["released"]
+    assert await redis.hget(POS, "res:L1") == "0"
+
+
+async def test_an_untracked_confirm_is_not_listed_and_a_listed_one_not_confirmed_goes(
+    redis: aioredis.Redis,
+) -> None:
+    await redis.hset(POS, "oh:L1", 10)
+    await reserve(redis, "r1", 2)
+    assert await settle(redis, "r1", "confirm") == ["confirmed"]
+    assert await redis.zcard(UNV) == 0
+    await redis.delete(REC)
+    await reserve(redis, "r2", 2)
+    await redis.zadd(UNV, {"r2": 7})
+    assert await unconfirm(redis, "r2", "7") == ["held"]  # not confirmed: only unlisted
+    assert await redis.zscore(UNV, "r2") is None
+    assert await redis.hmget(POS, "res:L1", "com:L1") == ["2", "2"]
 
 
 # --- extend.lua ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import msgspec
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -29,15 +30,18 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_runner import BaseRunner
 
 from gateway.adapters.outbox import PostgresOrderQueue, PostgresOutbox
+from gateway.adapters.postgres import Postgres
 from gateway.buffering.backpressure import BackPressure
-from gateway.buffering.intake import DIRECT_HOLD_SECONDS, OrderIntake
+from gateway.buffering.intake import ANSWER_SLACK_SECONDS, DIRECT_HOLD_SECONDS, OrderIntake
 from gateway.buffering.mender import GRACE_SECONDS, INTERVAL
 from gateway.buffering.schemas import OrderRequest
 from gateway.dev.erp_sim import Knobs, create_sim_app
 from gateway.errors import BufferFull
 from gateway.http.state import POSTGRES, RESERVATIONS_SERVICE
+from gateway.ports import NewOrder
 from gateway.reservation import keys
 from gateway.reservation.schemas import LineRequest
+from gateway.settings import Settings
 from tests.conftest import auth
 from tests.erp_flow import busiest_second, erp_sim, received
 from tests.gateway_proc import GatewayProcess
@@ -50,10 +54,18 @@ from tests.helpers import (
     backdate_expiry,
     event,
     eventually,
+    metric_sum,
     stock,
 )
 
 RATE, BURST = 40, 5
+
+
+def answer_within(settings: Settings) -> float:
+    """How long a confirm may take and still answer 202 (gateway/app.py)."""
+    return settings.redis_timeout_seconds + settings.postgres_timeout_seconds + ANSWER_SLACK_SECONDS
+
+
 NO_ANSWER = None  # the request got no answer: the gateway died under it
 
 
@@ -254,13 +266,21 @@ async def test_a_gateway_killed_mid_flight_and_restarted_loses_and_repeats_nothi
             assert await busiest_second(sim) <= RATE + BURST
 
             # The holds agree with the rows: each order's hold committed, no other committed.
-            holds = await asyncio.gather(*(api.hold(f"order:{oid}") for oid in results))
-            by_order = dict(zip(results, holds, strict=True))
+            # An unanswered order with no row holds nothing committed: a hold the kill left
+            # moved without its row is taken back by the mender once its grace has passed
+            # (twice the time a confirm may take to answer), then waits out its
+            # DIRECT_HOLD_SECONDS like a hold that never moved.
+            by_order: dict[str, str] = {}
+
+            async def holds_agree() -> bool:
+                holds = await asyncio.gather(*(api.hold(f"order:{oid}") for oid in results))
+                by_order.update(zip(results, holds, strict=True))
+                others = {by_order[oid] for oid in results.keys() - rows.keys()}
+                return others <= {"held", "missing"}
+
+            grace = 2 * answer_within(Settings())
+            await eventually(holds_agree, grace + INTERVAL + 5, "moves without a row taken back")
             assert {by_order[oid] for oid in rows} == {"confirmed"}
-            # An unanswered order with no row holds nothing committed: its hold (if it was
-            # made) waits out its DIRECT_HOLD_SECONDS.
-            others = {by_order[oid] for oid in results.keys() - rows.keys()}
-            assert others <= {"held", "missing"}
             held = sum(by_order[oid] == "held" for oid in results)
             assert await api.figures() == (held, len(rows))
         finally:
@@ -268,68 +288,41 @@ async def test_a_gateway_killed_mid_flight_and_restarted_loses_and_repeats_nothi
     assert DIRECT_HOLD_SECONDS > 30  # so no hold above lapsed while the test ran
 
 
-async def stalled_in_redis(redis: aioredis.Redis) -> int:
-    """Clients waiting in the paused Redis on a script call."""
-    clients = await redis.client_list()
-    return sum("b" in c["flags"] and c["cmd"] in {"evalsha", "eval"} for c in clients)
-
-
-async def test_a_gateway_killed_between_the_two_writes_is_mended_after_restart(
+async def test_rows_left_pending_by_a_row_first_confirm_are_mended(
     own_redis: OwnRedis,
     postgres_dsn: str,
     pg: asyncpg.Connection,
     http: aiohttp.ClientSession,
 ) -> None:
-    """Two confirms stop after their rows committed, before their holds moved, and their
-    gateways are SIGKILLed there. After a restart the mender finishes both as intake.py says:
-    the hold still held moves to committed and its order is sent once; the hold that lapsed
-    meanwhile is released and its row dropped, never acknowledged.
+    """The row-first order of the two writes (a cluster's, and every gateway's before moves
+    went first on a single node): a gateway that died after committing two rows, before moving
+    their holds, left them pending. A gateway finishes both as intake.py says: the hold still
+    held moves to committed and its order is sent once; the hold that lapsed meanwhile is
+    released and its row dropped, never acknowledged.
 
-    How they stop there: Redis paused for writes (``CLIENT PAUSE WRITE``) lets the confirm's
-    reads and its PostgreSQL commit through and holds its script call (the hold's move). One
-    gateway per confirm: each talks to Redis over one connection, where a second confirm's read
-    could queue behind the first one's held script. No ERP yet, so the writers make no Redis
-    writes of their own: the script calls held are the confirms'."""
+    The rows are written as that confirm writes them (``PostgresOutbox.add``): on a single node
+    no confirm stops there any more, so no kill can leave them (the next test kills one
+    between the writes of today's order)."""
     redis = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
-    # Long Redis timeouts: the held confirms must still be waiting when the kill comes.
-    patient = {"GATEWAY_REDIS_TIMEOUT_SECONDS": "30"}
-    crashing = await asyncio.gather(
-        started(own_redis.url, postgres_dsn, **patient),
-        started(own_redis.url, postgres_dsn, **patient),
-    )
+    db = Postgres(postgres_dsn, 3.0)
+    await db.start()
     try:
-        apis = [Api(http, gateway) for gateway in crashing]
-        await apis[0].stock(10)
-        await apis[0].reserve("kept", 2)
-        await apis[0].reserve("lapsed", 3)
-        await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
-        confirms = [
-            asyncio.create_task(api.confirm(rid, f"o-{rid}"))
-            for api, rid in zip(apis, ("kept", "lapsed"), strict=True)
-        ]
-
-        async def between_the_writes() -> bool:
-            pending = await pg.fetchval("SELECT count(*) FROM order_holds_pending")
-            return pending == 2 and await stalled_in_redis(redis) == 2
-
-        await eventually(between_the_writes, 10, "both rows committed, both holds waiting")
-        assert not any(task.done() for task in confirms)
-        for gateway in crashing:
-            gateway.kill()
-        for task in confirms:
-            with pytest.raises(aiohttp.ClientError):
-                await task  # never answered: the order was not acknowledged
-    finally:
-        for gateway in crashing:
-            gateway.stop()
-    await redis.execute_command("CLIENT", "UNPAUSE")
-    try:
-        # The killed processes' scripts never ran: Redis dropped them with the connections.
-        for rid in ("kept", "lapsed"):
-            assert await redis.hget(keys.record(rid), keys.STATUS) == "held"
-        await backdate_expiry(redis, "lapsed", 3600)  # its hold lapses before anyone mends
-
         async with erp_sim() as sim:
+            first = await started(own_redis.url, postgres_dsn)
+            try:
+                api = Api(http, first)
+                await api.stock(10)
+                await api.reserve("kept", 2)
+                await api.reserve("lapsed", 3)
+            finally:
+                first.stop()
+            outbox = PostgresOutbox(db)
+            for rid in ("kept", "lapsed"):
+                line = [{"sku": "A", "location": "L1", "quantity": 2 if rid == "kept" else 3}]
+                order = NewOrder(f"o-{rid}", rid, f"cust-{rid}", b"{}", orjson.dumps(line))
+                assert await outbox.add(order) is not None
+            await backdate_expiry(redis, "lapsed", 3600)  # its hold lapses before anyone mends
+
             second = await started(own_redis.url, postgres_dsn, **erp_env(sim))
             restarted = time.monotonic()
             try:
@@ -360,7 +353,119 @@ async def test_a_gateway_killed_between_the_two_writes_is_mended_after_restart(
             finally:
                 second.stop()
     finally:
+        await db.close()
         await redis.aclose()
+
+
+async def test_a_gateway_killed_after_the_move_before_the_row_is_mended_after_restart(
+    own_redis: OwnRedis,
+    postgres_dsn: str,
+    pg: asyncpg.Connection,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The other order of the two writes (intake.py, single node): two confirms moved their
+    holds, their rows never committed, and the gateway is SIGKILLed there. After a restart,
+    checkout's retry of one writes its row (202, the hold stays committed); the other, never
+    retried, is taken back by the mender once its grace has passed: held again, nothing
+    committed, nothing sent, and checkout can still confirm it.
+
+    How they stop there: the test locks ``orders``, so the rows' insert waits while the holds'
+    scripts run; after the kill it ends the backend still waiting with the insert, so the rows
+    never land (PostgreSQL would otherwise finish a statement whose client is gone)."""
+    redis = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    async with erp_sim() as sim:
+        crashing = await started(own_redis.url, postgres_dsn, **erp_env(sim))
+        try:
+            api = Api(http, crashing)
+            await api.stock(10)
+            await api.reserve("healed", 2)
+            await api.reserve("abandoned", 3)
+            locker = await asyncpg.connect(postgres_dsn)
+            try:
+                lock = locker.transaction()
+                await lock.start()
+                await locker.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
+                confirms = [
+                    asyncio.create_task(api.confirm(rid, f"o-{rid}"))
+                    for rid in ("healed", "abandoned")
+                ]
+
+                async def between_the_writes() -> bool:
+                    listed = await redis.zrange(keys.UNVERIFIED, 0, -1)
+                    waiting = await inserts_waiting(pg)
+                    return sorted(listed) == ["abandoned", "healed"] and waiting >= 1
+
+                await eventually(between_the_writes, 10, "both holds moved, the rows waiting")
+                assert await api.figures() == (0, 5)
+                assert not any(task.done() for task in confirms)
+                crashing.kill()
+                for task in confirms:
+                    with pytest.raises(aiohttp.ClientError):
+                        await task  # never answered: the order was not acknowledged
+                await pg.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO orders%'"
+                )
+                await lock.rollback()
+            finally:
+                await locker.close()
+        finally:
+            crashing.stop()
+        assert await pg.fetchval("SELECT count(*) FROM orders") == 0
+
+        second = await started(own_redis.url, postgres_dsn, **erp_env(sim))
+        restarted = time.monotonic()
+        try:
+            api = Api(http, second)
+            for rid in ("healed", "abandoned"):
+                assert await api.hold(rid) == "confirmed"  # moved, no row: not an order yet
+            status, _, _ = await api.call("GET", "/v1/orders/o-abandoned", "storefront")
+            assert status == 404
+            # Checkout retries one: the row is written, the move restamped and then unlisted.
+            status, receipt, _ = await api.confirm("healed", "o-healed")
+            assert (status, receipt["status"]) == (202, "queued")
+
+            async def mended() -> bool:
+                return await api.hold("abandoned") == "held"
+
+            grace = 2 * answer_within(Settings())
+            await eventually(mended, grace + INTERVAL + 5, "the move without a row taken back")
+            # Within seconds: the grace from the move, then a pass about every INTERVAL.
+            assert time.monotonic() - restarted <= grace + INTERVAL + 3
+            assert await api.hold("healed") == "confirmed"
+            assert await api.figures() == (3, 2)
+            assert await redis.zrange(keys.UNVERIFIED, 0, -1) == []
+            async with http.get(second.url + "/metrics") as resp:
+                scrape = await resp.text()
+            assert metric_sum(scrape, "gateway_orders_mended_total", outcome="taken_back") == 1
+
+            async def sent() -> bool:
+                return [o["key"] for o in (await received(sim))["orders"]] == ["o-healed"]
+
+            await eventually(sent, 10, "the healed order sent")
+            # The abandoned reservation is an ordinary hold again: checkout can confirm it.
+            status, receipt, _ = await api.confirm("abandoned", "o-abandoned")
+            assert (status, receipt["status"]) == (202, "queued")
+            assert await api.figures() == (0, 5)
+            await eventually(partial(buffer_empty, pg), 10, "both orders sent")
+            orders = (await received(sim))["orders"]
+            assert sorted((o["key"], o["deliveries"]) for o in orders) == [
+                ("o-abandoned", 1),
+                ("o-healed", 1),
+            ]
+        finally:
+            second.stop()
+    await redis.aclose()
+
+
+async def inserts_waiting(pg: asyncpg.Connection) -> int:
+    """Backends waiting on a lock with an insert into the order buffer."""
+    return int(
+        await pg.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO orders%'"
+        )
+    )
 
 
 async def test_an_erp_slower_than_the_orders_fills_the_buffer_then_intake_resumes(

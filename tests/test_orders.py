@@ -8,13 +8,19 @@ import json
 from typing import Any
 
 import asyncpg
+import msgspec
+import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.adapters.outbox import PostgresOutbox
 from gateway.app import create_app
-from gateway.buffering.mender import mend_once
+from gateway.buffering.intake import OrderIntake
+from gateway.buffering.mender import mend_once, take_back_moves
+from gateway.buffering.schemas import ConfirmRequest
+from gateway.errors import DependencyDown, GatewayError, OutcomeUnknown
 from gateway.http.state import ORDER_INTAKE, POSTGRES, RESERVATIONS_SERVICE
+from gateway.reservation import keys
 from tests.conftest import auth, make_settings
 from tests.helpers import (
     ORDER_HOLDS,
@@ -85,7 +91,10 @@ async def test_racing_confirms_make_one_order(client: Client, pg: asyncpg.Connec
     await stock(client, A__L1=10)
     assert (await reserve(client, "r1", LINE)).status == 201
     answers = await asyncio.gather(*(confirm(client, "r1", "o1") for _ in range(10)))
-    assert sorted(r.status for r in answers) == [200] * 9 + [202]
+    bodies = [await r.text() for r in answers]
+    assert sorted(r.status for r in answers) == [200] * 9 + [202], [
+        (r.status, b) for r, b in zip(answers, bodies, strict=True) if r.status != 200
+    ]
     assert await pg.fetchval("SELECT count(*) FROM orders") == 1
     assert await figures(client) == (0, 3)
 
@@ -245,3 +254,84 @@ async def test_a_full_buffer_refuses_honestly_and_resumes_below_low_water(
 
         await eventually(taken, 3, "intake resumed below the low-water mark")
         assert await figures(client) == (0, 18)
+
+
+class _FailingRows:
+    """The order buffer, with the row write failing as ``error`` says (a dependency fault as
+    PostgreSQL's port reports it), after the hold moved."""
+
+    def __init__(self, inner: PostgresOutbox, error: GatewayError) -> None:
+        self._inner = inner
+        self.error: GatewayError | None = error
+
+    async def add_moved(self, order: Any) -> Any:
+        if self.error is not None:
+            raise self.error
+        return await self._inner.add_moved(order)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _intake(client: Client, rows: _FailingRows) -> OrderIntake:
+    app = client.server.app
+    return OrderIntake(app[RESERVATIONS_SERVICE], rows, answer_within=6.0)  # type: ignore[arg-type]
+
+
+async def test_a_row_write_that_applied_nothing_takes_the_move_back_at_once(
+    client: Client, redis: aioredis.Redis, pg: asyncpg.Connection
+) -> None:
+    await stock(client, A__L1=10)
+    assert (await reserve(client, "r1", LINE)).status == 201
+    down = DependencyDown("postgres: not reachable; nothing was applied", dependency="postgres")
+    rows = _FailingRows(PostgresOutbox(client.server.app[POSTGRES]), down)
+    intake = _intake(client, rows)
+    request = ConfirmRequest(order_id="o1", order=msgspec.Raw(b'{"customer_id":"c1"}'))
+    with pytest.raises(DependencyDown):
+        await intake.confirm("r1", request)
+    # Nothing applied: the hold is held as before, nothing listed, no row.
+    assert await figures(client) == (3, 0)
+    assert await redis.hget(keys.record("r1"), keys.STATUS) == "held"
+    assert await redis.zcard(keys.UNVERIFIED) == 0
+    assert await pg.fetchval("SELECT count(*) FROM orders") == 0
+    # Checkout's retry goes through.
+    rows.error = None
+    assert (await intake.confirm("r1", request)).status == 202
+    assert await figures(client) == (0, 3)
+
+
+async def test_a_move_whose_row_is_unknown_is_finished_by_a_retry_or_taken_back(
+    client: Client, redis: aioredis.Redis, pg: asyncpg.Connection
+) -> None:
+    await stock(client, A__L1=10)
+    for rid in ("kept", "dropped"):
+        assert (await reserve(client, rid, LINE)).status == 201
+    unknown = OutcomeUnknown("postgres: no answer to COMMIT", dependency="postgres")
+    rows = _FailingRows(PostgresOutbox(client.server.app[POSTGRES]), unknown)
+    intake = _intake(client, rows)
+
+    def request(order_id: str) -> ConfirmRequest:
+        return ConfirmRequest(order_id=order_id, order=msgspec.Raw(b'{"customer_id":"c1"}'))
+
+    for rid in ("kept", "dropped"):
+        with pytest.raises(OutcomeUnknown):
+            await intake.confirm(rid, request(f"o-{rid}"))
+    # Moved and listed, no rows: not orders yet.
+    assert await figures(client) == (0, 6)
+    assert sorted(await redis.zrange(keys.UNVERIFIED, 0, -1)) == ["dropped", "kept"]
+    rows.error = None
+    assert (await intake.confirm("kept", request("o-kept"))).status == 202  # the retry
+    outbox = PostgresOutbox(client.server.app[POSTGRES])
+    # Young moves are left alone (their confirms may still be writing the rows).
+    assert await take_back_moves(intake.reservations, outbox, grace=60) == 0
+    assert await figures(client) == (0, 6)
+    assert await take_back_moves(intake.reservations, outbox, grace=0) == 1
+    assert await redis.zcard(keys.UNVERIFIED) == 0
+    assert await redis.hget(keys.record("dropped"), keys.STATUS) == "held"
+    assert await redis.hget(keys.record("kept"), keys.STATUS) == "confirmed"
+    assert await figures(client) == (3, 3)
+    rows_now = await pg.fetch("SELECT order_id FROM orders ORDER BY order_id")
+    assert [r[0] for r in rows_now] == ["o-kept"]
+    # The held reservation can be confirmed again.
+    assert (await intake.confirm("dropped", request("o-dropped"))).status == 202
+    assert await figures(client) == (0, 6)

@@ -260,7 +260,8 @@ async def test_release_racing_its_reserve_releases_what_it_held(
         await reserve(client, "race", [{"sku": "Y", "location": "L1", "quantity": 4}])
     ).status == 201
     scripts = ScriptRegistry(client.app[REDIS], "gateway.reservation")
-    stale = [record_keys("race"), ["race", "release", "60", ""]]  # read before the reserve
+    # Read before the reserve: no SKUs, so only the record's keys and the unverified index.
+    stale = [[*record_keys("race"), keys.UNVERIFIED], ["race", "release", "60", ""]]
     ((status,),) = await scripts.run("settle.lua", [(stale[0], stale[1])])
     assert status == b"retry"
     assert await redis.hget(keys.holds("Y"), "race") == "L1=4"

@@ -48,6 +48,16 @@ _NEW_ROWS: Final = """
         -- on every new row) is the new order's now, rather than fail the whole batch.
         ON CONFLICT (order_id) DO UPDATE SET created_at = excluded.created_at)"""
 _INSERT: Final = f"WITH {_NEW_ROWS} SELECT {_INSERTED} FROM new"
+# The rows of confirms whose holds moved first (single node: gateway.buffering.intake): no
+# pending mark to write, nor to delete afterwards.
+_INSERT_MOVED: Final = """
+    INSERT INTO orders (order_id, reservation_id, customer_id, body, lines)
+    SELECT u.order_id, u.reservation_id, u.customer_id, u.body, u.lines::jsonb
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[])
+        AS u(order_id, reservation_id, customer_id, body, lines)
+    ON CONFLICT DO NOTHING
+    RETURNING order_id, reservation_id, status, 'moved', attempts, last_error, erp_order_id,
+        accepted_at, created_at, updated_at"""
 # Locked in key order first (the plan of a plain DELETE decides its own order).
 _MOVED: Final = """
     DELETE FROM order_holds_pending
@@ -69,6 +79,7 @@ _HOLD_MOVED: Final = _MOVED.format(ids="$1")
 _DISCARD: Final = """
     WITH gone AS (DELETE FROM order_holds_pending WHERE order_id = $1 RETURNING order_id)
     DELETE FROM orders o USING gone WHERE o.order_id = gone.order_id"""
+_WITH_ROWS: Final = "SELECT reservation_id FROM orders WHERE reservation_id = ANY($1::text[])"
 _HOLDS_PENDING: Final = f"""
     SELECT {_INSERTED} FROM orders
     WHERE order_id IN (
@@ -92,8 +103,17 @@ async def _insert_and_mark(
     return await _insert_marking(conn, orders, moved), [None] * len(moved)
 
 
+async def _insert_moved(
+    conn: asyncpg.Connection, orders: Sequence[NewOrder]
+) -> list[StoredOrder | None]:
+    return await _insert_marking(conn, orders, (), statement=_INSERT_MOVED)
+
+
 async def _insert_marking(
-    conn: asyncpg.Connection, orders: Sequence[NewOrder], moved: Sequence[str]
+    conn: asyncpg.Connection,
+    orders: Sequence[NewOrder],
+    moved: Sequence[str],
+    statement: str = _INSERT,
 ) -> list[StoredOrder | None]:
     rows = sorted(orders, key=lambda o: o.order_id)  # lock order: see group_commit
     columns = [[o[i] for o in rows] for i in range(4)]
@@ -101,7 +121,7 @@ async def _insert_marking(
     if moved:
         inserted = await conn.fetch(_INSERT_AND_MARK, *columns, lines, sorted(moved))
     else:
-        inserted = await conn.fetch(_INSERT, *columns, lines)
+        inserted = await conn.fetch(statement, *columns, lines)
     by_id = {row[0]: StoredOrder(*row.values()) for row in inserted}
     # A row is one caller's: the first that asked for it with its reservation. A racing
     # request for the same order (or the same id and another reservation) lost, and learns
@@ -125,6 +145,7 @@ async def _hold_moved(conn: asyncpg.Connection, order_ids: Sequence[str]) -> lis
 # Marks wait up to 50 ms for new rows to ride with: under load they always find some.
 HOLD_MOVED: Final = Statement("hold-moved", _hold_moved, rides_for=0.05)
 INSERT: Final = Statement("insert-order", _insert, carries=Carry(HOLD_MOVED, _insert_and_mark))
+INSERT_MOVED: Final = Statement("insert-moved-order", _insert_moved)
 
 
 class PostgresOutbox:
@@ -137,6 +158,9 @@ class PostgresOutbox:
 
     async def add(self, order: NewOrder) -> StoredOrder | None:
         return await self._commits.write(INSERT, order)
+
+    async def add_moved(self, order: NewOrder) -> StoredOrder | None:
+        return await self._commits.write(INSERT_MOVED, order)
 
     async def find(self, order_id: str) -> StoredOrder | None:
         return await self._db.read(_fetch_one(_BY_ID, order_id))
@@ -160,6 +184,13 @@ class PostgresOutbox:
         async def select(conn: asyncpg.Connection) -> list[StoredOrder]:
             rows = await conn.fetch(_HOLDS_PENDING, older_than_seconds, limit)
             return [StoredOrder(*row.values()) for row in rows]
+
+        return await self._db.read(select)
+
+    async def with_rows(self, reservation_ids: Sequence[str]) -> set[str]:
+        async def select(conn: asyncpg.Connection) -> set[str]:
+            rows = await conn.fetch(_WITH_ROWS, list(reservation_ids))
+            return {row[0] for row in rows}
 
         return await self._db.read(select)
 

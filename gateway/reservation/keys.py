@@ -53,6 +53,12 @@ def expiry_index(n: int) -> str:
     return f"{PREFIX}:rsv-expiry:{{rsv{n}}}"
 
 
+# Confirms whose order row may not be committed yet (settle.lua, unconfirm.lua): reservation id
+# -> when its hold moved (ms, Redis's clock). Single node only, where a confirm moves the hold
+# and writes the row at once (gateway.buffering.intake), so one key serves every bucket.
+UNVERIFIED: Final = f"{PREFIX}:rsv-unverified"
+
+
 def holds(sku: str) -> str:
     """Per SKU: reservation id -> what it holds of the SKU, by location."""
     return f"{PREFIX}:{{{sku}}}:h"

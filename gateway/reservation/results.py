@@ -54,9 +54,14 @@ BeginResult = Begun | Replayed | Mismatch
 
 class Settled(msgspec.Struct, tag=True):
     """The record's status after the call (``released``, ``confirmed``, ``expired``, ``held``:
-    an expiry not due yet, or another status the action leaves as it is)."""
+    an expiry not due yet, or another status the action leaves as it is). A tracked confirm
+    (see ``settle.lua``) also says when the move was stamped in the unverified index, and
+    whether this call moved the hold (else it only restamped an earlier move)."""
 
     status: str
+    stamp: str | None = None
+    moved: bool = False
+    lines: bytes | None = None  # a tracked confirm's held lines (JSON), as stored
 
 
 class Missing(msgspec.Struct, tag=True):

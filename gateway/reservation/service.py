@@ -8,16 +8,20 @@ cluster a reservation's SKUs live on different nodes, so it runs as a saga
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
+import structlog
 
 from gateway.atp import keys as atp_keys
 from gateway.errors import (
     RETRY_AFTER,
     ConfigNotCopied,
     Conflict,
+    GatewayError,
     NotFound,
     OutcomeUnknown,
     Unavailable,
@@ -35,11 +39,19 @@ from gateway.reservation.replies import (
     text,
     unknown,
 )
-from gateway.reservation.results import Missing, NotHeld, Retry, Settled, SettleResult
+from gateway.reservation.results import Held, Missing, NotHeld, Retry, Settled, SettleResult
 from gateway.reservation.saga import ClusterSaga
 from gateway.reservation.schemas import DEFAULT_TTL_SECONDS, Reservation, ReservationRequest
 from gateway.reservation.store import Record, ReservationStore, record_keys, reserve_result
 
+log = structlog.get_logger(__name__)
+
+# Reservations made here whose confirm can skip reading them (see made_here), at most: a few
+# minutes of reservations at a thousand a second, under a minute at a flash sale's peak; about
+# 100 bytes each (the id; SKU sets are shared, see _SKU_SETS), so some 30 MB when full.
+_MADE_KEPT: Final = 262_144
+# Distinct SKU sets shared among those entries, at most (a flash sale's are few).
+_SKU_SETS: Final = 4096
 # A settle retried this often is racing something that keeps changing the record.
 _SETTLE_ATTEMPTS: Final = 5
 
@@ -59,9 +71,33 @@ class ReservationService:
         self._max_ttl = max_ttl_seconds
         self._store = ReservationStore(scripts, records, holder)
         self._saga = ClusterSaga(self._store, records)
+        # What confirms need of the reservations made here lately, so that a confirm of one
+        # moves its hold without reading it first (insertion order: the oldest go first).
+        self._made: dict[str, bytes] = {}
+        self._sku_sets: dict[bytes, bytes] = {}
+        # Confirms whose rows committed, unlisted together once per event-loop tick.
+        self._verified: list[str] = []
+        self._unlisting: set[asyncio.Task[None]] = set()
+
+    @property
+    def moves_first(self) -> bool:
+        """Whether a confirm moves the hold before its order row is written (one script on a
+        single node, undone by :meth:`unconfirm`); on a cluster the move is a saga, so the row
+        goes first."""
+        return not self._cluster
+
+    def made_here(self, rid: str) -> bytes | None:
+        """The SKUs (as recorded) of a reservation this process made, for a confirm to move
+        its hold without reading it first (taken: a second confirm reads Redis), or None. A
+        stale entry (the id lapsed and was made again with other SKUs) costs a 'retry' of
+        settle.lua, never a wrong move."""
+        return self._made.pop(rid, None)
 
     async def close(self) -> None:
         """Cancel reservation calls still in flight (their requests are being cancelled too)."""
+        self._unlist()
+        while self._unlisting:
+            await asyncio.gather(*self._unlisting, return_exceptions=True)
         await self._store.close()
 
     # --- reserve ------------------------------------------------------------------------------
@@ -86,7 +122,19 @@ class ReservationService:
         reply = await self._store.reserve(
             record, rid, fingerprint, ttl * 1000, lines, skus, locations
         )
-        return outcome(rid, reserve_result(reply), self._store.script_error)
+        result = reserve_result(reply)
+        if type(result) is Held:
+            made = self._made
+            if len(made) >= _MADE_KEPT:
+                del made[next(iter(made))]
+            encoded = ENCODER.encode(skus)
+            shared = self._sku_sets.get(encoded)
+            if shared is None:
+                if len(self._sku_sets) >= _SKU_SETS:
+                    self._sku_sets.clear()
+                shared = self._sku_sets[encoded] = encoded
+            made[rid] = shared
+        return outcome(rid, result, self._store.script_error)
 
     def _check(self, request: ReservationRequest, ttl: int) -> set[str]:
         """What the schema cannot say; returns the location groups the lines name."""
@@ -192,6 +240,53 @@ class ReservationService:
         """Move a held reservation into ``committed``; idempotent. Returns the status after.
         ``skus``: what :meth:`get_to_confirm` answered (a stale one only costs a retry)."""
         return await self._settle(rid, "confirm", skus)
+
+    async def confirm_tracked(self, rid: str, skus: bytes | str) -> Settled:
+        """A confirm while the order row is written (single node): a move is listed, with its
+        stamp, until :meth:`verified` or :meth:`unconfirm`."""
+        result: SettleResult = Retry()
+        raw: bytes | str | None = skus
+        for _ in range(_SETTLE_ATTEMPTS):
+            result = await self._store.settle(rid, "confirm", record_keys(rid), raw, track=True)
+            if type(result) is not Retry:
+                break
+            raw = None
+        if type(result) is Missing:
+            raise NotFound(f"reservation {rid!r} does not exist", reservation_id=rid)
+        if type(result) is not Settled:
+            raise Unavailable(f"reservation {rid!r} kept changing; retry", retry_after=RETRY_AFTER)
+        return result
+
+    async def unconfirm(self, rid: str, stamp: str) -> str:
+        """Take back a tracked confirm whose row was never written: see ``unconfirm.lua``."""
+        return await self._store.unconfirm(rid, stamp, record_keys(rid))
+
+    async def unverified(self, age_seconds: float, limit: int) -> list[tuple[str, str]]:
+        """Tracked confirms listed longer than ``age_seconds``: (reservation id, stamp)."""
+        return await self._store.unverified(int(age_seconds * 1000), limit)
+
+    async def verified(self, rids: Sequence[str]) -> None:
+        await self._store.verified(rids)
+
+    def verified_soon(self, rid: str) -> None:
+        """Unlist a tracked confirm whose row committed, with the others of this tick; one
+        that stays listed (Redis failing now) is the mender's to unlist."""
+        self._verified.append(rid)
+        if len(self._verified) == 1:
+            asyncio.get_running_loop().call_soon(self._unlist)
+
+    def _unlist(self) -> None:
+        rids, self._verified = self._verified, []
+        if rids:
+            task = asyncio.create_task(self._unlist_now(rids), name="unlist-confirms")
+            self._unlisting.add(task)
+            task.add_done_callback(self._unlisting.discard)
+
+    async def _unlist_now(self, rids: list[str]) -> None:
+        try:
+            await self._store.verified(rids)
+        except GatewayError as exc:
+            log.debug("confirm_unlist_deferred", count=len(rids), error=exc.detail)
 
     async def expire(self, rid: str) -> str:
         return await self._settle(rid, "expire")

@@ -48,6 +48,10 @@ _RETENTION: Final = str(RETENTION_SECONDS)
 _RECORD_FIELDS: Final = (keys.STATUS, keys.ANSWER, keys.EXPIRES)
 _RECORD_AND_SKUS: Final = (*_RECORD_FIELDS, keys.SKUS)
 _SKUS_FIELD: Final = (keys.SKUS,)
+# A script call's arguments at most (Lua's unpack has a limit near 8,000).
+_UNLIST_SLICE: Final = 1000
+# An unconfirm that keeps meeting other SKUs than it read is racing a reserve of the same id.
+_SETTLE_ATTEMPTS: Final = 3
 
 
 class Record(msgspec.Struct):
@@ -126,27 +130,78 @@ class ReservationStore:
         return Record(text(values[0]), *values[1:])
 
     async def settle(
-        self, rid: str, action: str, record: list[str], raw_skus: bytes | str | None = None
+        self,
+        rid: str,
+        action: str,
+        record: list[str],
+        raw_skus: bytes | str | None = None,
+        *,
+        track: bool = False,
     ) -> SettleResult:
-        """``raw_skus``: the record's SKUs as the caller read them (else read here)."""
+        """``raw_skus``: the record's SKUs as the caller read them (else read here). ``track``:
+        a confirm whose order row is being written meanwhile (see ``settle.lua``)."""
         # The script needs the SKUs' keys up front, so they are read first; if the reservation
         # is made between this read and the script (a release racing its own reserve), the
         # script sees other SKUs than were sent and answers 'retry' rather than lose holds.
         if raw_skus is None:
             ((raw_skus,),) = await self._records.fields([FieldsRead(record[0], _SKUS_FIELD)])
-        skus: list[str] = msgspec.json.decode(raw_skus) if raw_skus else []
-        call_keys = list(record)
-        for sku in skus:
-            call_keys += sku_keys(sku)
-        (reply,) = await self._scripts.run(
-            "settle.lua", [(call_keys, [rid, action, _RETENTION, raw_skus or b""])]
-        )
+        call_keys = self._with_skus(record, raw_skus)
+        args = [rid, action, _RETENTION, raw_skus or b"", "1" if track else ""]
+        (reply,) = await self._scripts.run("settle.lua", [(call_keys, args)])
         status = text(reply[0])
         if status == "missing":
             return Missing()
         if status == "retry":
             return Retry()
+        if len(reply) > 1:
+            lines = reply[3]
+            return Settled(
+                status,
+                text(reply[1]),
+                int(reply[2]) == 1,
+                lines if isinstance(lines, bytes) else str(lines).encode(),
+            )
         return Settled(status)
+
+    async def unconfirm(self, rid: str, stamp: str, record: list[str]) -> str:
+        """Take back the confirm stamped ``stamp`` (``unconfirm.lua``): ``held`` when it did,
+        ``kept`` when a later confirm restamped it, else the record's status."""
+        for _ in range(_SETTLE_ATTEMPTS):
+            ((raw_skus,),) = await self._records.fields([FieldsRead(record[0], _SKUS_FIELD)])
+            args = [rid, stamp, raw_skus or b""]
+            (reply,) = await self._scripts.run(
+                "unconfirm.lua", [(self._with_skus(record, raw_skus), args)]
+            )
+            status = text(reply[0])
+            if status != "retry":
+                return status
+        return "kept"  # the record keeps changing: the mender's next pass tries again
+
+    async def unverified(self, age_ms: int, limit: int) -> list[tuple[str, str]]:
+        """Confirms listed longer than ``age_ms`` (oldest first): (reservation id, stamp)."""
+        (reply,) = await self._scripts.run(
+            "unverified.lua", [([keys.UNVERIFIED], [str(age_ms), str(limit)])]
+        )
+        pairs = [text(v) for v in reply]
+        return list(zip(pairs[::2], pairs[1::2], strict=True))
+
+    async def verified(self, rids: Sequence[str]) -> None:
+        """Unlist confirms whose order rows are committed."""
+        calls = [
+            ([keys.UNVERIFIED], list(rids[i : i + _UNLIST_SLICE]))
+            for i in range(0, len(rids), _UNLIST_SLICE)
+        ]
+        await self._scripts.run("verified.lua", calls)
+
+    @staticmethod
+    def _with_skus(record: list[str], raw_skus: bytes | str | None) -> list[str]:
+        """The keys of a single-node settle: the record's, the unverified index, then each
+        SKU's (position, holds)."""
+        skus: list[str] = msgspec.json.decode(raw_skus) if raw_skus else []
+        call_keys = [*record, keys.UNVERIFIED]
+        for sku in skus:
+            call_keys += sku_keys(sku)
+        return call_keys
 
     async def extend(self, rid: str, ttl_ms: int, record: list[str]) -> ExtendResult:
         (reply,) = await self._scripts.run("extend.lua", [(record, [rid, str(ttl_ms)])])
