@@ -186,13 +186,17 @@ async def _orders_ctx(app: web.Application) -> AsyncIterator[None]:
         max_depth=settings.buffer_max_depth,
         max_age_seconds=settings.buffer_max_age_seconds,
     )
+    answer_within = (
+        settings.redis_timeout_seconds + settings.postgres_timeout_seconds + ANSWER_SLACK_SECONDS
+    )
     intake = OrderIntake(
         app[RESERVATIONS_SERVICE],
         outbox,
         pressure,
-        answer_within=settings.redis_timeout_seconds
-        + settings.postgres_timeout_seconds
-        + ANSWER_SLACK_SECONDS,
+        answer_within=answer_within,
+        # Sent by answer_within, a connection within the PostgreSQL timeout and the statement
+        # within its statement_timeout (twice it): committed by then, or never.
+        take_back_after=answer_within + 3 * settings.postgres_timeout_seconds + 1,
     )
     app[ORDER_INTAKE] = intake
     flow = FlowStore(

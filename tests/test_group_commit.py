@@ -90,6 +90,29 @@ async def test_the_queue_before_a_batch_is_bounded(postgres_dsn: str) -> None:
         await db.close()
 
 
+async def test_a_write_not_sent_by_its_deadline_is_not_sent_at_all(postgres_dsn: str) -> None:
+    """A write queued behind a batch past its ``send_by`` is refused, nothing applied (a
+    confirm that moved its hold first must know its row cannot land later); the others of its
+    batch go."""
+    db = Postgres(postgres_dsn, 3.0)
+    await db.start()
+    commits = GroupCommit(db)
+    sent = count_statements(db)
+    try:
+        now = asyncio.get_running_loop().time()
+        # One tick, one batch: the deadline of one has passed by the time the batch forms.
+        late = commits.submit(TXID, 1, send_by=now - 0.001)
+        due = commits.submit(TXID, 2, send_by=now + 60)
+        free = commits.submit(TXID, 3)
+        with pytest.raises(DependencyDown):
+            await late
+        assert [(await due)[0], (await free)[0]] == [2, 3]
+        assert len(sent) == 1  # the others' statement; the late write was in none
+    finally:
+        await commits.close()
+        await db.close()
+
+
 async def test_every_caller_of_a_failed_batch_hears_it(postgres_dsn: str) -> None:
     db = Postgres("postgresql://postgres@127.0.0.1:1/none", 0.5)
     await db.start()

@@ -208,7 +208,7 @@ async def test_a_tracked_confirm_is_listed_restamped_and_taken_back(
     assert json.loads(lines) == [{"sku": "A", "location": "L1", "quantity": 3}]
     assert await redis.zscore(UNV, "r1") == float(stamp)
     assert await redis.hmget(POS, "res:L1", "com:L1") == ["0", "3"]
-    assert await redis.ttl(REC) > 0
+    assert await redis.ttl(REC) == -1  # kept while listed: a take-back needs it
     # A confirm again (a retry writing the row) moves nothing and restamps the move, so a
     # take-back of the stamp read before it misses.
     await redis.zadd(UNV, {"r1": 5})
@@ -231,9 +231,14 @@ async def test_a_tracked_confirm_is_listed_restamped_and_taken_back(
     # row the mender must then find before it takes anything back).
     await settle(redis, "r1", "confirm")
     assert await redis.zscore(UNV, "r1") is None
+    assert await redis.ttl(REC) > 0
     _, stamp, moved, _ = await settle(redis, "r1", "confirm", track=True)
     assert (moved, await redis.zscore(UNV, "r1")) == (0, float(stamp))
-    await redis.zrem(UNV, "r1")
+    assert await redis.ttl(REC) == -1
+    # Its row is there: unlisted, and the record expires as a settled one does.
+    assert await run(redis, "verified.lua", [UNV, REC], [DAY, "r1"]) == 1
+    assert await redis.zscore(UNV, "r1") is None
+    assert 0 < await redis.ttl(REC) <= 86400
     await redis.delete(REC, HOLDS)
     await redis.hset(POS, mapping={"res:L1": 0, "com:L1": 0})
     await reserve(redis, "r1", 3)

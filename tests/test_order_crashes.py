@@ -61,9 +61,12 @@ from tests.helpers import (
 RATE, BURST = 40, 5
 
 
-def answer_within(settings: Settings) -> float:
-    """How long a confirm may take and still answer 202 (gateway/app.py)."""
-    return settings.redis_timeout_seconds + settings.postgres_timeout_seconds + ANSWER_SLACK_SECONDS
+def take_back_after(settings: Settings) -> float:
+    """The mender's grace for a moved hold without a row (gateway/app.py)."""
+    answer_within = (
+        settings.redis_timeout_seconds + settings.postgres_timeout_seconds + ANSWER_SLACK_SECONDS
+    )
+    return answer_within + 3 * settings.postgres_timeout_seconds + 1
 
 
 NO_ANSWER = None  # the request got no answer: the gateway died under it
@@ -268,7 +271,7 @@ async def test_a_gateway_killed_mid_flight_and_restarted_loses_and_repeats_nothi
             # The holds agree with the rows: each order's hold committed, no other committed.
             # An unanswered order with no row holds nothing committed: a hold the kill left
             # moved without its row is taken back by the mender once its grace has passed
-            # (twice the time a confirm may take to answer), then waits out its
+            # (longer than a row sent in time can take to commit), then waits out its
             # DIRECT_HOLD_SECONDS like a hold that never moved.
             by_order: dict[str, str] = {}
 
@@ -278,7 +281,7 @@ async def test_a_gateway_killed_mid_flight_and_restarted_loses_and_repeats_nothi
                 others = {by_order[oid] for oid in results.keys() - rows.keys()}
                 return others <= {"held", "missing"}
 
-            grace = 2 * answer_within(Settings())
+            grace = take_back_after(Settings())
             await eventually(holds_agree, grace + INTERVAL + 5, "moves without a row taken back")
             assert {by_order[oid] for oid in rows} == {"confirmed"}
             held = sum(by_order[oid] == "held" for oid in results)
@@ -428,7 +431,7 @@ async def test_a_gateway_killed_after_the_move_before_the_row_is_mended_after_re
             async def mended() -> bool:
                 return await api.hold("abandoned") == "held"
 
-            grace = 2 * answer_within(Settings())
+            grace = take_back_after(Settings())
             await eventually(mended, grace + INTERVAL + 5, "the move without a row taken back")
             # Within seconds: the grace from the move, then a pass about every INTERVAL.
             assert time.monotonic() - restarted <= grace + INTERVAL + 3

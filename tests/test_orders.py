@@ -264,10 +264,10 @@ class _FailingRows:
         self._inner = inner
         self.error: GatewayError | None = error
 
-    async def add_moved(self, order: Any) -> Any:
+    async def add_moved(self, order: Any, send_by: float) -> Any:
         if self.error is not None:
             raise self.error
-        return await self._inner.add_moved(order)
+        return await self._inner.add_moved(order, send_by)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

@@ -26,7 +26,7 @@ from typing import Any, Final, Generic, TypeVar
 import asyncpg
 
 from gateway.adapters.postgres import NAME, Postgres
-from gateway.errors import RETRY_AFTER, OutcomeUnknown, Overloaded
+from gateway.errors import RETRY_AFTER, DependencyDown, OutcomeUnknown, Overloaded
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -75,12 +75,19 @@ class Carry(Generic[A, R]):
 
 
 class _Write:
-    __slots__ = ("arg", "future", "statement")
+    __slots__ = ("arg", "future", "send_by", "statement")
 
-    def __init__(self, statement: Statement[Any, Any], arg: Any, future: asyncio.Future[Any]):
+    def __init__(
+        self,
+        statement: Statement[Any, Any],
+        arg: Any,
+        future: asyncio.Future[Any],
+        send_by: float | None = None,
+    ):
         self.statement = statement
         self.arg = arg
         self.future = future
+        self.send_by = send_by
 
 
 class GroupCommit:
@@ -95,10 +102,16 @@ class GroupCommit:
         self._flushes: set[asyncio.Task[None]] = set()
         self._riders_due: asyncio.TimerHandle | None = None
 
-    async def write(self, statement: Statement[A, R], arg: A) -> R:
-        return await self.submit(statement, arg)
+    async def write(self, statement: Statement[A, R], arg: A, *, send_by: float | None = None) -> R:
+        """``send_by``: the loop time after which the write is not sent at all (503
+        ``dependency_unavailable``, nothing applied), for a caller that must know its write
+        cannot commit later than some bound (the statement itself is bounded by PostgreSQL's
+        ``statement_timeout``)."""
+        return await self.submit(statement, arg, send_by=send_by)
 
-    def submit(self, statement: Statement[A, R], arg: A) -> asyncio.Future[R]:
+    def submit(
+        self, statement: Statement[A, R], arg: A, *, send_by: float | None = None
+    ) -> asyncio.Future[R]:
         """Queue a write; its future answers as :meth:`write` does. For a caller that does not
         wait: no task of its own per write (the future is the committer's until it answers).
         Raises ``overloaded`` when :data:`MAX_PENDING` writes wait already."""
@@ -109,7 +122,7 @@ class GroupCommit:
             )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        self._pending.append(_Write(statement, arg, future))
+        self._pending.append(_Write(statement, arg, future, send_by))
         if self._flusher_waiting:
             pass  # the next batch takes it
         elif statement.rides_for > 0:
@@ -148,6 +161,7 @@ class GroupCommit:
             self._flusher_waiting = False
             batch = [w for w in self._pending[: self._max_batch] if not w.future.done()]
             del self._pending[: self._max_batch]
+            batch = _in_time(batch)
             if self._pending and not self._flusher_waiting:
                 self._start_flush()
             if not batch:
@@ -193,6 +207,26 @@ class GroupCommit:
         for w, result in zip((*writes, *carried), (*results, *carried_results), strict=True):
             if not w.future.done():  # a caller that went away does not want its answer
                 w.future.set_result(result)
+
+
+def _in_time(batch: list[_Write]) -> list[_Write]:
+    """The writes still due to be sent; the others are told nothing was applied."""
+    now = asyncio.get_running_loop().time()
+    if all(w.send_by is None or w.send_by >= now for w in batch):
+        return batch
+    due = []
+    for w in batch:
+        if w.send_by is None or w.send_by >= now:
+            due.append(w)
+        else:
+            w.future.set_exception(
+                DependencyDown(
+                    "postgres: the write waited for a batch past its deadline; nothing was applied",
+                    dependency=NAME,
+                    retry_after=RETRY_AFTER,
+                )
+            )
+    return due
 
 
 def _interrupted() -> OutcomeUnknown:

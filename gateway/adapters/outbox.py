@@ -159,8 +159,8 @@ class PostgresOutbox:
     async def add(self, order: NewOrder) -> StoredOrder | None:
         return await self._commits.write(INSERT, order)
 
-    async def add_moved(self, order: NewOrder) -> StoredOrder | None:
-        return await self._commits.write(INSERT_MOVED, order)
+    async def add_moved(self, order: NewOrder, send_by: float) -> StoredOrder | None:
+        return await self._commits.write(INSERT_MOVED, order, send_by=send_by)
 
     async def find(self, order_id: str) -> StoredOrder | None:
         return await self._db.read(_fetch_one(_BY_ID, order_id))

@@ -14,10 +14,15 @@ Whatever stops a confirm half-way leaves a listed move, which is finished:
 - a row write that applied nothing takes the move back at once (the hold stays for a retry);
 - otherwise a retry of the confirm writes the row (and restamps the move), or, after a grace,
   the mender (:mod:`gateway.buffering.mender`) reads the buffer for the listed moves and takes
-  back those without a row. The grace is longer than a confirm may take before it answers (one
-  past :attr:`OrderIntake.answer_within` answers 503 ``outcome_unknown``, never 202), so a move
-  taken back was never acknowledged; the mender takes back only the stamp it read, so a retry
-  that restamped the move meanwhile keeps it.
+  back those without a row. A row not sent within :attr:`OrderIntake.answer_within` of the
+  confirm's start is not sent at all, and one sent is bounded by PostgreSQL's statement
+  timeout, so the grace (:attr:`OrderIntake.take_back_after`) is longer than any row can take
+  to land: a move the mender takes back has no row and never will, and was never acknowledged
+  (a confirm past ``answer_within`` answers 503 ``outcome_unknown``, never 202). The mender
+  takes back only the stamp it read, so a retry that restamped the move meanwhile keeps it.
+  (The grace is measured by Redis's clock, which stamps the moves: a jump of that clock, or
+  a PostgreSQL server that stops reading its sockets for longer than the grace, is outside
+  what this protects.)
 
 On a cluster the move is a saga of several scripts, whose undo would be another saga: there the
 row is committed first with its hold pending (a row in ``order_holds_pending``), the hold moves
@@ -83,12 +88,17 @@ class OrderIntake:
         pressure: BackPressure | None = None,
         *,
         answer_within: float = 6.0,
+        take_back_after: float = 16.0,
     ) -> None:
         self._reservations = reservations
         self._outbox = outbox
         self._pressure = pressure
         self._marks: set[asyncio.Future[None]] = set()
         self.answer_within = answer_within
+        # The mender's grace for a move without a row: longer than a row written in time can
+        # take to commit (sent within answer_within, then a connection and the statement,
+        # each bounded by PostgreSQL's timeouts).
+        self.take_back_after = take_back_after
 
     @property
     def reservations(self) -> ReservationService:
@@ -188,7 +198,8 @@ class OrderIntake:
                     return await self._repeat(existing, rid)
             try:
                 assert moved.lines is not None  # a tracked confirm's answer carries them
-                stored = await self._outbox.add_moved(_new_order(rid, request, moved.lines))
+                order = _new_order(rid, request, moved.lines)
+                stored = await self._outbox.add_moved(order, send_by=answer_by)
             except GatewayError as exc:
                 await self._row_failed(rid, moved, exc)
         finally:

@@ -37,9 +37,9 @@ async def mend_once(intake: OrderIntake, outbox: OrderOutbox, grace: float = GRA
     """One pass; returns how many rows and moves it finished."""
     done = 0
     if intake.reservations.moves_first:
-        # Twice the time a confirm may take and still answer 202: a move older than that
-        # whose row is not there now was never acknowledged.
-        done += await take_back_moves(intake.reservations, outbox, 2 * intake.answer_within)
+        # Longer than a row written in time can take to commit: a move older than that whose
+        # row is not there now was never acknowledged, and its row can no longer land.
+        done += await take_back_moves(intake.reservations, outbox, intake.take_back_after)
     for stored in await outbox.holds_pending(grace, _SLICE):
         try:
             moved = await intake.move_hold(stored)

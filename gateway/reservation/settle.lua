@@ -15,6 +15,15 @@
 -- 'retry': the record's SKUs are not those whose keys were sent (the reservation was made
 -- after the caller read them): read them again and call again.
 local rec, idx, unverified, rid, action = KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2]
+
+-- Now in µs (below 2^53 for centuries: exact in a score), later than the listed stamp if any.
+local function next_stamp(index, member)
+  local t = redis.call('TIME')
+  local stamp = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local old = tonumber(redis.call('ZSCORE', index, member) or '0')
+  if old >= stamp then stamp = old + 1 end
+  return stamp
+end
 local track = ARGV[5] == '1'
 local f = redis.call('HMGET', rec, REC.status, REC.expires, REC.skus, REC.answer)
 local st, exp = f[1], tonumber(f[2])
@@ -25,9 +34,10 @@ end
 if st ~= 'held' then
   redis.call('ZREM', idx, rid)
   if track and st == 'confirmed' then
-    local now = fmt(now_ms())
-    redis.call('ZADD', unverified, now, rid)
-    return {st, now, 0, f[4]}
+    local stamp = fmt(next_stamp(unverified, rid))
+    redis.call('ZADD', unverified, stamp, rid)
+    redis.call('PERSIST', rec)  -- kept while listed: a take-back needs it
+    return {st, stamp, 0, f[4]}
   end
   return {st}
 end
@@ -40,9 +50,12 @@ if not overdue then final = (action == 'confirm') and 'confirmed' or 'released' 
 settle_holds(rid, 4, final == 'confirmed' and 'confirm' or 'release')
 redis.call('HSET', rec, REC.status, final)
 redis.call('ZREM', idx, rid)
-redis.call('EXPIRE', rec, ARGV[3])
 if track and final == 'confirmed' then
-  redis.call('ZADD', unverified, fmt(now), rid)
-  return {final, fmt(now), 1, f[4]}
+  -- No expiry while listed (verified.lua sets it): a take-back needs the record, however
+  -- long the mender waits for PostgreSQL.
+  local stamp = fmt(next_stamp(unverified, rid))
+  redis.call('ZADD', unverified, stamp, rid)
+  return {final, stamp, 1, f[4]}
 end
+redis.call('EXPIRE', rec, ARGV[3])
 return {final}

@@ -48,8 +48,8 @@ _RETENTION: Final = str(RETENTION_SECONDS)
 _RECORD_FIELDS: Final = (keys.STATUS, keys.ANSWER, keys.EXPIRES)
 _RECORD_AND_SKUS: Final = (*_RECORD_FIELDS, keys.SKUS)
 _SKUS_FIELD: Final = (keys.SKUS,)
-# A script call's arguments at most (Lua's unpack has a limit near 8,000).
-_UNLIST_SLICE: Final = 1000
+# Reservations unlisted per script call, at most (a call's keys are sent and checked whole).
+_UNLIST_SLICE: Final = 500
 # An unconfirm that keeps meeting other SKUs than it read is racing a reserve of the same id.
 _SETTLE_ATTEMPTS: Final = 3
 
@@ -187,10 +187,10 @@ class ReservationStore:
 
     async def verified(self, rids: Sequence[str]) -> None:
         """Unlist confirms whose order rows are committed."""
-        calls = [
-            ([keys.UNVERIFIED], list(rids[i : i + _UNLIST_SLICE]))
-            for i in range(0, len(rids), _UNLIST_SLICE)
-        ]
+        calls = []
+        for i in range(0, len(rids), _UNLIST_SLICE):
+            some = rids[i : i + _UNLIST_SLICE]
+            calls.append(([keys.UNVERIFIED, *map(keys.record, some)], [_RETENTION, *some]))
         await self._scripts.run("verified.lua", calls)
 
     @staticmethod
