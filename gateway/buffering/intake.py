@@ -246,7 +246,11 @@ class OrderIntake:
         if await self._outbox.find_by_reservation(rid) is not None:
             self._reservations.verified_soon(rid)
         elif moved.moved:
-            await self._reservations.unconfirm(rid, moved.stamp)
+            try:
+                await self._reservations.unconfirm(rid, moved.stamp)
+            except GatewayError as exc:
+                # Still listed, without a row: the mender takes it back after its grace.
+                log.warning("confirm_undo_deferred", reservation_id=rid, error=exc.detail)
 
     async def place(self, request: OrderRequest) -> Intake:
         """Hold and confirm in one step, all or nothing (``POST /v1/orders``)."""
@@ -333,23 +337,19 @@ class OrderIntake:
             if wait:
                 await self._outbox.hold_moved(stored.order_id)
             else:
-                self._mark_soon(stored.order_id)
+                try:
+                    mark = self._outbox.hold_moved_soon(stored.order_id)
+                except GatewayError as exc:
+                    # Row and hold are done: the order stands; the mender writes the mark.
+                    log.warning("order_mark_deferred", order_id=stored.order_id, error=exc.detail)
+                    return True
+                self._marks.add(mark)
+                mark.add_done_callback(self._marked)
             return True
         if await self._outbox.discard(stored.order_id):
             log.info("order_discarded", order_id=stored.order_id, reservation_status=status)
             return False
         return True  # moved by a racing request or the mender meanwhile
-
-    def _mark_soon(self, order_id: str) -> None:
-        """Step 3 in the background: the order stands already; a mark that fails is the
-        mender's to write."""
-        try:
-            mark = self._outbox.hold_moved_soon(order_id)
-        except GatewayError as exc:
-            log.warning("order_mark_deferred", order_id=order_id, error=exc.detail)
-            return
-        self._marks.add(mark)
-        mark.add_done_callback(self._marked)
 
     def _marked(self, mark: asyncio.Future[None]) -> None:
         self._marks.discard(mark)

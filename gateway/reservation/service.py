@@ -244,18 +244,7 @@ class ReservationService:
     async def confirm_tracked(self, rid: str, skus: bytes | str) -> Settled:
         """A confirm while the order row is written (single node): a move is listed, with its
         stamp, until :meth:`verified` or :meth:`unconfirm`."""
-        result: SettleResult = Retry()
-        raw: bytes | str | None = skus
-        for _ in range(_SETTLE_ATTEMPTS):
-            result = await self._store.settle(rid, "confirm", record_keys(rid), raw, track=True)
-            if type(result) is not Retry:
-                break
-            raw = None
-        if type(result) is Missing:
-            raise NotFound(f"reservation {rid!r} does not exist", reservation_id=rid)
-        if type(result) is not Settled:
-            raise Unavailable(f"reservation {rid!r} kept changing; retry", retry_after=RETRY_AFTER)
-        return result
+        return await self._settled(rid, "confirm", skus, track=True)
 
     async def unconfirm(self, rid: str, stamp: str) -> str:
         """Take back a tracked confirm whose row was never written: see ``unconfirm.lua``."""
@@ -304,6 +293,11 @@ class ReservationService:
         return await self._get_after_write(rid)
 
     async def _settle(self, rid: str, action: str, skus: bytes | str | None = None) -> str:
+        return (await self._settled(rid, action, skus)).status
+
+    async def _settled(
+        self, rid: str, action: str, skus: bytes | str | None, *, track: bool = False
+    ) -> Settled:
         record = record_keys(rid)
         result: SettleResult
         if self._cluster:
@@ -311,7 +305,7 @@ class ReservationService:
         else:
             result = Retry()
             for _ in range(_SETTLE_ATTEMPTS):
-                result = await self._store.settle(rid, action, record, skus)
+                result = await self._store.settle(rid, action, record, skus, track=track)
                 if type(result) is not Retry:
                     break
                 skus = None  # read them afresh
@@ -322,7 +316,7 @@ class ReservationService:
         if type(result) is Missing:
             raise NotFound(f"reservation {rid!r} does not exist", reservation_id=rid)
         assert type(result) is Settled
-        return result.status
+        return result
 
 
 def _plan(

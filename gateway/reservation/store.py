@@ -51,7 +51,7 @@ _SKUS_FIELD: Final = (keys.SKUS,)
 # Reservations unlisted per script call, at most (a call's keys are sent and checked whole).
 _UNLIST_SLICE: Final = 500
 # An unconfirm that keeps meeting other SKUs than it read is racing a reserve of the same id.
-_SETTLE_ATTEMPTS: Final = 3
+_UNCONFIRM_ATTEMPTS: Final = 3
 
 
 class Record(msgspec.Struct):
@@ -166,7 +166,7 @@ class ReservationStore:
     async def unconfirm(self, rid: str, stamp: str, record: list[str]) -> str:
         """Take back the confirm stamped ``stamp`` (``unconfirm.lua``): ``held`` when it did,
         ``kept`` when a later confirm restamped it, else the record's status."""
-        for _ in range(_SETTLE_ATTEMPTS):
+        for _ in range(_UNCONFIRM_ATTEMPTS):
             ((raw_skus,),) = await self._records.fields([FieldsRead(record[0], _SKUS_FIELD)])
             args = [rid, stamp, raw_skus or b""]
             (reply,) = await self._scripts.run(
