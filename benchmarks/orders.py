@@ -65,6 +65,8 @@ from benchmarks.saturation import open_loop, saturation
 # The issue's targets.
 TARGET_CONFIRM_RATIO = 0.25
 TARGET_CONFIRM_P99_MS = 25.0
+# Open-loop latency runs per figure; the one of median p99 is reported (see _median_run).
+LATENCY_RUNS = 3
 
 CONNECTIONS = 64
 HOLD_PREFIX, ORDER_PREFIX = "H", "O"
@@ -435,15 +437,17 @@ def confirm_phase(
     def measure_open() -> dict[str, Any]:
         return run_confirm_openloop(base, window[-1].first, rate, cfg.openloop_duration, 1.0)
 
-    result = attempts(
-        run,
-        processes,
-        "open loop confirm",
-        SERVER,
-        False,
-        measure_open,
-        warm_open,
-        attribute=pg.attribute,
+    result = _median_run(
+        lambda: attempts(
+            run,
+            processes,
+            "open loop confirm",
+            SERVER,
+            False,
+            measure_open,
+            warm_open,
+            attribute=pg.attribute,
+        )
     )
     run.openloop["confirm"] = result
     _say_open("confirm", rate, result)
@@ -476,15 +480,17 @@ def place_phase(
         _prepare(dsn, pg)
         pg.begin()
 
-    result = attempts(
-        run,
-        processes,
-        "open loop place",
-        SERVER,
-        False,
-        lambda: run_openloop(target, rate, cfg.openloop_duration, 1.0, f"place-{next(tags)}"),
-        warm_open,
-        attribute=pg.attribute,
+    result = _median_run(
+        lambda: attempts(
+            run,
+            processes,
+            "open loop place",
+            SERVER,
+            False,
+            lambda: run_openloop(target, rate, cfg.openloop_duration, 1.0, f"place-{next(tags)}"),
+            warm_open,
+            attribute=pg.attribute,
+        )
     )
     run.openloop["place"] = result
     _say_open("POST /v1/orders", rate, result)
@@ -550,10 +556,21 @@ def _summary(run: Run, samples: list[dict[str, Any]], phase: str) -> dict[str, A
     return summary
 
 
+def _median_run(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The run of median p99 among :data:`LATENCY_RUNS`, with every run's p99 beside it: on
+    these VMs one 10 s run now and then meets a stall of a few hundred ms from outside the
+    gateway, which one run's p99 would report as the gateway's."""
+    runs = sorted((measure() for _ in range(LATENCY_RUNS)), key=lambda r: r["p99_ms"])
+    median = dict(runs[len(runs) // 2])
+    median["p99_runs_ms"] = [round(r["p99_ms"], 2) for r in runs]
+    return median
+
+
 def _say_open(what: str, rate: float, result: dict[str, Any]) -> None:
     say(
         f"open loop {what} at {rate:,.0f}/s: achieved {result['achieved_rate']:,.0f}/s, p50 "
-        f"{result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, errors {result['errors']}, "
+        f"{result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms (runs: "
+        f"{result.get('p99_runs_ms')}), errors {result['errors']}, "
         f"statuses {result.get('status_counts')}"
     )
 
@@ -597,7 +614,8 @@ def order_rows(run: Run) -> list[Row]:
         clean = not g["errors"] and not g["unfinished"]
         rows.append(
             Row(
-                f"{label}, p50 / p99 ms, open loop at half saturation ({g['target_rate']:,.0f}/s)",
+                f"{label}, p50 / p99 ms, open loop at half saturation ({g['target_rate']:,.0f}/s)"
+                + _runs_note(g),
                 f"{g['p50_ms']:.2f} / {g['p99_ms']:.2f}",
                 f"{c['p50_ms']:.2f} / {c['p99_ms']:.2f}",
                 f"p99 {g['p99_ms'] / c['p99_ms']:.1f}x" if c["p99_ms"] > 0 else "-",
@@ -625,6 +643,13 @@ def order_rows(run: Run) -> list[Row]:
         )
     )
     return rows
+
+
+def _runs_note(result: dict[str, Any]) -> str:
+    p99s = result.get("p99_runs_ms")
+    if not p99s or len(p99s) < 2:
+        return ""
+    return f", the median of {len(p99s)} runs (p99s {' / '.join(f'{v:.1f}' for v in p99s)})"
 
 
 def _met(ok: bool, result: dict[str, Any]) -> str:

@@ -87,6 +87,33 @@ async def test_confirm_commits_the_hold_and_queues_the_order(
     assert (await reservation.json())["status"] == "confirmed"
 
 
+async def test_confirmed_moves_are_unlisted_together_soon(
+    client: Client, redis: aioredis.Redis
+) -> None:
+    """A confirm's move is listed until its row is known to be written; the listings of many
+    confirms go in one unlisting call shortly after their answers, not one call each, and
+    not only when the mender passes (its grace is many seconds)."""
+    await stock(client, A__L1=100)
+    rids = [f"u{i}" for i in range(20)]
+    for rid in rids:
+        assert (
+            await reserve(client, rid, [{"sku": "A", "location": "L1", "quantity": 1}])
+        ).status == 201
+    before = (await redis.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+    answers = await asyncio.gather(*(confirm(client, rid, f"o-{rid}") for rid in rids))
+    assert [r.status for r in answers] == [202] * len(rids)
+
+    async def unlisted() -> bool:
+        return await redis.zcard(keys.UNVERIFIED) == 0
+
+    await eventually(unlisted, 2, "the confirmed moves unlisted")
+    scripts = (await redis.info("commandstats"))["cmdstat_evalsha"]["calls"] - before
+    # One settle script per confirm, and far fewer unlisting calls than confirms.
+    assert len(rids) < scripts <= len(rids) + 3
+    # Unlisted, a confirmed record ages out like any settled one.
+    assert all([await redis.pttl(keys.record(rid)) > 0 for rid in rids])
+
+
 async def test_racing_confirms_make_one_order(client: Client, pg: asyncpg.Connection) -> None:
     await stock(client, A__L1=10)
     assert (await reserve(client, "r1", LINE)).status == 201
