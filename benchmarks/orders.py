@@ -65,7 +65,7 @@ from benchmarks.saturation import open_loop, saturation
 # The issue's targets.
 TARGET_CONFIRM_RATIO = 0.25
 TARGET_CONFIRM_P99_MS = 25.0
-# Open-loop latency runs per figure; the one of median p99 is reported (see _median_run).
+# Open-loop latency runs per figure; the one of median p99 is reported (see median_run).
 LATENCY_RUNS = 3
 
 CONNECTIONS = 64
@@ -437,7 +437,7 @@ def confirm_phase(
     def measure_open() -> dict[str, Any]:
         return run_confirm_openloop(base, window[-1].first, rate, cfg.openloop_duration, 1.0)
 
-    result = _median_run(
+    result = median_run(
         lambda: attempts(
             run,
             processes,
@@ -480,7 +480,7 @@ def place_phase(
         _prepare(dsn, pg)
         pg.begin()
 
-    result = _median_run(
+    result = median_run(
         lambda: attempts(
             run,
             processes,
@@ -556,7 +556,7 @@ def _summary(run: Run, samples: list[dict[str, Any]], phase: str) -> dict[str, A
     return summary
 
 
-def _median_run(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def median_run(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The run of median p99 among :data:`LATENCY_RUNS`, with every run's p99 beside it: on
     these VMs one 10 s run now and then meets a stall of a few hundred ms from outside the
     gateway, which one run's p99 would report as the gateway's."""

@@ -53,7 +53,7 @@ from benchmarks.kafka import ingest_kafka
 from benchmarks.load import Target, write_paths
 from benchmarks.measure import redis_commandstats
 from benchmarks.options import parse_args
-from benchmarks.orders import order_rows, orders
+from benchmarks.orders import order_rows, orders, truncate_orders
 from benchmarks.procs import Processes, machine_busy_seconds, pin_self
 from benchmarks.report import build_rows, machine_info, print_report
 from benchmarks.reservations import flash_sale, seed_reservations, write_reservation_bodies
@@ -188,11 +188,16 @@ def create_database(dsn: str) -> None:
     asyncio.run(go())
 
 
+def _own(dsn: str) -> bool:
+    """Whether ``dsn`` names a database of the benchmark's own (a name with 'bench' in it)."""
+    return "bench" in dsn.rsplit("/", 1)[-1].split("?", 1)[0]
+
+
 def migrate(dsn: str) -> None:
     """The orders phases truncate and fill ``orders``: only in a database of the benchmark's own.
     Its tables are made by the gateway's migrations first."""
     name = dsn.rsplit("/", 1)[-1].split("?", 1)[0]
-    if "bench" not in name:
+    if not _own(dsn):
         raise SystemExit(
             f"the orders, writer and baseline benchmarks truncate tables of {name!r}: give "
             "--postgres-dsn a database of the benchmark's own (a name with 'bench' in it)"
@@ -216,8 +221,12 @@ def _json(value: object) -> object:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv, __doc__)
     check_tools()
-    if cfg.phases & {"orders", "writer", "baseline", "scaling"}:
+    if cfg.phases & {"orders", "writer", "baseline", "scaling"} or _own(cfg.postgres_dsn):
         migrate(cfg.postgres_dsn)  # refuses a database that is not the benchmark's own
+        # A run starts from an empty buffer: orders an earlier run left would come back into
+        # this run's fresh Redis as commitments (the gateway restores them from the outbox on
+        # its own) and change the availability of the stock every phase seeds.
+        truncate_orders(cfg.postgres_dsn)
     signal.signal(signal.SIGTERM, _terminate)
     pin_self({LOAD_CORE})
     os.chdir(ROOT)

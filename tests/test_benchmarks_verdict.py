@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks.baseline_report import baseline_rows, hot_verdict, scaling_rows
 from benchmarks.common import Config, Run
+from benchmarks.orders import median_run, order_rows
 from benchmarks.scaling import split
 
 
@@ -83,3 +84,25 @@ def test_scaling_rows_say_when_the_gateway_shares_the_cores() -> None:
     assert "1.50x 1 worker" in rows[1].ratio
     assert "unpinned" in rows[1].figure
     assert any("not pinned" in note for note in run.notes)
+
+
+def test_the_confirm_latency_is_the_median_run_and_names_every_run() -> None:
+    run = _run(_figure(1, 1), _figure(1, 1))
+    p99s = iter([40.0, 12.0, 150.0])
+
+    def one_run() -> dict[str, Any]:
+        p99 = next(p99s)
+        return {"p50_ms": p99 / 4, "p99_ms": p99, "errors": 0, "unfinished": 0}
+
+    run.saturation["confirm"] = {
+        "requests_per_s": 5_000.0,
+        "errors": 0,
+        "exhausted": 0,
+        "cpu_percent": {"gateway": 80.0},
+    }
+    run.openloop["ceiling"] = {"p50_ms": 1.0, "p99_ms": 3.0}
+    run.openloop["confirm"] = {**median_run(one_run), "target_rate": 2_500.0}
+    assert run.openloop["confirm"]["p99_ms"] == 40.0  # neither the best nor the worst run
+    (latency,) = [row for row in order_rows(run) if "half saturation" in row.figure]
+    assert "the median of 3 runs (p99s 12.0 / 40.0 / 150.0)" in latency.figure
+    assert latency.met.startswith("NO")  # 40 ms > 25 ms: the median decides
