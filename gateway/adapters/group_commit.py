@@ -176,8 +176,11 @@ class GroupCommit:
                     carried = by_statement.pop(carry.statement, [])
                     commits.append(self._commit(statement, by_statement.pop(statement), carried))
             commits += [self._commit(st, ws, []) for st, ws in by_statement.items()]
-            # Side by side, each on a connection of its own.
-            await asyncio.gather(*commits)
+            if len(commits) == 1:
+                await commits[0]  # the usual batch: no task of its own for gather to wrap
+            else:
+                # Side by side, each on a connection of its own.
+                await asyncio.gather(*commits)
 
     async def _commit(
         self, statement: Statement[Any, Any], writes: list[_Write], carried: list[_Write]
