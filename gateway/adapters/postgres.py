@@ -59,6 +59,8 @@ Work = Callable[[asyncpg.Connection], Awaitable[T]]
 
 NAME: Final = "postgres"
 POOL_SIZE: Final = 10
+# An idle connection older than this is closed rather than used (asyncpg's pool did the same).
+IDLE_LIFETIME: Final = 300.0
 # A bulk read's deadline, in timeouts (30 s at the default 3 s).
 BULK_FACTOR: Final = 10
 # A bulk read's own limits on the server, for its transaction only.
@@ -93,22 +95,42 @@ class Connections:
         self._dsn = dsn
         self._timeout = timeout_seconds
         self._settings = _limits(math.ceil(timeout_seconds * 1000))
-        self._idle: list[asyncpg.Connection] = []
+        # (connection, loop time it was released), the most recent last.
+        self._idle: list[tuple[asyncpg.Connection, float]] = []
         self._in_use: set[asyncpg.Connection] = set()
+        self._connecting = 0
+        # Set by close: its wait for the units in flight ends when the last one is done.
+        self._all_done: asyncio.Event | None = None
+
+    def _closed(self) -> bool:
+        return self._all_done is not None
 
     async def acquire(self) -> asyncpg.Connection:
+        if self._closed():
+            raise _closing()
         idle = self._idle
+        if idle:
+            self._expire(asyncio.get_running_loop().time())
         while idle:
-            conn = idle.pop()
+            conn, _ = idle.pop()
             if not conn.is_closed():  # the server may have closed it while it waited
                 self._in_use.add(conn)
                 return conn
-        conn = await asyncpg.connect(
-            self._dsn,
-            timeout=self._timeout,
-            command_timeout=None,
-            server_settings=self._settings,
-        )
+            conn.terminate()  # an aborted protocol may not have cleaned up
+        self._connecting += 1
+        try:
+            conn = await asyncpg.connect(
+                self._dsn,
+                timeout=self._timeout,
+                command_timeout=None,
+                server_settings=self._settings,
+            )
+        finally:
+            self._connecting -= 1
+            self._check_done()
+        if self._closed():  # closing began while it connected
+            conn.terminate()
+            raise _closing()
         self._in_use.add(conn)
         return conn
 
@@ -116,33 +138,57 @@ class Connections:
         """Keep a connection its unit is done with; one left in a transaction (a unit must
         not leave one open for the next) or closed is dropped."""
         self._in_use.discard(conn)
-        if conn.is_closed():
-            return
-        if conn.is_in_transaction():
+        if conn.is_closed() or conn.is_in_transaction() or self._closed():
             conn.terminate()
-            return
-        self._idle.append(conn)
+        else:
+            now = asyncio.get_running_loop().time()
+            self._idle.append((conn, now))
+            self._expire(now)
+        self._check_done()
 
     def discard(self, conn: asyncpg.Connection) -> None:
         """Close a connection at once, never waiting on it (a late or broken unit's)."""
         self._in_use.discard(conn)
         conn.terminate()
+        self._check_done()
+
+    def _expire(self, now: float) -> None:
+        """Close connections idle longer than :data:`IDLE_LIFETIME` (the oldest are first): a
+        middlebox may have dropped them silently, and the server keeps a backend for each."""
+        idle = self._idle
+        while idle and now - idle[0][1] > IDLE_LIFETIME:
+            idle.pop(0)[0].terminate()
+
+    def _check_done(self) -> None:
+        if self._all_done is not None and not self._in_use and not self._connecting:
+            self._all_done.set()
 
     async def close(self) -> None:
-        """Close the idle connections politely; the drain has finished the units, so one still
-        in use is late, and is terminated."""
-        idle, self._idle = self._idle, []
-        for conn in self._in_use:
-            conn.terminate()
-        self._in_use.clear()
-        if idle:
-            await asyncio.gather(*(conn.close() for conn in idle), return_exceptions=True)
+        """Refuse new units, wait for those in flight, then close every connection politely;
+        the caller bounds the wait and terminates what is left (:meth:`terminate`)."""
+        self._all_done = asyncio.Event()
+        try:
+            self._check_done()
+            await self._all_done.wait()
+            await asyncio.gather(*(c.close() for c, _ in self._idle), return_exceptions=True)
+        except BaseException:
+            self.terminate()
+            raise
+        self._idle.clear()
 
     def terminate(self) -> None:
-        for conn in (*self._idle, *self._in_use):
+        for conn in (*(c for c, _ in self._idle), *self._in_use):
             conn.terminate()
         self._idle.clear()
         self._in_use.clear()
+
+
+def _closing() -> DependencyDown:
+    return DependencyDown(
+        "postgres: the gateway is shutting down; nothing was applied",
+        dependency=NAME,
+        retry_after=RETRY_AFTER,
+    )
 
 
 def _limits(ms: int) -> dict[str, str]:
@@ -346,8 +392,10 @@ class Postgres:
             raise self._failure(
                 exc, budget, commit_sent=commit_sent, queued=slot_at is None, stall=had_server
             ) from exc
-        pool.release(conn)
-        self._slots.release()
+        try:
+            pool.release(conn)
+        finally:
+            self._slots.release()
         return result
 
     def _failure(
