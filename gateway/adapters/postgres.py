@@ -207,8 +207,8 @@ class Postgres:
         self.timeout = timeout_seconds
         self.bulk_timeout = BULK_FACTOR * timeout_seconds
         self._pool: Connections | None = None
-        # The pool's size, counted here: waiting for a connection (load) and connecting (the
-        # server) are then told apart, which asyncpg's acquire does not do.
+        # How many connections are in use at once (Connections opens them on demand): waiting
+        # for a slot (load) and connecting (the server) are told apart.
         self._slots = asyncio.Semaphore(POOL_SIZE)
         self._not_connected = "not connected yet"
         self._connector: asyncio.Task[None] | None = None
