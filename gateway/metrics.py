@@ -31,6 +31,11 @@ REDIS_BATCH_SIZE: Final = Histogram(
     "Distinct Redis commands sent in one coalesced read batch",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
 )
+POSTGRES_BATCH_SIZE: Final = Histogram(
+    "gateway_postgres_batch_writes",
+    "Writes committed by one group-commit statement (many confirms share one WAL flush)",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+)
 RESERVATIONS_PER_CALL: Final = Histogram(
     "gateway_reservation_script_batch",
     "Reservations made by one reserve script call (those of one tick share calls)",

@@ -136,3 +136,44 @@ async def test_the_depth_counts_every_waiting_order_after_any_mix_of_changes(
             assert abs(depth.oldest_age_seconds - oldest) < 1.0, (op, steps)
     finally:
         await db.close()
+
+
+# What reading the order buffer's table and its indexes has cost so far, in rows.
+ROWS_READ = """
+    SELECT (SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relname = 'orders')
+         + (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes
+            WHERE relname = 'orders')"""
+
+
+async def _flush_stats(conn: asyncpg.Connection) -> None:
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+
+
+async def test_the_depth_read_stays_cheap_when_the_buffer_filled_after_its_first_read(
+    postgres_dsn: str, pg: asyncpg.Connection
+) -> None:
+    """Back-pressure reads the depth twice a second in every process, deepest buffer first: a
+    read planned on the empty buffer a gateway starts with must not scan every waiting order
+    once it is deep."""
+    db = Postgres(postgres_dsn, 5.0)
+    await db.start()
+    try:
+        queue = PostgresOrderQueue(db)
+        assert (await queue.depth()).depth == 0  # its first read meets an empty buffer
+        deep = 20_000
+        await pg.execute(
+            "INSERT INTO orders (order_id, reservation_id, body, lines)"
+            " SELECT 'deep-' || i, 'deep-r' || i, '\\x7b7d', '[]'"
+            f" FROM generate_series(1, {deep}) AS i"
+        )
+        await insert_pending_order(pg, "deep-pending", "deep-r-pending")
+        await db.read(_flush_stats)  # the port's own backend: sequential reads reuse it
+        before = await pg.fetchval(ROWS_READ)
+        depth = await queue.depth()
+        await db.read(_flush_stats)
+        read = await pg.fetchval(ROWS_READ) - before
+        assert depth.depth == deep  # the pending one is not acknowledged: not counted
+        # The front of the queue and the pending row's key: a few hundred rows, not 20,000.
+        assert read < 1_000, read
+    finally:
+        await db.close()

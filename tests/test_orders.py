@@ -100,8 +100,13 @@ async def test_confirmed_moves_are_unlisted_together_soon(
             await reserve(client, rid, [{"sku": "A", "location": "L1", "quantity": 1}])
         ).status == 201
     before = (await redis.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+    batches = await _postgres_batches(client)
     answers = await asyncio.gather(*(confirm(client, rid, f"o-{rid}") for rid in rids))
     assert [r.status for r in answers] == [202] * len(rids)
+    after = await _postgres_batches(client)
+    statements, writes = after[0] - batches[0], after[1] - batches[1]
+    assert writes == len(rids)  # every row, group-committed
+    assert 1 <= statements <= writes
 
     async def unlisted() -> bool:
         return await redis.zcard(keys.UNVERIFIED) == 0
@@ -112,6 +117,20 @@ async def test_confirmed_moves_are_unlisted_together_soon(
     assert len(rids) < scripts <= len(rids) + 3
     # Unlisted, a confirmed record ages out like any settled one.
     assert all([await redis.pttl(keys.record(rid)) > 0 for rid in rids])
+
+
+async def _postgres_batches(client: Client) -> tuple[float, float]:
+    """The group-commit statements so far, and the writes they carried (/metrics)."""
+    text = await (await client.get("/metrics")).text()
+    figures = dict(
+        line.rsplit(" ", 1)
+        for line in text.splitlines()
+        if line.startswith("gateway_postgres_batch_writes_")
+    )
+    return (
+        float(figures.get("gateway_postgres_batch_writes_count", 0)),
+        float(figures.get("gateway_postgres_batch_writes_sum", 0)),
+    )
 
 
 async def test_racing_confirms_make_one_order(client: Client, pg: asyncpg.Connection) -> None:

@@ -27,6 +27,7 @@ import asyncpg
 
 from gateway.adapters.postgres import NAME, Postgres
 from gateway.errors import RETRY_AFTER, DependencyDown, OutcomeUnknown, Overloaded
+from gateway.metrics import POSTGRES_BATCH_SIZE
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -189,6 +190,7 @@ class GroupCommit:
         # COMMIT, and holds its row locks only while it runs, so writes of different kinds
         # never wait on each other in a cycle.
         args = [w.arg for w in writes]
+        POSTGRES_BATCH_SIZE.observe(len(writes) + len(carried))
         carry = statement.carries
         try:
             if carried and carry is not None:
