@@ -25,6 +25,11 @@ class Scripts(Protocol):
 
     async def run(self, name: str, calls: Sequence[ScriptCall]) -> list[Any]: ...
 
+    async def run_at_once(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """One call, its reply: written now rather than with the next shared batch, for a
+        call a request waits on whose next step waits on it too."""
+        ...
+
     @property
     def timeout(self) -> float:
         """The longest a call may take (``GATEWAY_REDIS_TIMEOUT_SECONDS``)."""

@@ -24,6 +24,7 @@ from gateway.errors import (
     Overloaded,
     ShuttingDown,
 )
+from gateway.reservation.keys import UNVERIFIED
 from tests.helpers import stock_event
 
 
@@ -84,6 +85,43 @@ async def test_scripts_survive_a_flushed_script_cache(
         await applier.apply([stock_event("e2", "adjustment", 2, now + timedelta(milliseconds=1))])
     ).applied == 1
     assert await redis.hget("atp:{H}:p", "oh:L") == "7"
+
+
+async def test_a_call_run_at_once_skips_the_batch_and_survives_a_flushed_script_cache(
+    port: RedisPort, redis: aioredis.Redis
+) -> None:
+    batched: list[int] = []
+
+    async def counting(commands: Sequence[tuple[Any, ...]], since: float) -> list[Any]:
+        batched.append(len(commands))
+        return await port.execute(commands, since, raise_on_error=False)
+
+    batcher = CommandBatcher(counting)
+    runner = asyncio.create_task(batcher.run())
+    scripts = ScriptRegistry(port, "gateway.reservation", batcher)
+    await redis.zadd(UNVERIFIED, {"r1": 1})
+    try:
+        await scripts.run("unverified.lua", [([UNVERIFIED], ["0", "10"])])  # loaded, connected
+        batched.clear()
+        assert await scripts.run_at_once("unverified.lua", [UNVERIFIED], ["0", "10"]) == [
+            b"r1",
+            b"1",
+        ]
+        assert batched == []  # written by the caller, not with the next batch
+        await redis.script_flush()
+        assert await scripts.run_at_once("unverified.lua", [UNVERIFIED], ["0", "10"]) == [
+            b"r1",
+            b"1",
+        ]
+        # NOSCRIPT: it never ran, so the general path ran it (NOSCRIPT again, load, run).
+        assert batched == [1, 1]
+        with pytest.raises(GatewayError) as failed:
+            await scripts.run_at_once("unverified.lua", [UNVERIFIED], ["not a number", "10"])
+        assert failed.value.http_status == 500  # a script error is a defect, not an outage
+    finally:
+        runner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await runner
 
 
 async def test_heavy_commands_go_out_in_slices(port: RedisPort) -> None:

@@ -147,7 +147,11 @@ class ReservationStore:
             ((raw_skus,),) = await self._records.fields([FieldsRead(record[0], _SKUS_FIELD)])
         call_keys = self._with_skus(record, raw_skus)
         args = [rid, action, _RETENTION, raw_skus or b"", "1" if track else ""]
-        (reply,) = await self._scripts.run("settle.lua", [(call_keys, args)])
+        if track:
+            # A confirm, the storefront waiting on it and its order row written after it.
+            reply = await self._scripts.run_at_once("settle.lua", call_keys, args)
+        else:
+            (reply,) = await self._scripts.run("settle.lua", [(call_keys, args)])
         status = text(reply[0])
         if status == "missing":
             return Missing()
