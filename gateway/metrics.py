@@ -33,7 +33,7 @@ REDIS_BATCH_SIZE: Final = Histogram(
 )
 POSTGRES_BATCH_SIZE: Final = Histogram(
     "gateway_postgres_batch_writes",
-    "Writes committed by one group-commit statement (many confirms share one WAL flush)",
+    "Writes sent in one group-commit statement (many confirms share one WAL flush)",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
 )
 RESERVATIONS_PER_CALL: Final = Histogram(

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.adapters import scripts as scripts_module
 from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.redis import RedisPort
 from gateway.adapters.reserve_coalescer import ReserveCoalescer
@@ -122,6 +123,23 @@ async def test_a_call_run_at_once_skips_the_batch_and_survives_a_flushed_script_
         runner.cancel()
         with pytest.raises(asyncio.CancelledError):
             await runner
+
+
+async def test_calls_run_at_once_are_bounded(
+    port: RedisPort, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scripts = ScriptRegistry(port, "gateway.reservation")
+    await scripts.run("unverified.lua", [([UNVERIFIED], ["0", "1"])])  # loaded, connected
+    monkeypatch.setattr(scripts_module, "MAX_AT_ONCE", 2)
+    calls = [
+        asyncio.ensure_future(scripts.run_at_once("unverified.lua", [UNVERIFIED], ["0", "1"]))
+        for _ in range(2)
+    ]
+    await asyncio.sleep(0)  # both written, their replies not read yet
+    with pytest.raises(Overloaded):  # refused before anything is written
+        await scripts.run_at_once("unverified.lua", [UNVERIFIED], ["0", "1"])
+    assert await asyncio.gather(*calls) == [[], []]
+    assert await scripts.run_at_once("unverified.lua", [UNVERIFIED], ["0", "1"]) == []
 
 
 async def test_heavy_commands_go_out_in_slices(port: RedisPort) -> None:
@@ -267,27 +285,33 @@ async def test_a_stall_closes_the_gate_and_a_probe_reopens_it() -> None:
     port = RedisPort.from_url(f"redis://127.0.0.1:{number}/0", cluster=False, timeout=0.3)
     batcher = CommandBatcher(functools.partial(port.execute, raise_on_error=False))
     runner = asyncio.create_task(batcher.run())
+    scripts = ScriptRegistry(port, "gateway.reservation", batcher)
     direct = aioredis.Redis.from_url(f"redis://127.0.0.1:{number}/0")
     try:
         await asyncio.to_thread(_wait_for, "127.0.0.1", number, proc, "redis-server")
         assert await port.ping()
+        await scripts.run("unverified.lua", [([UNVERIFIED], ["0", "1"])])  # loaded
         proc.send_signal(signal.SIGSTOP)
         try:
             started = time.monotonic()
-            read, write = await asyncio.gather(
+            read, write, script = await asyncio.gather(
                 batcher.call("GET", "k"),
                 batcher.call_many([("SET", "k", "sent")], dedupe=False),
+                scripts.run_at_once("unverified.lua", [UNVERIFIED], ["0", "1"]),
                 return_exceptions=True,
             )
             assert time.monotonic() - started < 0.3 + 0.25 + 0.2
             assert isinstance(read, DependencyDown)
             assert isinstance(write, OutcomeUnknown)
+            assert isinstance(script, OutcomeUnknown)  # written at once, unanswered
             assert not port.gate.up
             started = time.monotonic()
             with pytest.raises(DependencyDown, match="no reply"):
                 await port.execute([("SET", "k", "never")])
             with pytest.raises(DependencyDown):
                 port.send_now([("SET", "k", "never")])
+            with pytest.raises(DependencyDown):  # nothing written while the gate is closed
+                await scripts.run_at_once("unverified.lua", [UNVERIFIED], ["0", "1"])
             assert time.monotonic() - started < 0.05  # at once
         finally:
             proc.send_signal(signal.SIGCONT)

@@ -20,9 +20,11 @@ from gateway.adapters.batcher import CommandBatcher
 from gateway.adapters.lua import LuaScript
 from gateway.adapters.redis import RedisPort, ScriptCall
 from gateway.adapters.redis_errors import classify, combine, error_reply, raise_for_replies
-from gateway.errors import GatewayError
+from gateway.errors import RETRY_AFTER, GatewayError, Overloaded
 
 _EVALSHA: Final = (("EVALSHA",),)
+# run_at_once calls awaiting their replies, at most (the batcher's own bound is 20,000 commands).
+MAX_AT_ONCE: Final = 10_000
 
 
 def is_noscript(reply: Any) -> bool:
@@ -41,6 +43,7 @@ class ScriptRegistry:
         self._package = package
         self._batcher = batcher
         self._scripts: dict[str, LuaScript] = {}
+        self._at_once = 0  # run_at_once calls written and not answered yet
 
     async def run(
         self, name: str, calls: Sequence[ScriptCall], cost: int | None = None
@@ -88,16 +91,23 @@ class ScriptRegistry:
         if self._port.cluster:
             (reply,) = await self.run(name, [(keys, args)])
             return reply
+        # The batcher's bound on what waits for Redis, kept for these calls too: past it, 503
+        # at once (nothing written) rather than a connection that only grows its backlog.
+        if self._at_once >= MAX_AT_ONCE:
+            raise Overloaded("too many script calls waiting for Redis", retry_after=RETRY_AFTER)
         sent = self.run_now(name, keys, args)
         if sent is None:  # not connected: the general path connects first
             (reply,) = await self.run(name, [(keys, args)])
             return reply
+        self._at_once += 1
         try:
             (reply,) = await sent
         except GatewayError:
             raise
         except Exception as exc:  # what it means for this call
             raise self.failure(exc) from exc
+        finally:
+            self._at_once -= 1
         if is_noscript(reply):  # it never ran: the general path loads the script
             (reply,) = await self.run(name, [(keys, args)])
         elif isinstance(reply, Exception):
