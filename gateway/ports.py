@@ -173,8 +173,9 @@ class OrderOutbox(Protocol):
         """Commit the row; None when its order id or its reservation id is taken already."""
         ...
 
-    async def add_moved(self, order: NewOrder, send_by: float) -> StoredOrder | None:
-        """Commit the row of an order whose hold moved already: its hold is not pending.
+    async def add_moved(self, order: NewOrder, send_by: float) -> bool:
+        """Commit the row of an order whose hold moved already (its hold is not pending); False
+        when its order id or its reservation id is taken already.
         ``send_by``: the loop time after which it is not sent at all (503, nothing applied);
         once sent, PostgreSQL's statement timeout bounds it, so it commits by then or never."""
         ...

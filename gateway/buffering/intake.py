@@ -179,7 +179,7 @@ class OrderIntake:
         answer_by = loop.time() + self.answer_within
         # Before anything changes: when refused, the hold stays for a retry.
         admission = admission or self._admit()
-        stored: StoredOrder | None = None
+        added = False
         try:
             try:
                 moved = await self._reservations.confirm_tracked(rid, skus)
@@ -199,12 +199,12 @@ class OrderIntake:
             try:
                 assert moved.lines is not None  # a tracked confirm's answer carries them
                 order = _new_order(rid, request, moved.lines)
-                stored = await self._outbox.add_moved(order, send_by=answer_by)
+                added = await self._outbox.add_moved(order, send_by=answer_by)
             except GatewayError as exc:
                 await self._row_failed(rid, moved, exc)
         finally:
-            admission.close(added=stored is not None)
-        if stored is None:  # its ids are taken: by this order (a repeat) or by another
+            admission.close(added=added)
+        if not added:  # its ids are taken: by this order (a repeat) or by another
             await self._stray_move(rid, moved)
             existing = await self._outbox.find(request.order_id)
             if existing is not None:
@@ -214,7 +214,7 @@ class OrderIntake:
             # Too late to be sure the mender left the move alone: the retry tells.
             raise _row_written(rid, None)
         self._reservations.verified_soon(rid)
-        return Intake(202, _receipt(stored))
+        return Intake(202, OrderReceipt(order_id=request.order_id, reservation_id=rid))
 
     async def _not_moved(self, rid: str, request: ConfirmRequest, status: str) -> Intake:
         """The reservation is not held (expired, released): a repeat has its answer."""
