@@ -106,3 +106,29 @@ def test_the_confirm_latency_is_the_median_run_and_names_every_run() -> None:
     (latency,) = [row for row in order_rows(run) if "half saturation" in row.figure]
     assert "the median of 3 runs (p99s 12.0 / 40.0 / 150.0)" in latency.figure
     assert latency.met.startswith("NO")  # 40 ms > 25 ms: the median decides
+
+
+def test_the_confirm_ratio_is_the_median_of_each_round_beside_its_own_ceiling() -> None:
+    from benchmarks.orders import _paired
+
+    run = _run(_figure(1, 1), _figure(1, 1))  # the run's ceiling: 20,000 req/s
+    samples = [{"requests_per_s": r} for r in (6_000.0, 7_800.0, 7_000.0)]
+    run.saturation["confirm"] = {
+        "requests_per_s": 7_000.0,
+        "errors": 0,
+        "exhausted": 0,
+        "cpu_percent": {"gateway": 80.0},
+        # 6,000 beside 30,000 (20%), 7,800 beside 30,000 (26%), 7,000 beside 28,000 (25%)
+        **_paired(samples, [30_000.0, 30_000.0, 28_000.0]),
+    }
+    (rate,) = [row for row in order_rows(run) if row.figure.startswith("confirm of")]
+    # 7,000 / 20,000 would be 35%: the pairs decide, not the run's first ceiling
+    assert rate.ratio == "25%"
+    assert rate.ceiling == "30,000"
+    assert "median of ratios 20.0% / 26.0% / 25.0%" in rate.figure
+    assert rate.met == "yes"
+
+    run.saturation["confirm"].update(_paired(samples, [30_000.0, 32_000.0, 29_000.0]))
+    (rate,) = [row for row in order_rows(run) if row.figure.startswith("confirm of")]
+    assert rate.ratio == "24%"  # 24.1%: below 25%
+    assert rate.met.startswith("NO")
