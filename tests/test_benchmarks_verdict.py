@@ -4,6 +4,7 @@ scaling (pure functions over recorded figures; the measurements themselves run i
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -108,8 +109,15 @@ def test_the_confirm_latency_is_the_median_run_and_names_every_run() -> None:
     assert latency.met.startswith("NO")  # 40 ms > 25 ms: the median decides
 
 
-def test_the_confirm_ratio_is_the_median_of_each_round_beside_its_own_ceiling() -> None:
+def test_the_confirm_ratio_is_the_lower_of_the_paired_rounds_and_the_run_ceiling() -> None:
     from benchmarks.orders import _paired
+
+    def ceilings(*rates: float) -> list[dict[str, Any]]:
+        return [{"requests_per_s": r, "errors": 0} for r in rates]
+
+    def confirm_row(run: Run) -> Any:
+        (row,) = [row for row in order_rows(run) if row.figure.startswith("confirm of")]
+        return row
 
     run = _run(_figure(1, 1), _figure(1, 1))  # the run's ceiling: 20,000 req/s
     samples = [{"requests_per_s": r} for r in (6_000.0, 7_800.0, 7_000.0)]
@@ -119,16 +127,36 @@ def test_the_confirm_ratio_is_the_median_of_each_round_beside_its_own_ceiling() 
         "exhausted": 0,
         "cpu_percent": {"gateway": 80.0},
         # 6,000 beside 30,000 (20%), 7,800 beside 30,000 (26%), 7,000 beside 28,000 (25%)
-        **_paired(samples, [30_000.0, 30_000.0, 28_000.0]),
+        **_paired(samples, ceilings(30_000.0, 30_000.0, 28_000.0)),
     }
-    (rate,) = [row for row in order_rows(run) if row.figure.startswith("confirm of")]
-    # 7,000 / 20,000 would be 35%: the pairs decide, not the run's first ceiling
+    rate = confirm_row(run)
+    # 7,000 / 20,000 would be 35%: the pairs' median is lower, so it decides
     assert rate.ratio == "25%"
     assert rate.ceiling == "30,000"
-    assert "median of ratios 20.0% / 26.0% / 25.0%" in rate.figure
+    assert "ratios 20.0% / 26.0% / 25.0%, median 25.0%" in rate.figure
+    assert "against the run's ceiling 35.0%" in rate.figure
     assert rate.met == "yes"
 
-    run.saturation["confirm"].update(_paired(samples, [30_000.0, 32_000.0, 29_000.0]))
-    (rate,) = [row for row in order_rows(run) if row.figure.startswith("confirm of")]
+    run.saturation["confirm"].update(_paired(samples, ceilings(30_000.0, 32_000.0, 29_000.0)))
+    rate = confirm_row(run)
     assert rate.ratio == "24%"  # 24.1%: below 25%
     assert rate.met.startswith("NO")
+
+    # Paired ceilings that came out low never flatter the figure: the run's ceiling decides.
+    run.saturation["ceiling"] = {"requests_per_s": 30_000.0}
+    run.saturation["confirm"].update(_paired(samples, ceilings(24_000.0, 24_000.0, 24_000.0)))
+    rate = confirm_row(run)
+    assert rate.ratio == "23%"  # 7,000 / 30,000, not the pairs' 29.2%
+    assert rate.ceiling == "30,000"
+    assert rate.met.startswith("NO")
+
+    # A failed or disturbed ceiling round: no verdict of yes.
+    run.saturation["ceiling"] = {"requests_per_s": 20_000.0}
+    failed = _paired(samples, ceilings(0.0, 30_000.0, 28_000.0))
+    assert math.isnan(failed["paired_ratio"])
+    run.saturation["confirm"].update(failed)
+    assert confirm_row(run).met.startswith("NO")
+    noisy = ceilings(30_000.0, 30_000.0, 28_000.0)
+    noisy[1]["disturbed"] = "steal"
+    run.saturation["confirm"].update(_paired(samples, noisy))
+    assert confirm_row(run).met == "yes (noisy)"
