@@ -72,8 +72,10 @@ async def test_body_in_flight_at_sigterm_is_read_and_answered(
         await writer.drain()
         status_line = await asyncio.wait_for(reader.readline(), BODY_TIMEOUT_S + 2)
         waited = time.monotonic() - started
-        since_first_half = time.monotonic() - first_half_at
-        assert status_line.startswith(b"HTTP/1.1 200"), (status_line, since_first_half)
+        # How long the body's second half waited to be sent: near BODY_TIMEOUT_S, a 408 is the
+        # test's own slowness; well under it, the gateway dropped the body.
+        held_back = started - first_half_at
+        assert status_line.startswith(b"HTTP/1.1 200"), (status_line, f"held {held_back:.1f} s")
         assert waited < 2, f"answered after {waited:.1f} s"
         code = await asyncio.to_thread(gateway.proc.wait, 15)
         assert code == 0
