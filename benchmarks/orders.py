@@ -68,8 +68,8 @@ TARGET_CONFIRM_RATIO = 0.25
 TARGET_CONFIRM_P99_MS = 25.0
 # Open-loop latency runs per figure; the one of median p99 is reported (see median_run).
 LATENCY_RUNS = 3
-# Confirm saturation rounds, at least: each right after a ceiling round of its own, the ratio
-# the median of the rounds' ratios (see confirm_phase).
+# Confirm saturation rounds, at least: each also after a ceiling round of its own (see
+# confirm_phase; order_rows judges by the lower of the paired and the run-ceiling ratios).
 CONFIRM_ROUNDS = 3
 
 CONNECTIONS = 64
